@@ -1,0 +1,22 @@
+"""Lightning callbacks: non-finite step guard, optimizer swap and optimizer telemetry."""
+
+from typing import TYPE_CHECKING
+
+from lightning_tiger._lazy import lazy_exports
+
+_EXPORTS = {
+    "NonFiniteGuard": ".nonfinite_guard",
+    "OptimizerMonitor": ".optimizer_monitor",
+    "UseOptimizer": ".use_optimizer",
+}
+__all__ = [
+    "NonFiniteGuard",
+    "OptimizerMonitor",
+    "UseOptimizer",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .nonfinite_guard import NonFiniteGuard
+    from .optimizer_monitor import OptimizerMonitor
+    from .use_optimizer import UseOptimizer

@@ -1,0 +1,26 @@
+"""LightningDataModules that need no download: 2-D toys, scikit-learn digits, a character corpus."""
+
+from typing import TYPE_CHECKING
+
+from lightning_tiger._lazy import lazy_exports
+
+_EXPORTS = {
+    "ToyDataModule": ".toy2d",
+    "sample_toy": ".toy2d",
+    "GaussianMixture": ".toy2d",
+    "DigitsDataModule": ".digits",
+    "CharCorpusDataModule": ".char_corpus",
+}
+__all__ = [
+    "CharCorpusDataModule",
+    "DigitsDataModule",
+    "GaussianMixture",
+    "ToyDataModule",
+    "sample_toy",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .char_corpus import CharCorpusDataModule
+    from .digits import DigitsDataModule
+    from .toy2d import GaussianMixture, ToyDataModule, sample_toy

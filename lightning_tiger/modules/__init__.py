@@ -1,0 +1,29 @@
+"""LightningModules: causal LM (length extrapolation), score-matching diffusion, rectified flow."""
+
+from typing import TYPE_CHECKING
+
+from lightning_tiger._lazy import lazy_exports
+
+_EXPORTS = {
+    "CausalLMModule": ".causal_lm",
+    "ScoreMatchingModule": ".score_matching",
+    "RectifiedFlowModule": ".rectified_flow",
+    "VPSDE": ".sde",
+    "SubVPSDE": ".sde",
+    "VESDE": ".sde",
+}
+__all__ = [
+    "VESDE",
+    "VPSDE",
+    "CausalLMModule",
+    "RectifiedFlowModule",
+    "ScoreMatchingModule",
+    "SubVPSDE",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .causal_lm import CausalLMModule
+    from .rectified_flow import RectifiedFlowModule
+    from .score_matching import ScoreMatchingModule
+    from .sde import VESDE, VPSDE, SubVPSDE

@@ -1,0 +1,47 @@
+"""Layers: rotary / ALiBi position encodings, attention with length-extrapolation options, a decoder LM,
+and the default networks of the diffusion modules."""
+
+from typing import TYPE_CHECKING
+
+from lightning_tiger._lazy import lazy_exports
+
+_EXPORTS = {
+    "RotaryEmbedding": ".rotary",
+    "GeneralRotaryEmbedding": ".general_rotary",
+    "alibi_slopes": ".alibi",
+    "ALiBi": ".alibi",
+    "Attention": ".attention",
+    "KVCache": ".attention",
+    "random_positions": ".random_positions",
+    "TransformerBlock": ".transformer",
+    "TransformerLM": ".transformer",
+    "TimeEmbedding": ".time_embedding",
+    "TimeMLP": ".time_mlp",
+    "SmallUNet": ".small_unet",
+}
+__all__ = [
+    "ALiBi",
+    "Attention",
+    "GeneralRotaryEmbedding",
+    "KVCache",
+    "RotaryEmbedding",
+    "SmallUNet",
+    "TimeEmbedding",
+    "TimeMLP",
+    "TransformerBlock",
+    "TransformerLM",
+    "alibi_slopes",
+    "random_positions",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .alibi import ALiBi, alibi_slopes
+    from .attention import Attention, KVCache
+    from .general_rotary import GeneralRotaryEmbedding
+    from .random_positions import random_positions
+    from .rotary import RotaryEmbedding
+    from .small_unet import SmallUNet
+    from .time_embedding import TimeEmbedding
+    from .time_mlp import TimeMLP
+    from .transformer import TransformerBlock, TransformerLM
