@@ -11,12 +11,12 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
   command-line override are merged (absolute paths such as ``${trainer.max_steps}`` allowed), so overriding
   ``--trainer.max_steps`` also moves a schedule that interpolates it. Resolvers ``mul``, ``int`` and ``add``
   allow arithmetic (``${int:${mul:${trainer.max_steps},0.05}}``).
-- Any LightningModule / LightningDataModule selectable by ``class_path``; any optimizer and scheduler by
-  ``--optimizer`` / ``--lr_scheduler`` (or the top-level ``optimizer:`` / ``lr_scheduler:`` keys). LightningCLI
-  builds the optimizer from ``model.parameters()``; optimizers with an ``assign_kinds(module)`` method
-  (:class:`~lightning_tiger.optim.Tiger`) then re-classify those parameters by module type, so Tiger's
-  per-kind rules (embedding rows, norm scales) hold from the CLI too. Schedulers step every optimizer step
-  (``interval="step"``), not every epoch: our schedules are written in steps.
+- Any LightningModule / LightningDataModule selectable by ``class_path``; any optimizer and scheduler
+  by ``--optimizer`` / ``--lr_scheduler`` (or the top-level ``optimizer:`` / ``lr_scheduler:`` keys).
+  LightningCLI builds the optimizer from ``model.parameters()``; optimizers with an ``assign_kinds(module)``
+  method (:class:`~lightning_tiger.optim.Tiger`) then re-classify those parameters by module type, so
+  Tiger's per-kind rules (embedding rows, norm scales) hold from the CLI too. Schedulers step every
+  optimizer step (``interval="step"``), not every epoch: our schedules are written in steps.
 - TensorBoard is the default logger (``default_hp_metric=False``); the resolved config is saved to
   ``<log_dir>/config.yaml`` (overwritten on resume) and logged as text to TensorBoard.
 - After ``fit`` it prints where the logs, checkpoints and sample pictures are.
@@ -44,7 +44,7 @@ def _register_resolvers() -> None:
     resolvers = {
         "mul": lambda a, b: float(a) * float(b),
         "add": lambda a, b: float(a) + float(b),
-        "int": lambda a: int(round(float(a))),
+        "int": lambda a: round(float(a)),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -87,7 +87,9 @@ class TigerCLI(LightningCLI):
 
     @staticmethod
     def configure_optimizers(
-        lightning_module: LightningModule, optimizer: Optimizer, lr_scheduler: LRSchedulerTypeUnion | None = None
+        lightning_module: LightningModule,
+        optimizer: Optimizer,
+        lr_scheduler: LRSchedulerTypeUnion | None = None,
     ) -> Any:
         """Attach per-kind parameter rules and step schedulers per optimizer step.
 
@@ -105,7 +107,8 @@ class TigerCLI(LightningCLI):
         if lr_scheduler is None:
             return optimizer
         if isinstance(lr_scheduler, ReduceLROnPlateau):
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor}}
+            scheduler = {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor}
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def after_fit(self) -> None:
