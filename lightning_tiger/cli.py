@@ -17,8 +17,9 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
   method (:class:`~lightning_tiger.optim.Tiger`) then re-classify those parameters by module type, so
   Tiger's per-kind rules (embedding rows, norm scales) hold from the CLI too. Schedulers step every
   optimizer step (``interval="step"``), not every epoch: our schedules are written in steps.
-- TensorBoard is the default logger (``default_hp_metric=False``); the resolved config is saved to
-  ``<log_dir>/config.yaml`` (overwritten on resume) and logged as text to TensorBoard.
+- TensorBoard is the default logger (Lightning's default when tensorboard is installed, which it is: a
+  dependency); our modules log ``hp_metric`` with their main validation metric; the resolved config is
+  saved to ``<log_dir>/config.yaml`` (overwritten on resume) and logged as text to TensorBoard.
 - After ``fit`` it prints where the logs, checkpoints and sample pictures are.
 """
 
@@ -75,15 +76,7 @@ class TigerCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
-        trainer_defaults = dict(kwargs.pop("trainer_defaults", None) or {})
-        trainer_defaults.setdefault(
-            "logger",
-            {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "lightning_logs", "name": "", "default_hp_metric": False},
-            },
-        )
-        super().__init__(*args, parser_kwargs=parser_kwargs, trainer_defaults=trainer_defaults, **kwargs)
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     @staticmethod
     def configure_optimizers(
