@@ -25,8 +25,12 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-__all__ = ["TigerCLI", "TigerSaveConfigCallback", "main"]
+__all__ = ["ConfigError", "TigerCLI", "TigerSaveConfigCallback", "explain_config_error", "main"]
 
 
 def _register_resolvers() -> None:
@@ -47,9 +51,112 @@ def _register_resolvers() -> None:
         "add": lambda a, b: float(a) + float(b),
         "int": lambda a: round(float(a)),
     }
+    # omegaconf >= 2.4 renamed register_new_resolver (now deprecated) to register_resolver.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
+            register(name, fn)
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be parsed or instantiated, explained for humans.
+
+    Attributes:
+        key: the dotted config key at fault (``model.init_args.hidden``), or ``None`` when unknown.
+        files: the config files that set it (the last one wins), or the command line.
+    """
+
+    def __init__(self, message: str, key: str | None = None, files: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.files = files or []
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _files_setting(leaf: str, files: list[str], argv: list[str]) -> list[str]:
+    """The config file (or the command line) whose setting of ``leaf`` is in effect (merges are last-wins)."""
+    pattern = re.compile(rf"(^|[\s{{,])['\"]?{re.escape(leaf)}['\"]?\s*:", re.M)
+    hits = []
+    for path in files:
+        try:
+            if pattern.search(Path(path).read_text()):
+                hits.append(path)
+        except OSError:
+            continue
+    if any(re.search(rf"[.-]{re.escape(leaf)}(=|$)", a) for a in argv if a.startswith("--")):
+        hits.append("<command line>")
+    return hits[-1:]
+
+
+def _signature_of(class_path: str | None) -> str:
+    if not class_path:
+        return ""
+    try:
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return ""
+    return f"{name}({', '.join(str(p) for p in params)})"
+
+
+# jsonargparse's union bookkeeping lines, which are not the problem itself.
+_BOOKKEEPING = r"Parser key|Does not validate|Subtypes:|Errors:|Given value|NoneType|class_path '"
+
+
+def explain_config_error(
+    exc: BaseException, argv: list[str], candidates: dict[str, str] | None = None
+) -> ConfigError:
+    """Turn a jsonargparse / constructor error into a short message naming file, key and accepted values.
+
+    Args:
+        exc: what parsing or instantiation raised.
+        argv: the command-line arguments (to find the ``--config`` files).
+        candidates: config key -> class_path of the classes that were being instantiated (for errors raised
+            by a constructor, whose message names a parameter but not the config key).
+
+    Returns:
+        A :class:`ConfigError` whose message reads ``file: key: problem`` followed by what is accepted.
+    """
+    text = str(exc)
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    class_paths = re.findall(r"class_path '([^']+)'", text)
+    unknown = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text) or re.search(
+        r"No action for key \"?([\w.]+)\"?", text
+    )
+    problem_lines = [
+        line.strip(" -")
+        for line in text.splitlines()
+        if line.strip()
+        and not re.search(_BOOKKEEPING, line)
+    ]
+    problem = problem_lines[0] if problem_lines else text.splitlines()[0] if text else type(exc).__name__
+    leaf = unknown.group(1) if unknown else (keys[-1] if len(keys) > 1 else None)
+    if leaf is None:  # a constructor's own ValueError/TypeError: find the class and the parameter it names
+        for section, class_path in (candidates or {}).items():
+            params = re.findall(r"(\w+)(?::|=|,|\))", _signature_of(class_path))
+            leaf = next((p for p in params if re.search(rf"\b{re.escape(p)}\b", problem)), None)
+            if leaf is not None:
+                keys, class_paths = [section], [class_path]
+                break
+    key = ".".join(k for k in [keys[0] if keys else None, "init_args" if class_paths else None, leaf] if k)
+    files = _files_setting(leaf, _config_files(argv), argv) if leaf else _config_files(argv)
+    where = ", ".join(files) if files else "<defaults>"
+    lines = [f"{where}: {key or '<config>'}: {problem}"]
+    accepted = _signature_of(class_paths[-1] if class_paths else None)
+    if accepted:
+        lines.append(f"  accepted: {accepted}")
+    lines.append("  (run with --help, or `--print_config` to see the merged configuration)")
+    return ConfigError("\n".join(lines), key=key or None, files=files)
 
 
 class TigerSaveConfigCallback(SaveConfigCallback):
@@ -65,6 +172,8 @@ class TigerSaveConfigCallback(SaveConfigCallback):
 class TigerCLI(LightningCLI):
     """LightningCLI configured for lightning_tiger (see the module docstring)."""
 
+    _argv: list[str] = []  # noqa: RUF012 - set by main() so errors can name the --config files
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _register_resolvers()
         from jsonargparse import set_parsing_settings
@@ -72,11 +181,32 @@ class TigerCLI(LightningCLI):
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("parser_mode", "omegaconf+")
+        parser_kwargs.setdefault("exit_on_error", False)  # main() explains the error instead
         kwargs.setdefault("save_config_callback", TigerSaveConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, turning jsonargparse's errors into a :class:`ConfigError` naming file and key."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            raise explain_config_error(exc, list(args or [])) from exc
+
+    def instantiate_classes(self) -> None:
+        """Instantiate, turning constructors' ValueError/TypeError into a :class:`ConfigError`."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, ArgumentError) as exc:
+            config = self.config.get(str(self.subcommand), self.config)
+            candidates = {
+                key: str(config[key].get("class_path"))
+                for key in ("model", "data", "optimizer", "lr_scheduler")
+                if hasattr(config.get(key), "get") and config[key].get("class_path")
+            }
+            raise explain_config_error(exc, list(self._argv), candidates) from exc
 
     @staticmethod
     def configure_optimizers(
@@ -135,7 +265,13 @@ def main(args: list[str] | None = None) -> TigerCLI:
     Returns:
         The CLI object (its ``trainer``, ``model`` and ``datamodule`` are useful in tests and notebooks).
     """
-    return TigerCLI(args=args)
+    argv = list(sys.argv[1:] if args is None else args)
+    TigerCLI._argv = argv
+    try:
+        return TigerCLI(args=args)
+    except ConfigError as exc:
+        print(f"lightning-tiger: configuration error\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,7 +20,9 @@ class TinyRegression(L.LightningModule):
         if hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden}")
         self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, hidden), torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, 1)
+        )
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

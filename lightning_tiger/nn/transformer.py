@@ -1,0 +1,277 @@
+"""A pre-norm decoder-only Transformer LM built from :class:`~lightning_tiger.nn.Attention` (SPEC §3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import RUNTIME_OPTIONS, Attention, KVCache
+
+__all__ = ["TransformerBlock", "TransformerLM"]
+
+_MLPS = ("swiglu", "gelu")
+# Attention options a per-layer override may set (construction-time ones included).
+_OVERRIDABLE = (
+    "position", "window", "window_at", "sink_tokens", "logn", "logn_base", "rope_base", "rope_scaling",
+    "interleaved", "num_kv_heads", "backend",
+)
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """SwiGLU hidden width: ``2/3 · mlp_ratio · dim`` rounded up to a multiple of 8 (LLaMA convention),
+    so that the three matrices hold about as many parameters as a ``mlp_ratio`` GELU MLP."""
+    return int(math.ceil(2 * mlp_ratio * dim / 3 / 8) * 8)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + Attn(RMSNorm(x))`` then ``x + MLP(RMSNorm(x))``.
+
+    MLP: ``"swiglu"`` ``W_2(silu(W_1 x) ⊙ W_3 x)`` (Shazeer 2020) with hidden width
+    :func:`swiglu_hidden` (or ``hidden_dim``), or ``"gelu"`` ``W_2 gelu(W_1 x)`` with hidden width
+    ``mlp_ratio · dim``. Residual dropout ``dropout`` after each branch; attention dropout likewise.
+
+    Args:
+        dim: model width.
+        num_heads: attention heads.
+        mlp: ``"swiglu"`` (default) or ``"gelu"``.
+        mlp_ratio: MLP width relative to ``dim`` (default 4).
+        hidden_dim: explicit MLP hidden width (overrides ``mlp_ratio``).
+        dropout: residual and attention dropout (default 0).
+        mlp_bias: biases in the MLP (default False).
+        norm_eps: RMSNorm epsilon.
+        **attn_kwargs: forwarded to :class:`Attention` (``num_kv_heads``, ``position``, ``window``, ...).
+
+    Shapes:
+        ``forward(x [B, L, dim], positions, cache)`` -> ``[B, L, dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp: Literal["swiglu", "gelu"] = "swiglu",
+        mlp_ratio: float = 4.0,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+        mlp_bias: bool = False,
+        norm_eps: float = 1e-6,
+        **attn_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if mlp not in _MLPS:
+            raise ValueError(f"mlp must be one of {_MLPS}, got {mlp!r}")
+        if hidden_dim is None and not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        if hidden_dim is not None and hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
+        self.mlp_kind = mlp
+        self.norm1 = nn.RMSNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, dropout=dropout, **attn_kwargs)
+        self.norm2 = nn.RMSNorm(dim, eps=norm_eps)
+        if mlp == "swiglu":
+            hidden = hidden_dim or swiglu_hidden(dim, mlp_ratio)
+            self.w_in = nn.Linear(dim, 2 * hidden, bias=mlp_bias)  # fused gate + value projection
+        else:
+            hidden = hidden_dim or int(round(mlp_ratio * dim))
+            self.w_in = nn.Linear(dim, hidden, bias=mlp_bias)
+        self.w_out = nn.Linear(hidden, dim, bias=mlp_bias)
+        self.hidden_dim = hidden
+        self.drop = nn.Dropout(dropout)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """The feed-forward branch (without norm and residual)."""
+        h = self.w_in(x)
+        if self.mlp_kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h)
+        return self.w_out(h)
+
+    def forward(self, x: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), positions=positions, cache=cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class TransformerLM(nn.Module):
+    """Decoder-only language model: embedding, ``depth`` pre-norm blocks, RMSNorm, LM head.
+
+    Initialisation (GPT-2 / nanoGPT): every Linear and the embedding ``N(0, 0.02²)``, biases zero, the
+    residual-output projections (``attn.out``, ``w_out``) ``N(0, (0.02/√(2·depth))²)`` so the residual
+    stream's variance does not grow with depth; RMSNorm weights one. With ``tie_embeddings`` the LM head
+    reuses the embedding matrix.
+
+    Per-layer overrides (``layer_overrides``): ``{layer_index: {option: value}}``, negative indices allowed,
+    keys may be strings (YAML). Options: ``position``, ``window``, ``window_at``, ``sink_tokens``, ``logn``,
+    ``logn_base``, ``rope_base``, ``rope_scaling``, ``interleaved``, ``num_kv_heads``, ``backend``. Example,
+    HWFA (SPEC §3.3): ``window=L, layer_overrides={-1: {"position": "none", "window": None, "logn":
+    "trained"}}`` with ``logn_base=L``.
+
+    Args:
+        vocab_size: number of tokens.
+        dim: model width (256).
+        depth: number of blocks (4).
+        num_heads: attention heads (4).
+        num_kv_heads: key/value heads (GQA; default ``num_heads``).
+        mlp: ``"swiglu"`` (default) or ``"gelu"``.
+        mlp_ratio: MLP width factor (4.0; SwiGLU uses 2/3 of it, see :func:`swiglu_hidden`).
+        hidden_dim: explicit MLP hidden width (overrides ``mlp_ratio``).
+        dropout: residual + attention dropout (0).
+        tie_embeddings: share the embedding and LM-head matrices (True).
+        position: ``"rope"`` (default), ``"alibi"`` or ``"none"``.
+        rope_base: RoPE base (10000).
+        rope_scaling: RoPE context-extension dict (see :class:`~lightning_tiger.nn.RotaryEmbedding`).
+        interleaved: RoPE pair layout (True: (2k, 2k+1); False: half-split).
+        window: attention window (visible keys incl. self) or None.
+        window_at: ``"both"``, ``"train"`` or ``"inference"``.
+        sink_tokens: kept leading tokens with a window.
+        logn: ``"none"``, ``"trained"`` or ``"posthoc"``.
+        logn_base: the training length, log-n's base (default ``max_seq_len`` when log-n is used).
+        layer_overrides: per-layer attention options (see above).
+        max_seq_len: if set, inputs longer than this (cache included) raise; also RoPE-scaling's
+            default original length. Not needed for anything else.
+        backend: attention kernel (``"auto"``, ``"sdpa"``, ``"flex"``, ``"math"``).
+        norm_eps: RMSNorm epsilon.
+
+    Shapes:
+        ``forward(tokens [B, L], positions [L] | [B, L] | None, cache)`` -> logits ``[B, L, vocab_size]``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 256,
+        depth: int = 4,
+        num_heads: int = 4,
+        num_kv_heads: int | None = None,
+        mlp: Literal["swiglu", "gelu"] = "swiglu",
+        mlp_ratio: float = 4.0,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+        tie_embeddings: bool = True,
+        position: Literal["rope", "alibi", "none"] = "rope",
+        rope_base: float = 10000.0,
+        rope_scaling: dict[str, Any] | None = None,
+        interleaved: bool = True,
+        window: int | None = None,
+        window_at: Literal["both", "train", "inference"] = "both",
+        sink_tokens: int = 0,
+        logn: Literal["none", "trained", "posthoc"] = "none",
+        logn_base: int | None = None,
+        layer_overrides: dict[int, dict[str, Any]] | None = None,
+        max_seq_len: int | None = None,
+        backend: Literal["auto", "sdpa", "flex", "math"] = "auto",
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        if max_seq_len is not None and max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1 or None, got {max_seq_len}")
+        self.vocab_size, self.dim, self.depth, self.max_seq_len = vocab_size, dim, depth, max_seq_len
+        base_opts: dict[str, Any] = dict(
+            position=position, window=window, window_at=window_at, sink_tokens=sink_tokens, logn=logn,
+            logn_base=logn_base, rope_base=rope_base, rope_scaling=rope_scaling, interleaved=interleaved,
+            num_kv_heads=num_kv_heads, backend=backend,
+        )
+        per_layer: list[dict[str, Any]] = [dict(base_opts) for _ in range(depth)]
+        for key, opts in (layer_overrides or {}).items():
+            try:
+                idx = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"layer_overrides keys must be layer indices, got {key!r}") from None
+            if not -depth <= idx < depth:
+                raise ValueError(f"layer_overrides index must be in [{-depth}, {depth}), got {idx}")
+            if not isinstance(opts, dict):
+                raise TypeError(f"layer_overrides[{key!r}] must be a dict, got {type(opts).__name__}")
+            bad = set(opts) - set(_OVERRIDABLE)
+            if bad:
+                raise ValueError(f"layer_overrides[{key!r}] has unknown options {sorted(bad)}; accepted: {_OVERRIDABLE}")
+            per_layer[idx % depth].update(opts)
+        for opts in per_layer:
+            if opts["logn"] != "none" and opts["logn_base"] is None:
+                opts["logn_base"] = max_seq_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(
+                dim, num_heads, mlp=mlp, mlp_ratio=mlp_ratio, hidden_dim=hidden_dim, dropout=dropout,
+                norm_eps=norm_eps, max_seq_len=max_seq_len, layer_idx=i, **per_layer[i],
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.reset_parameters()
+        if tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation (see the class docstring)."""
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.depth)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_out = name.endswith("attn.out") or name.endswith("w_out")
+                nn.init.normal_(module.weight, std=out_std if is_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.RMSNorm) and module.weight is not None:
+                nn.init.ones_(module.weight)
+
+    def new_cache(self) -> KVCache:
+        """An empty :class:`KVCache` with one slot per block."""
+        return KVCache(num_layers=self.depth)
+
+    def set_attention_options(self, layers: list[int] | None = None, **opts: Any) -> None:
+        """Change evaluation-time attention options of all (or the given) layers, without retraining.
+
+        Args:
+            layers: layer indices (negative allowed) or ``None`` for all.
+            **opts: ``window``, ``window_at``, ``sink_tokens``, ``logn``, ``logn_base``, ``rope_scaling``.
+
+        Example:
+            >>> model.set_attention_options(window=64, window_at="inference")  # "super strong baseline"
+            >>> model.set_attention_options(logn="posthoc", logn_base=64)
+            >>> model.set_attention_options(rope_scaling={"type": "ntk", "factor": 8})
+        """
+        unknown = set(opts) - set(RUNTIME_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown attention option(s) {sorted(unknown)}; accepted: {RUNTIME_OPTIONS}")
+        idxs = range(self.depth) if layers is None else layers
+        for i in idxs:
+            if not -self.depth <= i < self.depth:
+                raise ValueError(f"layers entries must be in [{-self.depth}, {self.depth}), got {i}")
+            self.blocks[i].attn.set_options(**opts)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            tokens: ``[batch, seq]`` token ids.
+            positions: ``[seq]`` or ``[batch, seq]`` int/float positions (RoPE / ALiBi); default
+                ``cache_length + arange(seq)``.
+            cache: a :class:`KVCache` from :meth:`new_cache` for incremental decoding.
+
+        Returns:
+            ``[batch, seq, vocab_size]`` logits (in the parameters' dtype).
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if cache is not None and cache.num_layers != self.depth:
+            raise ValueError(f"cache has {cache.num_layers} layers, the model {self.depth}; use model.new_cache()")
+        if self.max_seq_len is not None:
+            total = tokens.shape[1] + (cache.length(0) if cache is not None else 0)
+            if total > self.max_seq_len:
+                raise ValueError(f"sequence length {total} exceeds max_seq_len={self.max_seq_len}")
+        x = self.drop(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x, positions=positions, cache=cache)
+        return self.lm_head(self.norm(x))
