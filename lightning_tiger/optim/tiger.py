@@ -1,0 +1,434 @@
+"""Tiger: "tight-fisted" sign-momentum optimizer (Su 2023), faithful to the official code (SPEC §1.2)."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_tiger.optim import _functional as F
+from lightning_tiger.optim.param_groups import ParamKind, classify_parameters
+
+__all__ = ["Tiger"]
+
+_HALF_LR_KINDS = (ParamKind.BIAS, ParamKind.NORM_SCALE, ParamKind.NORM_SHIFT)
+
+
+def _fold_hook(opt_ref: weakref.ReferenceType[Tiger], param: Tensor) -> None:
+    # Module-level function + weakref: the hook stored on the parameter must not keep the optimizer alive.
+    opt = opt_ref()
+    if opt is not None and opt._fold_active:
+        opt._fold(param)
+
+
+class Tiger(torch.optim.Optimizer):
+    r"""Tiger (Su 2023, kexue.fm/archives/9512; official TF code bojone/tiger ``tiger.py``), SPEC §1.2 exactly.
+
+    Tiger is Lion with β1 = β2 = β: sign of a momentum, a per-tensor learning rate *relative* to the
+    parameter's RMS, decoupled weight decay scaled by the same effective rate, and gradient accumulation
+    folded into the momentum. With the micro-step counter ``t`` (0, 1, 2, ...) and ``k = grad_accum_steps``::
+
+        b1 = β if t % k == 0 else 1          # decay the momentum on the first micro-step of a window only
+        b2 = (1 − β) / k
+        m  ← b1·m + b2·g
+        if (t + 1) % k == 0:                 # parameters move on the last micro-step only
+            θ ← θ − η·(sign(m) + λ·θ)
+
+    Per parameter kind (:class:`~lightning_tiger.optim.ParamKind`; RMS taken on θ *before* the update):
+
+    =============  ================================  =====  ==============
+    kind           η                                 λ      shrink centre c
+    =============  ================================  =====  ==============
+    matrix         lr·max(RMS(θ), floor)             λ      0
+    embedding      lr·max(RMS(row of θ), floor)      λ      0
+    bias           0.5·lr                            0      0
+    norm_scale     0.5·lr                            0      1
+    norm_shift     0.5·lr                            0      0
+    =============  ================================  =====  ==============
+
+    Embedding rows are those of θ viewed as ``[shape[0], -1]`` (``[vocab, dim]``: one RMS per token, like the
+    official ``root_mean_square(var, axis=-1, keepdims=True)``).
+
+    **Kinds.** A group's ``"kind"`` key (set by :func:`~lightning_tiger.optim.tiger_param_groups`) applies to
+    all its parameters. Without it, a parameter's kind comes from :meth:`assign_kinds` (module types; the CLI
+    calls it because ``LightningCLI`` passes ``model.parameters()``), else from ``ndim``: >= 2 -> matrix (so
+    embeddings get a whole-table RMS), else bias (so norm scales shrink toward 0, not 1).
+
+    **Non-finite gradients** (per tensor, on any micro-step; the official code tests ``isnan`` only, we treat
+    ±inf the same way): the momentum is kept (b1 = 1, g = 0) and the parameter shrinks toward its centre,
+    ``θ ← (θ − c)·s + c`` with ``s = shrink_ratio``, instead of its update. A last resort for mixed-precision
+    blow-ups; note that ``precision="16-mixed"`` uses a ``GradScaler`` that skips such steps before Tiger sees
+    them, so this rule acts under ``bf16-mixed`` / ``*-true`` (SPEC §2).
+
+    **Zero-initialised matrices** would have RMS 0 and never move: η uses ``max(RMS, rms_floor)``.
+    ``rms_floor=None`` (default) is per tensor ``0.1/sqrt(fan_in)``, ``fan_in = numel/shape[0]`` (the input
+    size of a Linear/Conv weight, the width of an embedding row): one tenth of the ``1/sqrt(fan_in)`` the
+    seed notes suggest as a cheap RMS substitute, hence below PyTorch's default init RMS (≈0.58/sqrt(fan_in))
+    and usual LM inits, so that it only acts on (near) zero tensors. ``rms_floor=0`` is the official code.
+
+    **Schedule.** ``lr`` is the relative rate α; the official schedule counts micro-steps: step a
+    :class:`~lightning_tiger.optim.PiecewiseLinearLR` after every ``step()`` call.
+
+    **Gradient accumulation, two usage patterns.** (a) Official style: call ``step()`` after *every* backward
+    with ``grad_accum_steps=k`` (and ``zero_grad()`` each time); the momentum accumulates, parameters move
+    every k-th call. Memory: no gradient buffer survives a micro-step. (b) PyTorch/Lightning style
+    (``Trainer(accumulate_grad_batches=k)``): ``grad_accum_steps=1``, gradients accumulate in ``.grad`` (the
+    loss divided by k), one ``step()`` per window. Both give the same parameters.
+
+    **Tight-fisted mode** (``fold_in_backward=True``, SPEC §1.2 Memory): a post-accumulate-grad hook on every
+    parameter folds each gradient into the momentum during backward and frees it at once (``p.grad = None``),
+    so training never holds a full set of gradients (8 bytes/parameter in fp32 instead of 12; 6 with bf16
+    momentum). ``step(closure)`` calls the closure (Lightning always passes one) and then moves the parameters.
+    Fold rule: ``b1 = β`` on the first finite fold of a parameter since the last ``step()`` call when
+    ``t % k == 0``, else 1; a non-finite gradient is not folded and flags the parameter, which then shrinks
+    instead of moving at the next ``step()``. Pattern (a) reproduces the standard mode exactly, NaN rule
+    included. Pattern (b) matches it without non-finite values; with one, the standard mode drops the whole
+    window's summed gradient of that tensor, whereas here only the non-finite micro-batches are dropped (the
+    finite ones are already in m); the parameter itself shrinks instead of moving, as in the standard mode.
+    Parameters are never modified inside a hook. Limits: gradient clipping cannot see folded gradients (the
+    Lightning integration refuses ``gradient_clip_val``); a ``GradScaler`` (fp16 AMP) finds no gradients to
+    unscale, so use bf16 or fp32; sparse gradients are refused; under ``torch.distributed`` with more than one
+    process the hooks would see local, un-reduced gradients, so construction and ``step()`` raise
+    ``RuntimeError``. Save checkpoints at ``step()`` boundaries (which gradients were folded within a window
+    is not saved). :meth:`remove_hooks` turns the mode off (then ``step()`` reads ``.grad`` again).
+
+    **Dtypes.** Parameters in fp32, bf16, fp16 (or fp64). The momentum has ``momentum_dtype`` (default: the
+    parameter's dtype; like optax's ``mu_dtype``), kept across ``load_state_dict``. Math is float32 (float64
+    for float64 tensors); results are rounded once to the storage dtype. Note that bf16 parameters round
+    away updates smaller than ~2^-8 of their magnitude (no stochastic rounding here).
+
+    **Sparse gradients** (``nn.Embedding(sparse=True)``, ``grad_accum_steps=1``, standard mode): lazy row
+    updates: only rows with a gradient change (parameter and momentum; others keep their momentum undecayed).
+    This is the remedy of SPEC §1.2's embedding caveat (rows of rare tokens drifting to ±1/λ) and differs from
+    the official code, whose sparse path decays every row's momentum and moves every row.
+
+    **Paths.** ``fused=None`` uses the compiled kernels of ``lightning_tiger.optim._fused`` when they load and
+    every tensor qualifies (dense, contiguous, CPU/CUDA, one fp32/bf16/fp16 dtype per parameter, gradient and
+    momentum), else ``foreach`` (default on CUDA) or one tensor at a time (default on CPU, smallest transient
+    memory). ``fused=True`` raises where the kernels are unavailable. All paths share the semantics above.
+
+    **Checkpointing.** The micro-step counter lives in each param group (``"micro_step"``), so
+    ``state_dict()``/``load_state_dict()`` resume bit-for-bit as if never stopped.
+
+    Args:
+        params: parameters or param groups (e.g. from ``tiger_param_groups``). Group keys: ``lr``, ``beta``,
+            ``weight_decay``, ``grad_accum_steps``, ``shrink_ratio``, ``rms_floor``, ``kind``.
+        lr: relative learning rate α, >= 0. Default 1e-3 (typical peak 1e-3 … 2e-3).
+        beta: momentum β in [0, 1). Default 0.965 (language); 0.945 for vision.
+        weight_decay: λ >= 0, decoupled and multiplied by η. Default 0.01.
+        grad_accum_steps: k >= 1 (int), micro-steps per parameter update. Default 1.
+        shrink_ratio: s in (0, 1] of the non-finite rule. Default 0.99.
+        rms_floor: floor of the RMS in η (>= 0), or None for the automatic ``0.1/sqrt(fan_in)``.
+        momentum_dtype: floating dtype (or its name, e.g. ``"bfloat16"``) of the momentum; None = param dtype.
+        fold_in_backward: the tight-fisted mode above. Default False.
+        foreach: use ``torch._foreach_*`` kernels; None picks by device.
+        fused: use the compiled kernels; None = when available.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        beta: float = 0.965,
+        weight_decay: float = 0.01,
+        grad_accum_steps: int = 1,
+        shrink_ratio: float = 0.99,
+        rms_floor: float | None = None,
+        momentum_dtype: torch.dtype | str | None = None,
+        fold_in_backward: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = _validated({
+            "lr": lr, "beta": beta, "weight_decay": weight_decay, "grad_accum_steps": grad_accum_steps,
+            "shrink_ratio": shrink_ratio, "rms_floor": rms_floor,
+        }, where="")
+        self.momentum_dtype = F.parse_dtype("momentum_dtype", momentum_dtype)
+        self.fold_in_backward = bool(F.check_flag("fold_in_backward", fold_in_backward, allow_none=False))
+        self.foreach = F.check_flag("foreach", foreach)
+        self.fused = F.check_flag("fused", fused)
+        if self.fused and self.foreach:
+            raise ValueError("fused=True and foreach=True are mutually exclusive")
+        self._fold_active = False
+        self._hook_handles: list[Any] = []
+        self._window: dict[Tensor, list[bool]] = {}  # param -> [folded a finite grad, saw a non-finite grad]
+        self._param_group: dict[Tensor, dict[str, Any]] = {}
+        super().__init__(params, defaults)
+        if self.fused:
+            all_params = [p for g in self.param_groups for p in g["params"]]
+            if not F.fused_available_for(all_params):
+                raise RuntimeError(
+                    "fused=True but the compiled Tiger kernels are unavailable here (no C++ compiler, or "
+                    "lightning_tiger.optim._fused failed to build); use fused=None to fall back to PyTorch"
+                )
+        if self.fold_in_backward:
+            _refuse_distributed()
+            self._fold_active = True
+            for group in self.param_groups:
+                self._register_hooks(group)
+
+    # ------------------------------------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated like the constructor's arguments); it joins the current micro-step count."""
+        if "kind" in param_group:
+            param_group["kind"] = ParamKind.parse(param_group["kind"], "param group 'kind'").value
+        if "micro_step" not in param_group:
+            param_group["micro_step"] = self.param_groups[0]["micro_step"] if self.param_groups else 0
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.update(_validated(group, where=f" (param group {len(self.param_groups) - 1})"))
+        if isinstance(group["micro_step"], bool) or not isinstance(group["micro_step"], int) \
+                or group["micro_step"] < 0:
+            raise ValueError(f"micro_step must be an int >= 0, got {group['micro_step']!r}")
+        for p in group["params"]:
+            self._param_group[p] = group
+        if self._fold_active:
+            self._register_hooks(group)
+
+    def assign_kinds(self, module: nn.Module) -> dict[str, ParamKind]:
+        """Classify by module type the parameters whose group has no ``"kind"`` key (see ``classify_parameters``).
+
+        Call it when the optimizer was built from ``model.parameters()`` (LightningCLI does). The kinds are
+        stored in the optimizer state (``state[p]["kind"]``), hence saved in checkpoints.
+
+        Returns:
+            ``{name: kind}`` of the parameters that were assigned.
+        """
+        named = dict(module.named_parameters())
+        assigned: dict[str, ParamKind] = {}
+        for name, kind in classify_parameters(module).items():
+            p = named[name]
+            group = self._param_group.get(p)
+            if group is None or "kind" in group:
+                continue
+            self.state[p]["kind"] = kind.value
+            assigned[name] = kind
+        return assigned
+
+    def _kind(self, p: Tensor, group: dict[str, Any]) -> ParamKind:
+        if "kind" in group:
+            return ParamKind(group["kind"])
+        kind = self.state[p].get("kind") if p in self.state else None
+        return ParamKind(kind) if kind is not None else ParamKind.from_ndim(p.ndim)
+
+    def _settings(self, p: Tensor, group: dict[str, Any], lr: float) -> tuple[int, float, float, float, float]:
+        """(lr_mode, lr, weight_decay, centre, floor) of one parameter, from its kind (SPEC §1.2 table)."""
+        kind = self._kind(p, group)
+        floor = group["rms_floor"]
+        if floor is None:
+            floor = F.auto_rms_floor(p.shape)
+        if kind in _HALF_LR_KINDS:
+            return F.LR_CONSTANT, 0.5 * lr, 0.0, (1.0 if kind is ParamKind.NORM_SCALE else 0.0), floor
+        mode = F.LR_ROW_RMS if kind is ParamKind.EMBEDDING and p.ndim >= 2 else F.LR_RMS
+        return mode, lr, group["weight_decay"], 0.0, floor
+
+    def _momentum(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(
+                p, dtype=self.momentum_dtype or p.dtype, memory_format=torch.preserve_format
+            )
+        return state["momentum"]
+
+    # ------------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One micro-step (the parameters move on every ``grad_accum_steps``-th call).
+
+        Args:
+            closure: re-evaluates the model and returns the loss (called with grad enabled, before the update;
+                Lightning runs ``training_step`` + ``backward`` in it).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._fold_active:
+            self._fold_step()
+            return loss
+        fused_mod = F.load_fused() if self.fused is not False and not self.foreach else None
+        for group in self.param_groups:
+            self._step_group(group, fused_mod)
+            group["micro_step"] += 1
+        return loss
+
+    def _step_group(self, group: dict[str, Any], fused_mod: Any) -> None:
+        t, k, beta = group["micro_step"], group["grad_accum_steps"], group["beta"]
+        b1 = beta if t % k == 0 else 1.0
+        b2 = (1.0 - beta) / k
+        update = (t + 1) % k == 0
+        params, grads, moms, settings = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                self._sparse_step(p, group, b1, b2, update, k)
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            moms.append(self._momentum(p))
+            settings.append(self._settings(p, group, group["lr"]))
+        if not params:
+            return
+        modes, lrs, wds, centers, floors = (list(x) for x in zip(*settings))
+        kwargs = dict(lr_modes=modes, lrs=lrs, weight_decays=wds, centers=centers, rms_floor=floors,
+                      b1=b1, b2=b2, update=update, shrink_ratio=group["shrink_ratio"])
+        if self.fused is not False and not self.foreach and F.fused_usable(fused_mod, params, grads, moms):
+            fused_mod.tiger_step_(params, grads, moms, **kwargs)
+        elif self.fused:
+            raise RuntimeError(
+                "fused=True but some tensors do not qualify for the fused kernels (they need dense, contiguous "
+                "CPU/CUDA tensors with one fp32/bf16/fp16 dtype for parameter, gradient and momentum); use "
+                "fused=None to fall back"
+            )
+        elif self._use_foreach(params):
+            F.tiger_step_foreach_(params, grads, moms, **kwargs)
+        else:
+            F.tiger_step_single_(params, grads, moms, **kwargs)
+
+    def _use_foreach(self, params: list[Tensor]) -> bool:
+        if self.foreach is not None:
+            return self.foreach
+        # Like torch.optim: foreach on accelerators; one tensor at a time on CPU (smallest transient memory).
+        return all(p.device.type != "cpu" for p in params)
+
+    def _sparse_step(self, p: Tensor, group: dict[str, Any], b1: float, b2: float, update: bool, k: int) -> None:
+        if k != 1:
+            raise RuntimeError(
+                "Tiger: sparse gradients need grad_accum_steps=1 (lazy row updates cannot fold a window whose "
+                f"micro-steps touch different rows); got grad_accum_steps={k}"
+            )
+        mode, lr, wd, center, floor = self._settings(p, group, group["lr"])
+        F.tiger_sparse_step_(p, p.grad, self._momentum(p), lr_mode=mode, lr=lr, weight_decay=wd, center=center,
+                             rms_floor=floor, b1=b1, b2=b2, update=update, shrink_ratio=group["shrink_ratio"])
+
+    # ------------------------------------------------------------------------------------ tight-fisted mode
+    def _register_hooks(self, group: dict[str, Any]) -> None:
+        hook = functools.partial(_fold_hook, weakref.ref(self))
+        for p in group["params"]:
+            if p.requires_grad:
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    @torch.no_grad()
+    def _fold(self, p: Tensor) -> None:
+        """Fold ``p.grad`` into the momentum (hook body); never touches ``p`` itself. Frees ``p.grad``."""
+        g = p.grad
+        if g is None:
+            return
+        _refuse_distributed()
+        if g.is_sparse:
+            raise RuntimeError("Tiger(fold_in_backward=True) does not support sparse gradients")
+        group = self._param_group[p]
+        flags = self._window.setdefault(p, [False, False])
+        if F.nonfinite_flags([g])[0]:
+            flags[1] = True
+        else:
+            t, k, beta = group["micro_step"], group["grad_accum_steps"], group["beta"]
+            b1 = beta if (t % k == 0 and not flags[0]) else 1.0
+            F.tiger_fold_(g, self._momentum(p), b1, (1.0 - beta) / k)
+            flags[0] = True
+        p.grad = None
+
+    def _fold_step(self) -> None:
+        _refuse_distributed()
+        for group in self.param_groups:
+            update = (group["micro_step"] + 1) % group["grad_accum_steps"] == 0
+            shrink, shrink_c = [], []
+            params, moms, settings = [], [], []
+            for p in group["params"]:
+                flags = self._window.get(p)
+                if flags is None:
+                    continue
+                mode, lr, wd, center, floor = self._settings(p, group, group["lr"])
+                if flags[1]:
+                    shrink.append(p)
+                    shrink_c.append(center)
+                elif update and flags[0]:
+                    params.append(p)
+                    moms.append(self.state[p]["momentum"])
+                    settings.append((mode, lr, wd, floor))
+            F.tiger_shrink_(shrink, shrink_c, group["shrink_ratio"])
+            if params:
+                modes, lrs, wds, floors = (list(x) for x in zip(*settings))
+                F.tiger_update_(params, moms, lr_modes=modes, lrs=lrs, weight_decays=wds, rms_floor=floors,
+                                foreach=self._use_foreach(params))
+            group["micro_step"] += 1
+        self._window.clear()
+
+    def remove_hooks(self) -> None:
+        """Remove the fold-in-backward hooks; afterwards ``step()`` reads ``.grad`` like the standard mode."""
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles.clear()
+        self._fold_active = False
+        self._window.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.remove_hooks()
+        except Exception:  # interpreter shutdown: attributes may already be gone
+            pass
+
+    # ------------------------------------------------------------------------------------------- state I/O
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
+        super().load_state_dict(state_dict)
+        self._param_group = {p: g for g in self.param_groups for p in g["params"]}
+        if self.momentum_dtype is not None:
+            for state in self.state.values():
+                m = state.get("momentum")
+                if m is not None and m.dtype != self.momentum_dtype:
+                    state["momentum"] = m.to(self.momentum_dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(momentum_dtype=self.momentum_dtype, fold_in_backward=self.fold_in_backward,
+                     foreach=self.foreach, fused=self.fused)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (pickle/deepcopy) holds other tensors than the hooked ones: it starts in the standard mode.
+        state.setdefault("momentum_dtype", None)
+        state.setdefault("fold_in_backward", False)
+        state.setdefault("foreach", None)
+        state.setdefault("fused", None)
+        super().__setstate__(state)
+        self._fold_active = False
+        self._hook_handles = []
+        self._window = {}
+        self._param_group = {p: g for g in self.param_groups for p in g["params"]}
+
+
+def _refuse_distributed() -> None:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(
+            "Tiger(fold_in_backward=True) is not supported with torch.distributed world_size > 1: the "
+            "post-accumulate-grad hooks see each rank's local, un-reduced gradient (before DDP's all-reduce), "
+            "so the replicas' momenta would diverge. Use fold_in_backward=False under DDP."
+        )
+
+
+def _validated(group: dict[str, Any], where: str) -> dict[str, Any]:
+    """Checked hyperparameters of one group (``where`` names the group in error messages)."""
+    out = {
+        "lr": F.check_float(f"lr{where}", group["lr"], low=0.0, high=None),
+        "beta": F.check_float(f"beta{where}", group["beta"], low=0.0, high=1.0),
+        "weight_decay": F.check_float(f"weight_decay{where}", group["weight_decay"], low=0.0, high=None),
+        "shrink_ratio": F.check_float(f"shrink_ratio{where}", group["shrink_ratio"], low=0.0, high=1.0,
+                                      low_open=True, high_open=False),
+    }
+    k = group["grad_accum_steps"]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"grad_accum_steps{where} must be an int >= 1, got {k!r}")
+    out["grad_accum_steps"] = k
+    floor = group["rms_floor"]
+    out["rms_floor"] = None if floor is None else F.check_float(f"rms_floor{where}", floor, low=0.0, high=None)
+    return out
