@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "RNGStateCheckpoint": ".rng_state",
     "NonFiniteGuard": ".nonfinite_guard",
     "OptimizerMonitor": ".optimizer_monitor",
     "UseOptimizer": ".use_optimizer",
@@ -12,6 +13,7 @@ _EXPORTS = {
 __all__ = [
     "NonFiniteGuard",
     "OptimizerMonitor",
+    "RNGStateCheckpoint",
     "UseOptimizer",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -19,4 +21,5 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .nonfinite_guard import NonFiniteGuard
     from .optimizer_monitor import OptimizerMonitor
+    from .rng_state import RNGStateCheckpoint
     from .use_optimizer import UseOptimizer

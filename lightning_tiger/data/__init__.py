@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "ResumableBatchSampler": ".resumable",
     "ToyDataModule": ".toy2d",
     "sample_toy": ".toy2d",
     "GaussianMixture": ".toy2d",
@@ -15,6 +16,7 @@ __all__ = [
     "CharCorpusDataModule",
     "DigitsDataModule",
     "GaussianMixture",
+    "ResumableBatchSampler",
     "ToyDataModule",
     "sample_toy",
 ]
@@ -23,4 +25,5 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .char_corpus import CharCorpusDataModule
     from .digits import DigitsDataModule
+    from .resumable import ResumableBatchSampler
     from .toy2d import GaussianMixture, ToyDataModule, sample_toy
