@@ -191,6 +191,8 @@ class NonFiniteGuard(Callback):
         self._wrapped_module: pl.LightningModule | None = None
         self._had_instance_hook = False
         self._orig_hook: Callable[..., Any] | None = None
+        self._restore_hooks: list[Any] = []
+        self._stashed_clip: tuple[pl.Trainer, float] | None = None
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -235,6 +237,8 @@ class NonFiniteGuard(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unwrap_scheduler_hook()
+        self._remove_restore_hooks()
+        self._restore_clip()
 
     def _wrap_scheduler_hook(self, pl_module: pl.LightningModule) -> None:
         if self._wrapped_module is not None:
@@ -280,6 +284,8 @@ class NonFiniteGuard(Callback):
     ) -> None:
         # The veto of the previous batch has been fully applied (schedulers included) by now.
         self._vetoed_optimizers.clear()
+        self._remove_restore_hooks()  # a GradScaler skipped step() itself: nothing to restore
+        self._restore_clip()
         self._event_this_batch = False
         self._stepped_this_batch = False
 
@@ -358,6 +364,7 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._restore_clip()
         if not self._stepped_this_batch:
             return
         if _should_update_logs(trainer) or (self._event_this_batch and self.log_every_skip):
@@ -385,6 +392,10 @@ class NonFiniteGuard(Callback):
         """Number of tensors a fold-in-backward optimizer flagged in the current window (0 if unknown)."""
         getter = getattr(optimizer, "nonfinite_flagged", None)
         if getter is None:
+            # Tiger keeps {param: [folded a finite grad, saw a non-finite grad]} for the current window.
+            window = getattr(optimizer, "_window", None)
+            if isinstance(window, dict):
+                return sum(1 for flags in window.values() if len(flags) > 1 and flags[1])
             return 0
         value = getter() if callable(getter) else getter
         if isinstance(value, Tensor):
@@ -410,6 +421,37 @@ class NonFiniteGuard(Callback):
             return
         for p in with_grad:
             p.grad = None
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
+            # torch.nn.utils.clip_grad_value_ raises on an all-None gradient list (clip_grad_norm_ does not):
+            # turn clipping off for this vetoed step only (restored at the end of the batch).
+            self._stashed_clip = (trainer, trainer.gradient_clip_val)
+            trainer.gradient_clip_val = None
+        # Some optimizers advance group-level counters even when no parameter has a gradient (Tiger's
+        # "micro_step", many pytorch_optimizer classes' group "step"): put them back right after this step()
+        # returns, so that a vetoed step changes no counter at all.
+        saved = [
+            {k: v for k, v in group.items() if k != "params" and type(v) is int} for group in optimizer.param_groups
+        ]
+        if any(saved):
+            self._remove_restore_hooks()
+
+            def restore(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                for group, values in zip(opt.param_groups, saved):
+                    group.update(values)
+                self._remove_restore_hooks()
+
+            self._restore_hooks.append(optimizer.register_step_post_hook(restore))
+
+    def _restore_clip(self) -> None:
+        if self._stashed_clip is not None:
+            trainer, value = self._stashed_clip
+            trainer.gradient_clip_val = value
+            self._stashed_clip = None
+
+    def _remove_restore_hooks(self) -> None:
+        for handle in self._restore_hooks:
+            handle.remove()
+        self._restore_hooks.clear()
 
     def _centre_map(self, pl_module: pl.LightningModule) -> dict[int, float]:
         if self._centres is None:

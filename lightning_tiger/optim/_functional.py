@@ -108,7 +108,11 @@ def _apply_update(theta: Tensor, mom: Tensor, mode: int, lr: float, wd: float, f
     eta = _eta(theta, mode, lr, floor)
     if wd != 0.0:
         theta.mul_(1.0 - eta * wd)
+    # The sign of the momentum *as stored* (bf16/fp16 momentum: after rounding), like the official code, which
+    # takes sign(m_t) of the assigned slot, and like the fused kernels.
     step = torch.sign(mom)
+    if step.dtype != theta.dtype:
+        step = step.to(theta.dtype)
     theta.sub_(step.mul_(eta))
 
 
@@ -157,10 +161,10 @@ def tiger_step_single_(
             if b1 != 1.0:
                 mom.mul_(b1)
             mom.add_(g.to(mom.dtype), alpha=b2)
-            if update:
-                _apply_update(theta, mom, lr_modes[i], lrs[i], weight_decays[i], rms_floor[i])
             if mom is not m:
                 m.copy_(mom)
+            if update:
+                _apply_update(theta, m, lr_modes[i], lrs[i], weight_decays[i], rms_floor[i])
         if theta is not p:
             p.copy_(theta)
     return flags
@@ -199,12 +203,13 @@ def tiger_step_foreach_(
         if b1 != 1.0:
             torch._foreach_mul_(ms, b1)
         torch._foreach_add_(ms, gs, alpha=b2)
-        if update:
-            _foreach_update(ps, ms, [lr_modes[i] for i in idx], [lrs[i] for i in idx],
-                            [weight_decays[i] for i in idx], [rms_floor[i] for i in idx])
         for j, i in enumerate(idx):
             if ms[j] is not moms[i]:
                 moms[i].copy_(ms[j])
+        if update:
+            _foreach_update(ps, [moms[i] for i in idx], [lr_modes[i] for i in idx], [lrs[i] for i in idx],
+                            [weight_decays[i] for i in idx], [rms_floor[i] for i in idx])
+        for j, i in enumerate(idx):
             if ps[j] is not params[i]:
                 params[i].copy_(ps[j])
     bad = [i for i in range(len(params)) if flags[i]]
@@ -235,7 +240,8 @@ def _foreach_update(
     decay = [1.0 - e * wds[j] for e, j in zip(etas, scalar)]
     if any(d != 1.0 for d in decay):
         torch._foreach_mul_(sp, decay)
-    signs = torch._foreach_sign([ms[j] for j in scalar])
+    signs = torch._foreach_sign([ms[j] for j in scalar])  # sign of the momentum as stored
+    signs = [x if x.dtype == p.dtype else x.to(p.dtype) for x, p in zip(signs, sp)]
     torch._foreach_mul_(signs, etas)
     torch._foreach_sub_(sp, signs)
 
@@ -268,7 +274,7 @@ def tiger_update_(
     if foreach:
         for idx in _group_by_dtype(range(len(params)), params, moms).values():
             ps = [_upcast(params[i]) for i in idx]
-            ms = [_upcast(moms[i]) for i in idx]
+            ms = [moms[i] for i in idx]
             _foreach_update(ps, ms, [lr_modes[i] for i in idx], [lrs[i] for i in idx],
                             [weight_decays[i] for i in idx], [rms_floor[i] for i in idx])
             for j, i in enumerate(idx):
@@ -277,7 +283,7 @@ def tiger_update_(
         return
     for i, (p, m) in enumerate(zip(params, moms)):
         theta = _upcast(p)
-        _apply_update(theta, _upcast(m), lr_modes[i], lrs[i], weight_decays[i], rms_floor[i])
+        _apply_update(theta, m, lr_modes[i], lrs[i], weight_decays[i], rms_floor[i])
         if theta is not p:
             p.copy_(theta)
 
@@ -331,7 +337,8 @@ def tiger_sparse_step_(
     if b1 != 1.0:
         m_rows.mul_(b1)
     m_rows.add_(values.to(m_rows.dtype), alpha=b2)
-    mom.index_copy_(0, rows, m_rows.to(mom.dtype))
+    m_rows = m_rows.to(mom.dtype)  # sign of the momentum as stored
+    mom.index_copy_(0, rows, m_rows)
     if update:
         theta_rows = param.index_select(0, rows).to(_compute_dtype(param.dtype))
         if lr_mode == LR_RMS:
@@ -340,7 +347,7 @@ def tiger_sparse_step_(
             eta = _eta(theta_rows, lr_mode, lr, rms_floor)
         if weight_decay != 0.0:
             theta_rows.mul_(1.0 - eta * weight_decay)
-        theta_rows.sub_(torch.sign(m_rows).mul_(eta))
+        theta_rows.sub_(torch.sign(m_rows).to(theta_rows.dtype).mul_(eta))
         param.index_copy_(0, rows, theta_rows.to(param.dtype))
     return False
 
@@ -463,19 +470,27 @@ def load_fused() -> ModuleType | None:
     return _fused
 
 
-def fused_usable(fused_mod: ModuleType | None, *tensor_lists: Sequence[Tensor]) -> bool:
-    """Whether every tensor qualifies for the fused kernels: dense, contiguous, CPU/CUDA, one fp32/bf16/fp16 dtype
-    per (param, grad, momentum) triple and a device on which the kernels are available."""
+def fused_usable(fused_mod: ModuleType | None, params: Sequence[Tensor], grads: Sequence[Tensor],
+                 moms: Sequence[Tensor]) -> bool:
+    """Whether every (param, grad, momentum) triple qualifies for the fused kernels: dense, contiguous, CPU/CUDA,
+    the grad in the param dtype, a dtype pair the kernels support (``_fused.fused_supports``; without it, fp32/
+    bf16/fp16 with the momentum in the param dtype) and a device on which the kernels are available."""
     if fused_mod is None:
         return False
+    supports = getattr(fused_mod, "fused_supports", None)
     devices: set[torch.device] = set()
-    for tensors in zip(*tensor_lists):
-        dtype = tensors[0].dtype
-        for t in tensors:
-            if (t.layout != torch.strided or not t.is_contiguous() or t.dtype != dtype
-                    or t.device.type not in ("cpu", "cuda") or t.dtype not in _FUSED_DTYPES):
+    for p, g, m in zip(params, grads, moms):
+        for t in (p, g, m):
+            if t.layout != torch.strided or not t.is_contiguous() or t.device.type not in ("cpu", "cuda"):
                 return False
-        devices.add(tensors[0].device)
+        if g.dtype != p.dtype or g.device != p.device or m.device != p.device:
+            return False
+        if supports is not None:
+            if not supports(p.dtype, m.dtype):
+                return False
+        elif p.dtype not in _FUSED_DTYPES or m.dtype != p.dtype:
+            return False
+        devices.add(p.device)
     try:
         return all(fused_mod.fused_available(d) for d in devices)
     except Exception:  # a broken toolchain must not break training: fall back to the pure-PyTorch path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterable
@@ -371,16 +372,24 @@ class Tiger(torch.optim.Optimizer):
         self._window.clear()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown: attributes may already be gone
             self.remove_hooks()
-        except Exception:  # interpreter shutdown: attributes may already be gone
-            pass
 
     # ------------------------------------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
+        # torch's _cast turns string state values into generators: take the kinds out and put them back.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        kinds = {i: s["kind"] for i, s in state_dict["state"].items() if isinstance(s, dict) and "kind" in s}
+        if kinds:
+            state_dict = dict(state_dict)
+            state_dict["state"] = {i: {k: v for k, v in s.items() if k != "kind"} if i in kinds else s
+                                   for i, s in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         self._param_group = {p: g for g in self.param_groups for p in g["params"]}
+        id_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+        for i, kind in kinds.items():
+            self.state[id_to_param[i]]["kind"] = ParamKind.parse(kind, "state 'kind'").value
         if self.momentum_dtype is not None:
             for state in self.state.values():
                 m = state.get("momentum")

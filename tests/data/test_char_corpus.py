@@ -65,8 +65,9 @@ def test_split_is_deterministic_follows_the_hash_rule_and_ignores_creation_order
 
 def test_no_heldout_file_reaches_training_and_eval_text_is_heldout(tmp_path: Path) -> None:
     contents = _make_corpus(tmp_path)
-    dm = CharCorpusDataModule(str(tmp_path), seq_len=8, eval_lengths=(8, 32), val_fraction=0.2,
-                              num_eval_windows=16, repeated=True)
+    dm = CharCorpusDataModule(
+        str(tmp_path), seq_len=8, eval_lengths=(8, 32), val_fraction=0.2, num_eval_windows=16, repeated=True
+    )
     dm.setup()
     train_text = dm.decode(dm.train_data)
     val_text = dm.decode(dm.val_data)
@@ -92,8 +93,9 @@ def test_no_heldout_file_reaches_training_and_eval_text_is_heldout(tmp_path: Pat
 
 def test_nonrepeated_windows_are_evenly_spaced_prefix_consistent_and_sized(tmp_path: Path) -> None:
     _make_corpus(tmp_path)
-    dm = CharCorpusDataModule(str(tmp_path), seq_len=8, eval_lengths=(8, 16, 64), val_fraction=0.3,
-                              num_eval_windows=5, repeated=False)
+    dm = CharCorpusDataModule(
+        str(tmp_path), seq_len=8, eval_lengths=(8, 16, 64), val_fraction=0.3, num_eval_windows=5, repeated=False
+    )
     dm.setup()
     assert dm.val_names == ["8", "16", "64"]
     n = dm.val_data.numel()
@@ -110,8 +112,14 @@ def test_nonrepeated_windows_are_evenly_spaced_prefix_consistent_and_sized(tmp_p
 def test_repeated_windows_tile_one_heldout_segment_of_length_2L(tmp_path: Path) -> None:
     _make_corpus(tmp_path)
     seq_len = 8
-    dm = CharCorpusDataModule(str(tmp_path), seq_len=seq_len, eval_lengths=(8, 16, 32, 100), val_fraction=0.3,
-                              num_eval_windows=6, repeated=True)
+    dm = CharCorpusDataModule(
+        str(tmp_path),
+        seq_len=seq_len,
+        eval_lengths=(8, 16, 32, 100),
+        val_fraction=0.3,
+        num_eval_windows=6,
+        repeated=True,
+    )
     dm.setup()
     # no repeated loader at T <= 2L: such a window holds no repetition
     assert dm.val_names == ["8", "16", "32", "100", "32_rep", "100_rep"]
@@ -155,11 +163,15 @@ def test_chars_vocab_has_unk_for_unseen_characters(tmp_path: Path) -> None:
     # pick the split by the documented rule so the test knows which file is held out
     fraction = 0.5
     held = _reference_heldout(["a.py", "b.py", "c.py"], fraction)
-    dm = CharCorpusDataModule(str(tmp_path), seq_len=4, eval_lengths=(4,), val_fraction=fraction, vocab="chars",
-                              num_eval_windows=2)
+    dm = CharCorpusDataModule(
+        str(tmp_path), seq_len=4, eval_lengths=(4,), val_fraction=fraction, vocab="chars", num_eval_windows=2
+    )
     dm.setup()
-    train_chars = set("".join((tmp_path / f).read_text() for f in ["a.py", "b.py", "c.py"] if f not in held)) \
-        if held and len(held) < 3 else None
+    train_chars = (
+        set("".join((tmp_path / f).read_text() for f in ["a.py", "b.py", "c.py"] if f not in held))
+        if held and len(held) < 3
+        else None
+    )
     assert dm.itos is not None and dm.itos[0] == "<unk>"
     if train_chars is not None:
         assert dm.itos[1:] == sorted(train_chars)
@@ -238,13 +250,22 @@ class _Recorder(L.LightningModule):
 def _fit(tmp_path: Path, corpus: Path, max_steps: int, ckpt: str | None = None, every: int | None = None) -> list[int]:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    dm = CharCorpusDataModule(str(corpus), seq_len=8, eval_lengths=(8,), batch_size=4, batches_per_epoch=5,
-                              num_eval_windows=2)
+    dm = CharCorpusDataModule(
+        str(corpus), seq_len=8, eval_lengths=(8,), batch_size=4, batches_per_epoch=5, num_eval_windows=2
+    )
     module = _Recorder()
     callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1)] if every else []
-    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                        callbacks=callbacks, enable_checkpointing=bool(every))
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        enable_checkpointing=bool(every),
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     return module.seen
 

@@ -41,7 +41,7 @@ def test_order_depends_on_seed_and_epoch_only() -> None:
     assert len(s) == 3 and [len(b) for b in s] == [4, 4, 2]
     # two ranks split each global batch of 2 x 3 = 6 samples
     r0, r1 = (list(ResumableBatchSampler(12, 3, seed=0, rank=r, world_size=2)) for r in (0, 1))
-    assert len(r0) == 2 and not set(sum(r0, [])) & set(sum(r1, []))
+    assert len(r0) == 2 and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
 
 
 @pytest.mark.parametrize("bad", [{"num_samples": 0}, {"batch_size": 0}])

@@ -18,7 +18,8 @@ shrink_ratio, rms_floor) -> list[bool]``
     Per tensor: ``nonfinite = not all(isfinite(g))``. If nonfinite: ``m`` unchanged and ``θ ← (θ − c)·s + c``
     (c = 1 for ``norm_scale``, else 0), on any micro-step. Otherwise ``m ← b1·m + b2·g`` with
     ``b1 = β if t % k == 0 else 1``, ``b2 = (1 − β)/k``, and only when ``(t + 1) % k == 0``:
-    ``θ ← θ − η·(sign(m) + λ·θ)`` where, for matrices (and embeddings with ndim < 2)
+    ``θ ← θ − η·(sign(m) + λ·θ)`` (m as stored, i.e. rounded to its dtype) where, for matrices (and
+    embeddings with ndim < 2)
     ``η = α·max(RMS(θ), floor)``, for embeddings ``η = α·max(RMS(row of θ), floor)`` per row of θ viewed as
     ``[shape[0], -1]``, for bias/norm kinds ``η = 0.5·α`` and ``λ = 0``. RMS is taken on θ before the update.
     Math runs in float64; results are cast back to each tensor's dtype (pass float64 clones for an exact
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 import torch
 
@@ -115,7 +117,8 @@ def reference_tiger_step(
             eta = alpha * max(rms, floor)
         else:
             raise ValueError(f"unknown kind {kind!r}")
-        p.copy_(theta - eta * (torch.sign(new_m) + wd * theta))
+        # sign of the momentum as stored (after rounding to m's dtype), like the official sign(m_t) of the slot
+        p.copy_(theta - eta * (torch.sign(m.to(torch.float64)) + wd * theta))
     return flags
 
 
@@ -151,7 +154,7 @@ def reference_piecewise_linear(t: float, schedule: Mapping[int, float], from_zer
         points = [(0, 0.0), *points]
     if t < points[0][0]:
         return points[0][1]
-    for (t0, x0), (t1, x1) in zip(points[:-1], points[1:]):
+    for (t0, x0), (t1, x1) in pairwise(points):
         if t0 <= t < t1:
             return x0 + (x1 - x0) * (t - t0) / (t1 - t0)
     return points[-1][1]

@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -436,7 +437,7 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     }
 
     // ---- phase B: the update (each thread walks its range backwards: the end of what phase A read is cached)
-    run_items(items, 0, nitems, true, [&](int64_t j) {
+    run_items(items, 0, nitems, std::getenv("LT_BWD") != nullptr, [&](int64_t j) {
       const Item& it = items[j];
       const int64_t i = it.tensor, len = it.end - it.begin;
       const bool want = want_sumsq && mode[i] == 1;
