@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 OUTCOMES = ("survived", "stopped")
 
