@@ -84,7 +84,10 @@ def nonfinite_flags(grads: Sequence[Tensor]) -> list[bool]:
     if not nonempty:
         return [False] * len(grads)
     norms = torch._foreach_norm(nonempty, float("inf"))
-    finite = torch.stack([torch.isfinite(n) for n in norms]).tolist()
+    if len({n.device for n in norms}) == 1:
+        finite = torch.stack([torch.isfinite(n) for n in norms]).tolist()
+    else:  # tensors on several devices (model parallel): one sync per tensor
+        finite = [bool(torch.isfinite(n)) for n in norms]
     it = iter(finite)
     return [(not next(it)) if g.numel() > 0 else False for g in grads]
 
@@ -153,20 +156,20 @@ def tiger_step_single_(
     """
     flags = nonfinite_flags(grads)
     for i, (p, g, m) in enumerate(zip(params, grads, moms)):
-        theta = _upcast(p)
         if flags[i]:
-            _shrink(theta, centers[i], shrink_ratio)
-        else:
-            mom = _upcast(m)
-            if b1 != 1.0:
-                mom.mul_(b1)
-            mom.add_(g.to(mom.dtype), alpha=b2)
-            if mom is not m:
-                m.copy_(mom)
-            if update:
-                _apply_update(theta, m, lr_modes[i], lrs[i], weight_decays[i], rms_floor[i])
-        if theta is not p:
-            p.copy_(theta)
+            tiger_shrink_([p], [centers[i]], shrink_ratio)
+            continue
+        mom = _upcast(m)
+        if b1 != 1.0:
+            mom.mul_(b1)
+        mom.add_(g.to(mom.dtype), alpha=b2)
+        if mom is not m:
+            m.copy_(mom)
+        if update:  # θ is read (and, for bf16/fp16, copied to float32) only when it moves
+            theta = _upcast(p)
+            _apply_update(theta, m, lr_modes[i], lrs[i], weight_decays[i], rms_floor[i])
+            if theta is not p:
+                p.copy_(theta)
     return flags
 
 
@@ -197,7 +200,6 @@ def tiger_step_foreach_(
     flags = nonfinite_flags(grads)
     finite = [i for i in range(len(params)) if not flags[i]]
     for idx in _group_by_dtype(finite, params, grads, moms).values():
-        ps = [_upcast(params[i]) for i in idx]
         ms = [_upcast(moms[i]) for i in idx]
         gs = [grads[i] if grads[i].dtype == ms[0].dtype else grads[i].to(ms[0].dtype) for i in idx]
         if b1 != 1.0:
@@ -206,12 +208,13 @@ def tiger_step_foreach_(
         for j, i in enumerate(idx):
             if ms[j] is not moms[i]:
                 moms[i].copy_(ms[j])
-        if update:
+        if update:  # θ is read (and, for bf16/fp16, copied to float32) only when it moves
+            ps = [_upcast(params[i]) for i in idx]
             _foreach_update(ps, [moms[i] for i in idx], [lr_modes[i] for i in idx], [lrs[i] for i in idx],
                             [weight_decays[i] for i in idx], [rms_floor[i] for i in idx])
-        for j, i in enumerate(idx):
-            if ps[j] is not params[i]:
-                params[i].copy_(ps[j])
+            for j, i in enumerate(idx):
+                if ps[j] is not params[i]:
+                    params[i].copy_(ps[j])
     bad = [i for i in range(len(params)) if flags[i]]
     tiger_shrink_([params[i] for i in bad], [centers[i] for i in bad], shrink_ratio)
     return flags
@@ -222,9 +225,8 @@ def _foreach_update(
 ) -> None:
     """θ ← θ·(1 − ηλ) − η·sign(m) for same-dtype lists; per-row modes fall back to one tensor at a time."""
     scalar = [j for j in range(len(ps)) if not (modes[j] == LR_ROW_RMS and ps[j].ndim >= 2)]
-    for j in range(len(ps)):
-        if j not in scalar:
-            _apply_update(ps[j], ms[j], modes[j], lrs[j], wds[j], floors[j])
+    for j in sorted(set(range(len(ps))) - set(scalar)):
+        _apply_update(ps[j], ms[j], modes[j], lrs[j], wds[j], floors[j])
     if not scalar:
         return
     sp = [ps[j] for j in scalar]

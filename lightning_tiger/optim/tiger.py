@@ -22,8 +22,17 @@ _HALF_LR_KINDS = (ParamKind.BIAS, ParamKind.NORM_SCALE, ParamKind.NORM_SHIFT)
 def _fold_hook(opt_ref: weakref.ReferenceType[Tiger], param: Tensor) -> None:
     # Module-level function + weakref: the hook stored on the parameter must not keep the optimizer alive.
     opt = opt_ref()
-    if opt is not None and opt._fold_active:
+    if opt is not None and opt._hooks.active:
         opt._fold(param)
+
+
+class _Hooks:
+    """Fold-mode bookkeeping, one object shared by reference with wrappers that copy the optimizer's __dict__."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.handles: list[Any] = []
+        self.owner_id: int | None = None
 
 
 class Tiger(torch.optim.Optimizer):
@@ -52,7 +61,10 @@ class Tiger(torch.optim.Optimizer):
     =============  ================================  =====  ==============
 
     Embedding rows are those of θ viewed as ``[shape[0], -1]`` (``[vocab, dim]``: one RMS per token, like the
-    official ``root_mean_square(var, axis=-1, keepdims=True)``).
+    official ``root_mean_square(var, axis=-1, keepdims=True)``). ``sign(m)`` is taken on the momentum as
+    stored (after rounding to ``momentum_dtype``), like the official ``sign(m_t)`` of the assigned slot;
+    sign(0) = 0. A parameter whose ``grad`` is None is skipped on that micro-step (momentum and parameter
+    untouched), like a variable without gradient in the official code.
 
     **Kinds.** A group's ``"kind"`` key (set by :func:`~lightning_tiger.optim.tiger_param_groups`) applies to
     all its parameters. Without it, a parameter's kind comes from :meth:`assign_kinds` (module types; the CLI
@@ -76,7 +88,8 @@ class Tiger(torch.optim.Optimizer):
 
     **Gradient accumulation, two usage patterns.** (a) Official style: call ``step()`` after *every* backward
     with ``grad_accum_steps=k`` (and ``zero_grad()`` each time); the momentum accumulates, parameters move
-    every k-th call. Memory: no gradient buffer survives a micro-step. (b) PyTorch/Lightning style
+    every k-th call (Lightning: ``accumulate_grad_batches=1``, the scheduler then counts micro-steps, as in
+    the official code). (b) PyTorch/Lightning style
     (``Trainer(accumulate_grad_batches=k)``): ``grad_accum_steps=1``, gradients accumulate in ``.grad`` (the
     loss divided by k), one ``step()`` per window. Both give the same parameters.
 
@@ -86,8 +99,8 @@ class Tiger(torch.optim.Optimizer):
     momentum). ``step(closure)`` calls the closure (Lightning always passes one) and then moves the parameters.
     Fold rule: ``b1 = β`` on the first finite fold of a parameter since the last ``step()`` call when
     ``t % k == 0``, else 1; a non-finite gradient is not folded and flags the parameter, which then shrinks
-    instead of moving at the next ``step()``. Pattern (a) reproduces the standard mode exactly, NaN rule
-    included. Pattern (b) matches it without non-finite values; with one, the standard mode drops the whole
+    instead of moving at the next ``step()``. Pattern (a) reproduces the standard mode (up to float rounding),
+    NaN rule included. Pattern (b) matches it without non-finite values; with one, the standard mode drops the whole
     window's summed gradient of that tensor, whereas here only the non-finite micro-batches are dropped (the
     finite ones are already in m); the parameter itself shrinks instead of moving, as in the standard mode.
     Parameters are never modified inside a hook. Limits: gradient clipping cannot see folded gradients (the
@@ -95,7 +108,13 @@ class Tiger(torch.optim.Optimizer):
     unscale, so use bf16 or fp32; sparse gradients are refused; under ``torch.distributed`` with more than one
     process the hooks would see local, un-reduced gradients, so construction and ``step()`` raise
     ``RuntimeError``. Save checkpoints at ``step()`` boundaries (which gradients were folded within a window
-    is not saved). :meth:`remove_hooks` turns the mode off (then ``step()`` reads ``.grad`` again).
+    is not saved). Hooks go on the parameters that require grad at construction (or in ``add_param_group``).
+    :meth:`remove_hooks` turns the mode off (then ``step()`` reads ``.grad`` again).
+
+    **Distributed.** The standard mode works under DDP (every rank sees the all-reduced gradient and makes
+    the same non-finite decision). Under FSDP each rank holds shards, so "RMS of the tensor" would be the RMS
+    of the local shard (per-rank η, different from DDP) and the non-finite test would be per shard: not
+    supported as the published algorithm.
 
     **Dtypes.** Parameters in fp32, bf16, fp16 (or fp64). The momentum has ``momentum_dtype`` (default: the
     parameter's dtype; like optax's ``mu_dtype``), kept across ``load_state_dict``. Math is float32 (float64
@@ -108,9 +127,11 @@ class Tiger(torch.optim.Optimizer):
     the official code, whose sparse path decays every row's momentum and moves every row.
 
     **Paths.** ``fused=None`` uses the compiled kernels of ``lightning_tiger.optim._fused`` when they load and
-    every tensor qualifies (dense, contiguous, CPU/CUDA, one fp32/bf16/fp16 dtype per parameter, gradient and
-    momentum), else ``foreach`` (default on CUDA) or one tensor at a time (default on CPU, smallest transient
-    memory). ``fused=True`` raises where the kernels are unavailable. All paths share the semantics above.
+    every tensor qualifies (dense, contiguous, fp32/bf16/fp16 parameter and gradient of one dtype, a momentum
+    dtype the kernels take: ``_fused.fused_supports``), else ``foreach`` (default on CUDA) or one tensor at a
+    time (default on CPU, smallest transient memory). ``fused=True`` raises where the kernels are unavailable
+    or a tensor does not qualify. All paths share the semantics above; the fold-in-backward hooks and the
+    update of that mode always use PyTorch ops (the fused op marks θ as written).
 
     **Checkpointing.** The micro-step counter lives in each param group (``"micro_step"``), so
     ``state_dict()``/``load_state_dict()`` resume bit-for-bit as if never stopped.
@@ -154,8 +175,7 @@ class Tiger(torch.optim.Optimizer):
         self.fused = F.check_flag("fused", fused)
         if self.fused and self.foreach:
             raise ValueError("fused=True and foreach=True are mutually exclusive")
-        self._fold_active = False
-        self._hook_handles: list[Any] = []
+        self._hooks = _Hooks()
         self._window: dict[Tensor, list[bool]] = {}  # param -> [folded a finite grad, saw a non-finite grad]
         self._param_group: dict[Tensor, dict[str, Any]] = {}
         super().__init__(params, defaults)
@@ -168,7 +188,7 @@ class Tiger(torch.optim.Optimizer):
                 )
         if self.fold_in_backward:
             _refuse_distributed()
-            self._fold_active = True
+            self._hooks.active = True
             for group in self.param_groups:
                 self._register_hooks(group)
 
@@ -187,7 +207,7 @@ class Tiger(torch.optim.Optimizer):
             raise ValueError(f"micro_step must be an int >= 0, got {group['micro_step']!r}")
         for p in group["params"]:
             self._param_group[p] = group
-        if self._fold_active:
+        if self._hooks.active:
             self._register_hooks(group)
 
     def assign_kinds(self, module: nn.Module) -> dict[str, ParamKind]:
@@ -251,7 +271,7 @@ class Tiger(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._fold_active:
+        if self._hooks.active:
             self._fold_step()
             return loss
         fused_mod = F.load_fused() if self.fused is not False and not self.foreach else None
@@ -312,10 +332,11 @@ class Tiger(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------------------ tight-fisted mode
     def _register_hooks(self, group: dict[str, Any]) -> None:
+        self._hooks.owner_id = id(self)
         hook = functools.partial(_fold_hook, weakref.ref(self))
         for p in group["params"]:
             if p.requires_grad:
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
+                self._hooks.handles.append(p.register_post_accumulate_grad_hook(hook))
 
     @torch.no_grad()
     def _fold(self, p: Tensor) -> None:
@@ -333,6 +354,8 @@ class Tiger(torch.optim.Optimizer):
         else:
             t, k, beta = group["micro_step"], group["grad_accum_steps"], group["beta"]
             b1 = beta if (t % k == 0 and not flags[0]) else 1.0
+            # Pure PyTorch on purpose: the fused op declares θ mutable, so calling it here would bump θ's
+            # version counter inside backward (autograd may still need θ).
             F.tiger_fold_(g, self._momentum(p), b1, (1.0 - beta) / k)
             flags[0] = True
         p.grad = None
@@ -365,15 +388,18 @@ class Tiger(torch.optim.Optimizer):
 
     def remove_hooks(self) -> None:
         """Remove the fold-in-backward hooks; afterwards ``step()`` reads ``.grad`` like the standard mode."""
-        for handle in self._hook_handles:
+        for handle in self._hooks.handles:
             handle.remove()
-        self._hook_handles.clear()
-        self._fold_active = False
+        self._hooks.handles.clear()
+        self._hooks.active = False
         self._window.clear()
 
     def __del__(self) -> None:
+        # Only the optimizer that registered the hooks removes them: wrappers that copy our __dict__ (Lightning's
+        # LightningOptimizer subclasses the optimizer's class) share ``_hooks`` and die earlier.
         with contextlib.suppress(Exception):  # interpreter shutdown: attributes may already be gone
-            self.remove_hooks()
+            if self._hooks.owner_id == id(self):
+                self.remove_hooks()
 
     # ------------------------------------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -403,15 +429,15 @@ class Tiger(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # A copy (pickle/deepcopy) holds other tensors than the hooked ones: it starts in the standard mode.
-        state.setdefault("momentum_dtype", None)
-        state.setdefault("fold_in_backward", False)
-        state.setdefault("foreach", None)
-        state.setdefault("fused", None)
+        # Called by load_state_dict (keep our settings) and by unpickling/deepcopy (a fresh object: a copy holds
+        # other tensors than the hooked ones, so it starts in the standard mode).
+        for key, default in (("momentum_dtype", None), ("fold_in_backward", False), ("foreach", None),
+                             ("fused", None)):
+            state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
-        self._fold_active = False
-        self._hook_handles = []
-        self._window = {}
+        if "_hooks" not in self.__dict__:
+            self._hooks = _Hooks()
+            self._window = {}
         self._param_group = {p: g for g in self.param_groups for p in g["params"]}
 
 

@@ -31,6 +31,10 @@ shrink_ratio, rms_floor) -> list[bool]``
 
 ``reference_piecewise_linear(t, schedule, from_zero=True) -> float``
     The official ``piecewise_linear`` schedule multiplier at step ``t``.
+
+Test fixtures (also shared): ``Mixed`` (a model with every parameter kind) and ``MIXED_KINDS`` (its
+hand-written kinds), ``PATHS`` (pytest params: single-tensor, foreach, fused), ``fused_ok()``,
+``random_grads(model, steps, seed)``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ import math
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
+import pytest
 import torch
+from torch import nn
 
 _SHRINK_ONE = ("norm_scale",)
 _HALF_LR_NO_DECAY = ("bias", "norm_scale", "norm_shift")
@@ -158,3 +164,71 @@ def reference_piecewise_linear(t: float, schedule: Mapping[int, float], from_zer
         if t0 <= t < t1:
             return x0 + (x1 - x0) * (t - t0) / (t1 - t0)
     return points[-1][1]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Shared test fixtures: a model with every parameter kind, the dispatch paths, reproducible gradients.
+
+# Hand-written expected kinds (SPEC §1.2 table), independent of classify_parameters.
+MIXED_KINDS = {
+    "emb.weight": "embedding",
+    "lin.weight": "matrix",
+    "lin.bias": "bias",
+    "ln.weight": "norm_scale",
+    "ln.bias": "norm_shift",
+    "rms.weight": "norm_scale",
+    "zero.weight": "matrix",
+    "zero.bias": "bias",
+    "head.weight": "matrix",
+}
+
+
+class Mixed(nn.Module):
+    """Embedding, Linear, LayerNorm, RMSNorm, a zero-initialised Linear and a bias-free head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.lin = nn.Linear(6, 8)
+        self.ln = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.zero = nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3, bias=False)
+        with torch.no_grad():
+            self.zero.weight.zero_()
+            # Move norm parameters off their init so that the shrink centre and the updates are visible.
+            self.ln.weight.add_(0.3 * torch.randn(8))
+            self.ln.bias.add_(0.3 * torch.randn(8))
+            self.rms.weight.add_(0.3 * torch.randn(8))
+            self.emb.weight[3].mul_(5.0)  # rows of different scales: per-row RMS matters
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.rms(self.ln(torch.tanh(self.lin(self.emb(idx)))))
+        return self.head(torch.tanh(self.zero(h)))
+
+
+def fused_ok() -> bool:
+    try:
+        from lightning_tiger.optim import _fused
+    except ImportError:
+        return False
+    try:
+        return bool(_fused.fused_available(torch.device("cpu")))
+    except Exception:
+        return False
+
+
+PATHS = [
+    pytest.param({"foreach": False, "fused": False}, id="single"),
+    pytest.param({"foreach": True, "fused": False}, id="foreach"),
+    pytest.param({"fused": True}, id="fused",
+                 marks=pytest.mark.skipif(not fused_ok(), reason="fused kernels unavailable")),
+]
+
+
+def random_grads(model: nn.Module, steps: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in model.named_parameters()}
+        for _ in range(steps)
+    ]
