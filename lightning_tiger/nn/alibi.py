@@ -33,7 +33,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     """
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
-    p = 2 ** int(math.floor(math.log2(num_heads)))
+    p = 2 ** math.floor(math.log2(num_heads))
     slopes = _slopes_power_of_two(p)
     if p != num_heads:
         slopes += _slopes_power_of_two(2 * p)[0::2][: num_heads - p]

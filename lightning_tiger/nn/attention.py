@@ -37,10 +37,16 @@ class KVCache:
 
     Holds the *rotated* keys (RoPE is applied once, at the token's absolute position) and the values in
     SDPA layout ``[batch, kv_heads, seq, head_dim]``, plus, for ALiBi layers, the key positions
-    ``[batch or 1, seq]`` (fp32). Every token is kept (a window only masks); memory is O(seq) per layer.
+    ``[batch or 1, seq]`` (fp32). By default every token is kept (a window only masks), memory O(seq) per layer.
+
+    With ``trim_to_window=True`` a causal layer whose window is active drops, after each call, the keys no
+    future query can see: it keeps the ``sink_tokens`` first keys and the last ``window − 1`` ones, so
+    streaming decoding with a window (the "super strong baseline", SPEC §3.3) runs in O(window) memory. Only
+    valid while the window stays active; changing it afterwards cannot bring dropped keys back.
 
     Args:
         num_layers: number of attention layers that share this cache (``TransformerLM.new_cache()`` sizes it).
+        trim_to_window: drop keys outside every future query's window (see above; default False).
 
     Example:
         >>> cache = KVCache(num_layers=len(model.blocks))
@@ -48,24 +54,54 @@ class KVCache:
         >>> logits = model(next_token[:, None], cache=cache)  # one new token at position cache.length()
     """
 
-    def __init__(self, num_layers: int = 1) -> None:
+    def __init__(self, num_layers: int = 1, trim_to_window: bool = False) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = num_layers
+        self.trim_to_window = bool(trim_to_window)
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
         self.positions: list[Tensor | None] = [None] * num_layers
         self.custom_positions: list[bool] = [False] * num_layers
+        # The stored keys of a layer have token indices [0, front) ∪ [start, total): `front` leading (sink) keys
+        # kept apart once the cache was trimmed, then a contiguous run. Untrimmed: front = start = 0.
+        self.front: list[int] = [0] * num_layers
+        self.start: list[int] = [0] * num_layers
+        self.total: list[int] = [0] * num_layers
 
     def _check(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
 
     def length(self, layer: int = 0) -> int:
-        """Number of tokens cached for ``layer`` (= index of the next token)."""
+        """Number of tokens seen by ``layer`` (= index of the next token), trimmed ones included."""
         self._check(layer)
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[2]
+        return self.total[layer]
+
+    def stored_indices(self, layer: int, device: torch.device | None = None) -> Tensor:
+        """Token indices of the stored keys of ``layer`` (``[stored]``, int64)."""
+        self._check(layer)
+        return torch.cat((
+            torch.arange(self.front[layer], device=device),
+            torch.arange(self.start[layer], self.total[layer], device=device),
+        ))
+
+    def trim(self, layer: int, keep_first: int, keep_last: int) -> None:
+        """Keep only the keys with index ``< keep_first`` or ``>= total − keep_last`` for ``layer``."""
+        self._check(layer)
+        total, start = self.total[layer], self.start[layer]
+        new_start = max(start, total - keep_last)
+        if new_start <= max(start, keep_first) or self.keys[layer] is None:
+            return  # nothing outside the kept ranges
+        idx = self.stored_indices(layer, device=self.keys[layer].device)  # type: ignore[union-attr]
+        keep = (idx < keep_first) | (idx >= new_start)
+        sel = keep.nonzero().squeeze(1)
+        self.keys[layer] = self.keys[layer].index_select(2, sel)  # type: ignore[union-attr]
+        self.values[layer] = self.values[layer].index_select(2, sel)  # type: ignore[union-attr]
+        if self.positions[layer] is not None:
+            self.positions[layer] = self.positions[layer].index_select(1, sel)  # type: ignore[union-attr]
+        self.front[layer] = int(((idx < keep_first) & (idx < new_start)).sum())
+        self.start[layer] = new_start
 
     def update(
         self, layer: int, k: Tensor, v: Tensor, positions: Tensor | None = None, custom: bool = False
@@ -78,6 +114,7 @@ class KVCache:
                 f"cached keys have batch/heads {tuple(old_k.shape[:2])}, new ones {tuple(k.shape[:2])}"
             )
         self.keys[layer] = k if old_k is None else torch.cat((old_k, k), dim=2)
+        self.total[layer] += k.shape[2]
         old_v = self.values[layer]
         self.values[layer] = v if old_v is None else torch.cat((old_v, v), dim=2)
         if positions is not None:
@@ -94,12 +131,50 @@ class KVCache:
 
     def reset(self) -> None:
         """Drop every cached tensor."""
-        self.__init__(self.num_layers)  # type: ignore[misc]
+        self.__init__(self.num_layers, self.trim_to_window)  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------------------------------- masks
-@functools.lru_cache(maxsize=256)
+# Masks are cached by geometry (and inference-mode state: an inference-mode tensor may not be saved for a later
+# backward). Only masks up to this many entries are cached, so long ALiBi biases are not pinned in memory.
+_CACHE_MAX_ENTRIES = 2048 * 2048
+
+
+def _cacheable(q_lo: int, q_hi: int, n_sink: int, k_lo: int, k_hi: int) -> bool:
+    return (q_hi - q_lo) * (n_sink + k_hi - k_lo) <= _CACHE_MAX_ENTRIES
+
+
 def _visibility(
+    q_lo: int, q_hi: int, n_sink: int, k_lo: int, k_hi: int,
+    causal: bool, window: int | None, sinks: int, device: str,
+) -> tuple[Tensor | None, Tensor]:
+    args = (q_lo, q_hi, n_sink, k_lo, k_hi, causal, window, sinks, device)
+    if _cacheable(q_lo, q_hi, n_sink, k_lo, k_hi):
+        return _visibility_cached(*args, torch.is_inference_mode_enabled())
+    return _visibility_impl(*args)
+
+
+def _alibi_mask(
+    q_lo: int, q_hi: int, n_sink: int, k_lo: int, k_hi: int,
+    causal: bool, window: int | None, sinks: int, num_heads: int, device: str,
+) -> Tensor:
+    args = (q_lo, q_hi, n_sink, k_lo, k_hi, causal, window, sinks, num_heads, device)
+    if _cacheable(q_lo, q_hi, n_sink, k_lo, k_hi):
+        return _alibi_mask_cached(*args, torch.is_inference_mode_enabled())
+    return _alibi_mask_impl(*args)
+
+
+@functools.lru_cache(maxsize=256)
+def _visibility_cached(*args: Any) -> tuple[Tensor | None, Tensor]:
+    return _visibility_impl(*args[:-1])
+
+
+@functools.lru_cache(maxsize=32)
+def _alibi_mask_cached(*args: Any) -> Tensor:
+    return _alibi_mask_impl(*args[:-1])
+
+
+def _visibility_impl(
     q_lo: int, q_hi: int, n_sink: int, k_lo: int, k_hi: int,
     causal: bool, window: int | None, sinks: int, device: str,
 ) -> tuple[Tensor | None, Tensor]:
@@ -127,8 +202,7 @@ def _visibility(
     return (None if bool(vis.all()) else vis), counts
 
 
-@functools.lru_cache(maxsize=128)
-def _alibi_mask(
+def _alibi_mask_impl(
     q_lo: int, q_hi: int, n_sink: int, k_lo: int, k_hi: int,
     causal: bool, window: int | None, sinks: int, num_heads: int, device: str,
 ) -> Tensor:
@@ -179,9 +253,12 @@ class Attention(nn.Module):
       kernel: no mask (bidirectional), ``is_causal=True`` (square causal, no window/ALiBi), a bool ``[L, S]``
       mask (windows, sinks, KV-cache decoding: an explicit lower-right mask, because ``is_causal`` aligns
       top-left when ``L != S``) or a float ``[1, H, L, S]`` ALiBi bias with ``−inf`` for hidden keys (never
-      the 3-D ``[H, L, S]`` form, which falls back to the math kernel). Masks are cached by geometry.
+      the 3-D ``[H, L, S]`` form, which falls back to the math kernel). Masks are cached by geometry. The
+      ALiBi bias is built in fp32 and handed to SDPA in the query dtype (SDPA requires it), so under bf16 it
+      is rounded like the scores; full-length ALiBi needs an ``H·L·S`` bias (windowed ALiBi is banded).
       A window with ``S > 2w + s`` runs *chunked*: query blocks of ``max(32, min(w, 512))`` attend only to
-      the sinks plus their key band, so time and memory are linear in the sequence length.
+      the sinks plus their key band, so time and memory are linear in the sequence length (set the
+      attribute ``chunk_windows = False`` to run one full-size masked call instead).
     * ``"flex"`` — compiled FlexAttention (ALiBi as ``score_mod``, windows as a block-sparse ``mask_mod``).
       On CPU (torch 2.13) FlexAttention has no backward and compilation takes tens of seconds, so it is an
       opt-in for inference and for GPUs, where block sparsity wins for windowed/ALiBi attention at long
@@ -213,6 +290,9 @@ class Attention(nn.Module):
     Shapes:
         ``forward(x [B, L, dim], positions [L] | [B, L] | None, cache)`` -> ``[B, L, dim]``.
     """
+
+    #: run long windowed attention as query blocks over their key band (linear memory); see above.
+    chunk_windows: bool = True
 
     def __init__(
         self,
@@ -338,27 +418,38 @@ class Attention(nn.Module):
         if self.alibi is not None:
             q_pos = (positions if positions is not None else torch.arange(offset, offset + L, device=x.device))
             q_pos = q_pos.float().reshape(-1, L)
+        front, start = 0, 0
         if cache is not None:
             k, v, k_pos = cache.update(self.layer_idx, k, v, q_pos, custom)
             custom = cache.custom_positions[self.layer_idx]
+            front, start = cache.front[self.layer_idx], cache.start[self.layer_idx]
         else:
             k_pos = q_pos
         use_pos = self.alibi is not None and custom
-        out = self._attend(q, k, v, offset, q_pos if use_pos else None, k_pos if use_pos else None)
+        out = self._attend(q, k, v, offset, q_pos if use_pos else None, k_pos if use_pos else None, front, start)
+        if cache is not None and cache.trim_to_window and self.causal and self.window_active():
+            # the next query (index total) sees keys >= total - w + 1, plus the sinks
+            cache.trim(self.layer_idx, keep_first=self.sink_tokens, keep_last=self.window - 1)  # type: ignore[operator]
         return self.out(out.transpose(1, 2).reshape(B, L, H * D))
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, offset: int, q_pos: Tensor | None, k_pos: Tensor | None
+        self, q: Tensor, k: Tensor, v: Tensor, offset: int, q_pos: Tensor | None, k_pos: Tensor | None,
+        front: int = 0, start: int = 0,
     ) -> Tensor:
-        L, S = q.shape[2], k.shape[2]
+        """``k, v`` hold the keys with token indices ``[0, front) ∪ [start, S)`` (a trimmed cache) — all
+        ``S = offset + L`` keys when ``front = start = 0``."""
+        L = q.shape[2]
+        S = offset + L
         window = self.window if self.window_active() else None
         sinks = min(self.sink_tokens, S) if window is not None else 0
         backend = "sdpa" if self.backend == "auto" else self.backend
         if backend == "flex":
+            if front or start:
+                raise ValueError("backend='flex' does not support a KVCache with trim_to_window=True")
             return self._flex(q, k, v, offset, window, sinks, q_pos, k_pos)
-        if window is not None and S > 2 * window + sinks and L > 1:
+        if self.chunk_windows and window is not None and 2 * window + sinks < S and L > 1:
             block = max(32, min(window, 512))
-            if L > block:
+            if block < L:
                 outs = []
                 for a in range(0, L, block):
                     b = min(L, a + block)
@@ -367,19 +458,28 @@ class Attention(nn.Module):
                     k_hi = min(S, qb) if self.causal else min(S, qb - 1 + window)
                     outs.append(self._block(
                         q[:, :, a:b], k, v, qa, qb, sinks, k_lo, k_hi, window, sinks, backend,
-                        None if q_pos is None else q_pos[:, a:b], k_pos,
+                        None if q_pos is None else q_pos[:, a:b], k_pos, front, start,
                     ))
                 return torch.cat(outs, dim=2)
-        return self._block(q, k, v, offset, offset + L, 0, 0, S, window, sinks, backend, q_pos, k_pos)
+        return self._block(
+            q, k, v, offset, offset + L, front, start, S, window, sinks, backend, q_pos, k_pos, front, start
+        )
 
     def _block(
         self, q: Tensor, k: Tensor, v: Tensor, q_lo: int, q_hi: int, n_sink: int, k_lo: int, k_hi: int,
         window: int | None, sinks: int, backend: str, q_pos: Tensor | None, k_pos: Tensor | None,
+        front: int = 0, start: int = 0,
     ) -> Tensor:
-        """Queries ``q_lo…q_hi−1`` over keys ``{0…n_sink−1} ∪ {k_lo…k_hi−1}`` (absolute token indices)."""
+        """Queries ``q_lo…q_hi−1`` over keys ``{0…n_sink−1} ∪ {k_lo…k_hi−1}`` (absolute token indices);
+        ``k, v`` store the indices ``[0, front) ∪ [start, …)`` (see :meth:`_attend`)."""
         dev = str(q.device)
-        if n_sink or k_lo or k_hi != k.shape[2]:
-            idx = torch.cat((torch.arange(n_sink, device=q.device), torch.arange(k_lo, k_hi, device=q.device)))
+        if (front or start) and (n_sink > front or k_lo < start):
+            raise RuntimeError("the KV cache was trimmed to a different window; use a fresh KVCache")
+        if (n_sink, k_lo, k_hi) != (front, start, start - front + k.shape[2]):
+            idx = torch.cat((
+                torch.arange(n_sink, device=q.device),
+                torch.arange(k_lo - start + front, k_hi - start + front, device=q.device),
+            ))
             k, v = k.index_select(2, idx), v.index_select(2, idx)
             if k_pos is not None:
                 k_pos = k_pos.index_select(1, idx)

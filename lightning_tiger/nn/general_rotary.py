@@ -59,7 +59,7 @@ class GeneralRotaryEmbedding(nn.Module):
         return self
 
     def rotation(self, positions: Tensor) -> Tensor:
-        """``exp(n·B)`` for each position ``n`` (``[L]``, int or float), computed in fp64; returns fp32 ``[L, d, d]``."""
+        """``exp(n·B)`` for each position ``n`` (``[L]``, int or float), in fp64; returns fp32 ``[L, d, d]``."""
         with torch.autocast(device_type=positions.device.type, enabled=False):
             b = self.generator.to(torch.float64)
             return torch.linalg.matrix_exp(positions.to(torch.float64).view(-1, 1, 1) * b).float()
