@@ -93,6 +93,21 @@ def _is_folding(optimizer: torch.optim.Optimizer) -> bool:
     return bool(flag)
 
 
+def refuse_clipping_with_folding(trainer: pl.Trainer) -> None:
+    """Raise if gradient clipping is configured while an optimizer folds gradients during backward.
+
+    Clipping would see ``p.grad is None`` and silently do nothing (SPEC §1.2: global-norm clipping is impossible
+    in that mode), so the lightning_tiger callbacks refuse it in ``on_fit_start``.
+    """
+    folding = [opt for opt in trainer.optimizers if _is_folding(opt)]
+    if folding and trainer.gradient_clip_val:
+        raise ValueError(
+            "gradient_clip_val must be None or 0 with an optimizer that folds gradients during backward "
+            f"({type(folding[0]).__name__}(fold_in_backward=True)): clipping cannot see folded gradients. "
+            f"Got gradient_clip_val={trainer.gradient_clip_val}."
+        )
+
+
 def _log_step(trainer: pl.Trainer) -> int:
     """The step value Lightning's own loggers use for metrics logged during this batch."""
     try:
@@ -220,20 +235,16 @@ class NonFiniteGuard(Callback):
 
     # ------------------------------------------------------------------ fit lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        folding = [opt for opt in trainer.optimizers if _is_folding(opt)]
-        if folding and trainer.gradient_clip_val:
-            raise ValueError(
-                "gradient_clip_val must be None or 0 with an optimizer that folds gradients during backward "
-                f"({type(folding[0]).__name__}(fold_in_backward=True)): clipping cannot see folded "
-                "gradients. "
-                f"Got gradient_clip_val={trainer.gradient_clip_val}."
-            )
+        refuse_clipping_with_folding(trainer)
         self._centres = None
         self._names = None
         self._wrap_scheduler_hook(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap_scheduler_hook()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unwrap_scheduler_hook()
@@ -353,10 +364,13 @@ class NonFiniteGuard(Callback):
             self._vetoed_optimizers.add(id(optimizer))
             reason = self._describe(pl_module, offenders, loss_bad)
         if self.verbose:
+            if folding:
+                what = "not vetoed (gradients already folded): the optimizer's per-tensor rule applies"
+            else:
+                what = f"vetoed ({'skip + shrink' if self.action == 'shrink' else 'skip'})"
             self._warn(
-                f"NonFiniteGuard: {reason}; step {trainer.global_step} vetoed "
-                f"({'skip + shrink' if self.action == 'shrink' and not folding else 'skip'}), "
-                f"{self.consecutive} in a row, {self.skipped} skipped in total."
+                f"NonFiniteGuard: {reason}; step {trainer.global_step} {what}, {self.consecutive} in a row, "
+                f"{self.skipped} skipped in total."
             )
         if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
             self._stop(trainer, reason)
@@ -415,9 +429,10 @@ class NonFiniteGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and with_grad:
             # The optimizer unscales inside step(): the scaler's own inf check is what vetoes the step.
             grads_finite = finite_per_tensor is None or bool(finite_per_tensor.all())
-            if grads_finite:
+            target = next((p.grad for p in with_grad if p.grad.numel() > 0), None)
+            if grads_finite and target is not None:
                 with torch.no_grad():
-                    with_grad[0].grad.view(-1)[0] = float("inf")
+                    target.mul_(float("inf"))  # every element becomes ±inf or NaN: layout-agnostic
             return
         for p in with_grad:
             p.grad = None

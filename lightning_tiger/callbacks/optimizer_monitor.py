@@ -1,0 +1,242 @@
+"""Per-optimizer telemetry for sign-based (Tiger, Lion) and any other optimizers, at a cost only on logging steps.
+
+Logged per optimizer (``optim/<Name>/...``, ``<Name>`` = class name, ``-1``, ``-2`` ... appended when several
+optimizers share a class, like ``LearningRateMonitor``), every ``log_every_n_steps`` optimizer steps, with
+Lightning's step index:
+
+- ``lr_mean``, ``lr_min``, ``lr_max``: the effective learning rate η over tensors. Tiger (SPEC §1.2): η of a
+  matrix is ``lr·max(RMS(θ), floor)``, of an embedding table ``lr·max(RMS(row), floor)`` per row (rows enter
+  min/max individually and the mean as the table's row mean), of a bias / norm parameter ``0.5·lr``; RMS taken
+  on θ before the update, exactly as Tiger's step does. Other optimizers: the group ``lr`` of every tensor.
+- ``update_rms``: ``sqrt(Σ‖θ_after − θ_before‖² / N)`` over all N elements, and ``update_rel`` = update_rms /
+  param_rms (≈ lr for Tiger's matrices). The pre-step parameters are copied on logging steps only (a transient
+  copy of the optimizer's parameters; nothing is kept between steps) and compared in a one-shot
+  ``register_step_post_hook``. A step skipped by a ``GradScaler`` logs no update; one vetoed by
+  :class:`~lightning_tiger.callbacks.NonFiniteGuard` logs 0.
+- ``sign_agreement``: fraction of elements with ``sign(m) == sign(g)``, m the momentum *before* this step
+  (Tiger ``momentum``, Lion/Adam ``exp_avg``, SGD ``momentum_buffer``), g the gradient after unscaling /
+  accumulation; absent on the first step (no momentum yet) and in Tiger's fold-in-backward mode (no gradient).
+- ``param_rms`` = ``sqrt(Σθ²/N)`` (before the step), ``grad_rms`` = ``sqrt(Σg²/N)`` over tensors with a gradient.
+
+Cost: on a non-logging step the hook returns after one integer comparison. On a logging step: one fused norm
+over parameters and gradients, a sign comparison, one parameter copy and one host sync for all values.
+Computed on global rank 0 only (DDP replicas are identical; under FSDP the values would be per-shard).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+_MOMENTUM_KEYS = ("momentum", "exp_avg", "momentum_buffer")
+
+
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    if not tensors:
+        return []
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+
+
+class OptimizerMonitor(Callback):
+    """Log effective lr, update RMS, momentum/gradient sign agreement and parameter RMS per optimizer.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[OptimizerMonitor(log_every_n_steps=50)])
+
+    Args:
+        log_every_n_steps: logging interval in optimizer steps; ``None`` (default) uses the Trainer's.
+        update_rms: measure the update (needs a transient copy of the parameters on logging steps).
+        sign_agreement: measure the momentum/gradient sign agreement.
+        prefix: metric name prefix. Default ``"optim"``.
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        update_rms: bool = True,
+        sign_agreement: bool = True,
+        prefix: str = "optim",
+    ) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise ValueError(f"log_every_n_steps must be an int >= 1 or None, got {log_every_n_steps!r}")
+        self.log_every_n_steps = log_every_n_steps
+        self.update_rms = bool(update_rms)
+        self.sign_agreement = bool(sign_agreement)
+        self.prefix = str(prefix)
+        self._names: dict[int, str] = {}
+        self._pending: list[dict[str, Any]] = []
+        self._hooks: list[Any] = []
+        self.last_logged: dict[str, float] = {}
+        """The metrics of the most recent logging step (also handy in tests and notebooks)."""
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_tiger.callbacks.nonfinite_guard import refuse_clipping_with_folding
+
+        refuse_clipping_with_folding(trainer)
+        counts: Counter[str] = Counter()
+        self._names = {}
+        for opt in trainer.optimizers:
+            base = type(opt).__name__
+            self._names[id(opt)] = base if counts[base] == 0 else f"{base}-{counts[base]}"
+            counts[base] += 1
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_hooks()
+        self._pending.clear()
+
+    def _drop_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _interval(self, trainer: pl.Trainer) -> int:
+        return self.log_every_n_steps or trainer.log_every_n_steps
+
+    @staticmethod
+    def _step_index(trainer: pl.Trainer) -> int:
+        try:
+            return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+        except AttributeError:  # pragma: no cover - Lightning internals moved
+            return int(trainer.global_step)
+
+    # ------------------------------------------------------------------ hooks
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        n = self._interval(trainer)
+        # Same rule as Lightning's own metric logging (`should_update_logs`): the step about to complete.
+        if n <= 0 or (self._step_index(trainer) + 1) % n != 0 or not trainer.is_global_zero:
+            return
+        self._pending.append(self.collect_pre_step(optimizer))
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._pending:
+            return
+        self._drop_hooks()
+        metrics = self.finalize(self._pending)
+        self._pending = []
+        self.last_logged = metrics
+        step = self._step_index(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # ------------------------------------------------------------------ computation
+    def _effective_lrs(
+        self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor], rms: list[Tensor]
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(mean, min, max) of η per tensor of one group, as 0-dim fp32 tensors."""
+        settings = getattr(optimizer, "_settings", None)
+        out: list[tuple[Tensor, Tensor, Tensor]] = []
+        for p, r in zip(params, rms):
+            if settings is None:  # plain optimizer: the group lr
+                lr = torch.tensor(float(group["lr"]), device=p.device)
+                out.append((lr, lr, lr))
+                continue
+            mode, lr, _wd, _c, floor = settings(p, group, float(group["lr"]))
+            if mode == 0:  # LR_CONSTANT (bias, norm kinds: 0.5·lr already applied)
+                eta = torch.tensor(float(lr), device=p.device)
+                out.append((eta, eta, eta))
+            elif mode == 2 and p.ndim >= 2:  # LR_ROW_RMS: one RMS per embedding row
+                rows = p.detach().reshape(p.shape[0], -1)
+                row_rms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32) / math.sqrt(rows.shape[1])
+                eta_rows = row_rms.clamp_min(floor) * lr
+                out.append((eta_rows.mean(), eta_rows.min(), eta_rows.max()))
+            else:  # LR_RMS: whole-tensor RMS
+                eta = r.clamp_min(floor) * lr
+                out.append((eta, eta, eta))
+        return out
+
+    def collect_pre_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Statistics that need the state before ``optimizer.step`` updates it (called on logging steps)."""
+        record: dict[str, Any] = {"name": self._names.get(id(optimizer), type(optimizer).__name__)}
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        numel = sum(p.numel() for p in params)
+        with torch.no_grad():
+            p_norms = _norms([p.detach() for p in params])
+            record["numel"] = numel
+            record["param_sq"] = torch.stack([x * x for x in p_norms]).sum() if p_norms else torch.zeros(())
+            # Effective lr per tensor.
+            etas: list[tuple[Tensor, Tensor, Tensor]] = []
+            i = 0
+            for g in optimizer.param_groups:
+                k = len(g["params"])
+                rms = [x / math.sqrt(max(p.numel(), 1)) for x, p in zip(p_norms[i : i + k], g["params"])]
+                etas.extend(self._effective_lrs(optimizer, g, g["params"], rms))
+                i += k
+            if etas:
+                dev = etas[0][0].device
+                means, mins, maxs = (torch.stack([e[j].float().to(dev) for e in etas]) for j in range(3))
+                record["lr"] = (means.mean(), mins.min(), maxs.max())
+            with_grad = [p for p in params if p.grad is not None]
+            if with_grad:
+                g_norms = _norms([p.grad for p in with_grad])
+                record["grad_sq"] = torch.stack([x * x for x in g_norms]).sum()
+                record["grad_numel"] = sum(p.numel() for p in with_grad)
+            if self.sign_agreement and with_grad:
+                agree = None
+                count = 0
+                for p in with_grad:
+                    state = optimizer.state.get(p, {})
+                    m = next((state[k] for k in _MOMENTUM_KEYS if isinstance(state.get(k), Tensor)), None)
+                    if m is None or m.shape != p.shape:
+                        continue
+                    same = (torch.sign(m) == torch.sign(p.grad)).sum()
+                    agree = same if agree is None else agree + same.to(agree.device)
+                    count += p.numel()
+                if agree is not None and count:
+                    record["agree"] = agree.float() / count
+            if self.update_rms:
+                snapshot = [p.detach().clone() for p in params]
+                record["snapshot"] = snapshot
+
+                def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                    with torch.no_grad():
+                        torch._foreach_sub_(snapshot, [p.detach() for p in params])
+                        norms = _norms(snapshot)
+                        record["update_sq"] = torch.stack([x * x for x in norms]).sum() if norms else torch.zeros(())
+                    record.pop("snapshot", None)  # free the copy right away
+
+                self._hooks.append(optimizer.register_step_post_hook(post_hook))
+        return record
+
+    def finalize(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Turn the pending records into floats (one host sync for everything)."""
+        keys: list[str] = []
+        values: list[Tensor] = []
+        for rec in records:
+            base = f"{self.prefix}/{rec['name']}"
+            numel = max(int(rec["numel"]), 1)
+            param_rms = (rec["param_sq"].float() / numel).sqrt()
+            keys.append(f"{base}/param_rms")
+            values.append(param_rms)
+            if "lr" in rec:
+                for suffix, v in zip(("lr_mean", "lr_min", "lr_max"), rec["lr"]):
+                    keys.append(f"{base}/{suffix}")
+                    values.append(v)
+            if "grad_sq" in rec:
+                keys.append(f"{base}/grad_rms")
+                values.append((rec["grad_sq"].float() / max(int(rec["grad_numel"]), 1)).sqrt())
+            if "agree" in rec:
+                keys.append(f"{base}/sign_agreement")
+                values.append(rec["agree"].float())
+            if "update_sq" in rec:
+                update_rms = (rec["update_sq"].float() / numel).sqrt()
+                keys += [f"{base}/update_rms", f"{base}/update_rel"]
+                values += [update_rms, update_rms / param_rms.clamp_min(torch.finfo(torch.float32).tiny)]
+            rec.pop("snapshot", None)
+        if not values:
+            return {}
+        dev = values[0].device
+        return dict(zip(keys, torch.stack([v.reshape(()).to(dev) for v in values]).tolist()))
