@@ -11,19 +11,22 @@ Design (measured by ``benchmarks/optimizer_step.py``):
 
 - **Exact per-tensor non-finite rule.** Whether *any* element of g_i is NaN/±inf must be known before the first
   element of m_i is written (m_i must stay exactly unchanged; an optimistic write cannot be undone exactly in
-  floating point). So every call runs a read-only phase A (isfinite over g) before the update phase B, per
-  *group* of consecutive tensors whose phase-A bytes fit in cache (``group_bytes``, default 4 MiB): phase B then
-  re-reads g from cache, not from DRAM, and the check costs no memory traffic. A tensor larger than the group
-  budget is read twice (+4 bytes per parameter, a pure streaming read); phase B walks each thread's range
-  backwards so that the part phase A read last is still in cache.
+  floating point). So each tensor goes through a read-only phase A (isfinite over g) before its update phase B.
+  A tensor whose phase-A bytes fit ``group_bytes`` (default 8 MiB) is handled whole by one thread, B right after
+  A, so phase B re-reads g from that core's cache, not from DRAM: the check costs no memory traffic, and needs
+  no synchronisation (all such tensors cost one fork of the thread pool). A larger tensor is split across all
+  threads and read twice (+4 bytes per parameter, a pure streaming read); phase B walks each thread's range
+  backwards so that the part phase A read last is still in cache. Forks are few (number of large tensors + 1)
+  because each barrier is expensive on a busy machine.
 - **RMS of θ before the update** (``lr_mode`` 1). Recomputed by default in phase A, which reads θ into cache
-  for the same group, so it is free for tensors that fit the group budget and costs one extra read of θ for
-  larger ones. An opt-in cache (:func:`set_rms_cache`) instead keeps the sum of squares of θ accumulated while
-  θ was written in the previous step, keyed by the parameter object and valid only while ``param._version`` and
-  ``param.data_ptr()`` are unchanged since our write. Residual risk, hence off by default: writes that bypass
-  the version counter are invisible to it (``param.data.mul_()``, writes through NumPy/DLPack views or foreign
-  kernels); with the cache on, such a write makes the next step use the RMS of the old θ. The cached value is
-  bit-identical to a recomputed one (same blocks, same lanes, same order), so turning it on changes no result.
+  just before phase B, so it is free for tensors within the budget and costs one extra read of θ (+4 bytes per
+  parameter) for larger ones. An opt-in cache (:func:`set_rms_cache`) instead keeps the sum of squares of θ
+  accumulated while θ was written in the previous step, keyed by the parameter object and valid only while
+  ``param._version`` and ``param.data_ptr()`` are unchanged since our write. Residual risk, hence off by
+  default: writes that bypass the version counter are invisible to it (``param.data.mul_()``, writes through
+  NumPy/DLPack views or foreign kernels); with the cache on, such a write makes the next step use the RMS of
+  the old θ. The cached value is bit-identical to a recomputed one (same blocks, same lanes, same order), so
+  turning it on changes no result.
   ``lr_mode`` 2 (per-row RMS) is computed row by row inside phase B (a row is re-read from L1/L2).
 - **Deterministic**: reductions use fixed 16-lane partial sums per 16384-element block, added in block order in
   float64, whatever the number of threads; built with ``-ffp-contract=off`` so results do not depend on the
@@ -44,7 +47,7 @@ float32 or the param dtype (:func:`fused_supports`). No CUDA kernel: on GPUs the
 ``_functional.py`` is used (``fused_available("cuda")`` is False).
 
 Environment variables: ``LIGHTNING_TIGER_DISABLE_FUSED=1`` disables the kernels (``fused_available`` returns
-False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the cache budget of a group (bytes);
+False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the per-tensor cache budget (bytes);
 ``LIGHTNING_TIGER_RMS_CACHE=1`` turns the RMS cache on at import. The build lives in PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder named after a hash of the
 sources, flags, compiler, torch version and CPU, so that a change of any of them triggers a rebuild.
@@ -80,7 +83,7 @@ log = logging.getLogger(__name__)
 DISABLE_ENV = "LIGHTNING_TIGER_DISABLE_FUSED"
 GROUP_BYTES_ENV = "LIGHTNING_TIGER_FUSED_GROUP_BYTES"
 RMS_CACHE_ENV = "LIGHTNING_TIGER_RMS_CACHE"
-_DEFAULT_GROUP_BYTES = 4 << 20
+_DEFAULT_GROUP_BYTES = 8 << 20
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("fused_optim.cpp",)
 
@@ -228,9 +231,9 @@ def set_rms_cache(enabled: bool) -> None:
 
     With the cache on, the sum of squares of θ is accumulated while θ is written and reused at the next final
     step if ``param._version`` and ``param.data_ptr()`` are unchanged, saving one read of θ for tensors larger
-    than the group budget. Writes that bypass the version counter (``param.data.<op>_()``, NumPy/DLPack views,
-    foreign kernels) are not detected: only enable it when nothing writes parameters that way. Pass the same
-    parameter objects on every step (not fresh ``.detach()`` views) for the cache to hit.
+    than the cache budget (``group_bytes``). Writes that bypass the version counter (``param.data.<op>_()``,
+    NumPy/DLPack views, foreign kernels) are not detected: only enable it when nothing writes parameters that
+    way. Pass the same parameter objects on every step (not fresh ``.detach()`` views) for the cache to hit.
     """
     global _rms_cache_on
     _rms_cache_on = bool(enabled)

@@ -7,14 +7,17 @@
 // Tiger needs two facts about a tensor before its momentum may be written: whether its whole gradient is
 // finite (the non-finite rule keeps m EXACTLY unchanged, so no optimistic write is allowed) and, for the
 // RMS-relative learning rate, the sum of squares of theta before the update. Both are reductions over the
-// whole tensor, so each call runs in two phases per *group* of consecutive tensors:
-//   phase A  (read only)  isfinite(g) per tensor, and sum(theta^2) per block for whole-tensor-RMS tensors
-//                         (unless the caller passes a cached value, see _fused.py);
+// whole tensor, so each tensor is processed in two phases:
+//   phase A  (read only)  isfinite(g), and sum(theta^2) per block for whole-tensor-RMS tensors (unless the
+//                         caller passes a cached value, see _fused.py);
 //   phase B  (update)     the element-wise update, using the phase-A results.
-// Groups are sized so that what phase A reads (g, plus theta when the RMS is recomputed) fits in cache
-// (`group_bytes`), so phase B re-reads it from cache, not from DRAM: the update moves the minimal 20 bytes per
-// fp32 parameter from memory (12 for a non-final micro-step). A tensor larger than the group budget is read
-// twice; phase B walks each thread's range backwards so that the tail phase A read last is still cached.
+// A "small" tensor (phase-A bytes, g plus theta when the RMS is recomputed, within `group_bytes`) is handled
+// whole by one thread, phase B right after phase A, so phase B re-reads g (and theta) from that core's cache,
+// not from DRAM: the update moves the minimal 20 bytes per fp32 parameter from memory (12 for a non-final
+// micro-step), and needs no synchronisation: all small tensors together cost one fork of the thread pool.
+// A "big" tensor is shared by all threads (its blocks split evenly), and is read twice from memory (+4 bytes
+// per parameter, +8 when its RMS is recomputed); phase B walks each thread's range backwards so that the part
+// phase A read last is still cached. Phase B of one big tensor and phase A of the next share a fork.
 // Per-row RMS (lr_mode 2) is computed row by row inside phase B (a row is re-read from L1/L2).
 //
 // Reductions are deterministic: a block's sum of squares uses 16 fixed float lanes combined in a fixed order
@@ -34,7 +37,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -75,7 +77,7 @@ struct BF16 {
 
 struct F16 {
   using S = uint16_t;
-#if defined(__FLT16_MAX__) && (defined(__x86_64__) || defined(__aarch64__))
+#if defined(__FLT16_MAX__) && !defined(LIGHTNING_TIGER_NO_FLOAT16) && (defined(__x86_64__) || defined(__aarch64__))
   // Hardware conversions (F16C / ARMv8 fp16) where the compiler has _Float16; IEEE round-to-nearest-even.
   static inline float ld(S x) {
     _Float16 h;
@@ -372,116 +374,158 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     }
   }
 
+  // ---- work items of every tensor: blocks of kBlock elements (whole rows for per-row tensors)
   std::vector<Item> items;
-  std::vector<double> partial;   // per item: sum of squares of theta (phase A)
-  std::vector<double> partial2;  // per item: sum of squares of the new theta (phase B)
   std::vector<int64_t> first_item(n + 1, 0);
-
-  int64_t t0 = 0;
-  while (t0 < n) {
-    // ---- build one group of tensors whose phase-A bytes fit the budget (a big tensor forms its own group)
-    int64_t t1 = t0, bytes = 0;
-    while (t1 < n) {
-      const auto& p = params[t1];
-      const int64_t b = p.numel() * static_cast<int64_t>(p.element_size()) * (need_rms[t1] ? 2 : 1);
-      if (t1 > t0 && bytes + b > group_bytes) break;
-      bytes += b;
-      ++t1;
+  for (int64_t i = 0; i < n; ++i) {
+    first_item[i] = static_cast<int64_t>(items.size());
+    const int64_t numel = params[i].numel();
+    int64_t step = kBlock;
+    if (mode[i] == 2 && update) step = std::max<int64_t>(1, kBlock / std::max<int64_t>(cols[i], 1)) * cols[i];
+    for (int64_t b = 0; b < numel; b += step) items.push_back({i, b, std::min(numel, b + step)});
+  }
+  first_item[n] = static_cast<int64_t>(items.size());
+  const int64_t nitems = first_item[n];
+  int64_t total_elems = 0;
+  for (int64_t i = 0; i < n; ++i) total_elems += params[i].numel();
+  int64_t nthr = at::in_parallel_region() ? 1 : static_cast<int64_t>(at::get_num_threads());
+  nthr = std::max<int64_t>(1, std::min<int64_t>(nthr, total_elems / (kBlock / 2)));
+  // A tensor whose phase-A bytes exceed the budget is "big": all threads share it, phase A and B in separate
+  // forks. Every other tensor is "small": one thread runs its phase A and then its phase B back to back (the
+  // data is still in that core's cache) with no synchronisation at all, so all small tensors cost one fork.
+  std::vector<int64_t> small, big;
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& p = params[i];
+    const int64_t bytes = p.numel() * static_cast<int64_t>(p.element_size()) * (need_rms[i] ? 2 : 1);
+    (nthr > 1 && bytes > group_bytes ? big : small).push_back(i);
+  }
+  // contiguous runs of small tensors per thread, balanced by element count
+  std::vector<int64_t> small_cuts(nthr + 1, static_cast<int64_t>(small.size()));
+  {
+    int64_t tot = 0, acc = 0, part = 1;
+    for (const int64_t i : small) tot += params[i].numel() + 64;
+    small_cuts[0] = 0;
+    for (int64_t k = 0; k < static_cast<int64_t>(small.size()) && part < nthr; ++k) {
+      acc += params[small[k]].numel() + 64;
+      while (part < nthr && acc * nthr >= tot * part) small_cuts[part++] = k + 1;
     }
-    items.clear();
-    for (int64_t i = t0; i < t1; ++i) {
-      first_item[i] = static_cast<int64_t>(items.size());
-      const int64_t numel = params[i].numel();
-      if (numel == 0) continue;
-      int64_t step = kBlock;
-      if (mode[i] == 2 && update) step = std::max<int64_t>(1, kBlock / std::max<int64_t>(cols[i], 1)) * cols[i];
-      for (int64_t b = 0; b < numel; b += step) items.push_back({i, b, std::min(numel, b + step)});
-    }
-    first_item[t1] = static_cast<int64_t>(items.size());
-    const int64_t nitems = static_cast<int64_t>(items.size());
-    partial.assign(nitems, 0.0);
-    partial2.assign(nitems, 0.0);
+  }
+  std::vector<std::vector<int64_t>> big_cuts;
+  for (const int64_t i : big) big_cuts.push_back(balance(items, first_item[i], first_item[i + 1], nthr));
 
-    // ---- phase A: finiteness of g, and sum(theta^2) per block where the RMS must be recomputed
-    run_items(items, 0, nitems, false, [&](int64_t j) {
-      const Item& it = items[j];
-      const int64_t i = it.tensor, len = it.end - it.begin;
-      dispatch(kinds[i], [&]<class P, class M>() {
-        if (!bad[i].load(std::memory_order_relaxed)) {
-          const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
-          if (any_nonfinite<P>(g, len)) bad[i].store(1, std::memory_order_relaxed);
-        }
-        if (need_rms[i]) {
-          const auto* th = static_cast<const typename P::S*>(params[i].data_ptr()) + it.begin;
-          partial[j] = sumsq<P>(th, len);
-        }
-      });
+  std::vector<double> partial(nitems, 0.0);   // per item: sum of squares of theta (phase A)
+  std::vector<double> partial2(nitems, 0.0);  // per item: sum of squares of the new theta (phase B)
+  std::vector<float> eta(n, 0.f), decay(n, 1.f);
+
+  // phase A of one item: finiteness of g, and sum(theta^2) where the RMS must be recomputed
+  auto phase_a = [&](int64_t j) {
+    const Item& it = items[j];
+    const int64_t i = it.tensor, len = it.end - it.begin;
+    dispatch(kinds[i], [&]<class P, class M>() {
+      if (!bad[i].load(std::memory_order_relaxed)) {
+        const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
+        if (any_nonfinite<P>(g, len)) bad[i].store(1, std::memory_order_relaxed);
+      }
+      if (need_rms[i]) {
+        const auto* th = static_cast<const typename P::S*>(params[i].data_ptr()) + it.begin;
+        partial[j] = sumsq<P>(th, len);
+      }
     });
-    for (int64_t i = t0; i < t1; ++i) {
-      if (!need_rms[i]) continue;
-      double acc = 0.0;  // in block order: deterministic whatever the thread count
+  };
+  // after phase A of a tensor: reduce its RMS sums in block order (deterministic), its eta and decay
+  auto finish_a = [&](int64_t i) {
+    if (need_rms[i]) {
+      double acc = 0.0;
       for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) acc += partial[j];
       rms_sum[i] = acc;
     }
-    // per-tensor constants of phase B
-    std::vector<float> eta(t1 - t0, 0.f), decay(t1 - t0, 1.f);
-    for (int64_t i = t0; i < t1; ++i) {
-      if (mode[i] == 1 && update) {
-        const int64_t numel = params[i].numel();
-        const float rms = numel > 0 ? static_cast<float>(std::sqrt(rms_sum[i] / static_cast<double>(numel))) : 0.f;
-        eta[i - t0] = static_cast<float>(lrs[i]) * std::max(rms, static_cast<float>(floors[i]));
-      } else {
-        eta[i - t0] = static_cast<float>(lrs[i]);
-      }
-      decay[i - t0] = 1.f - eta[i - t0] * static_cast<float>(wds[i]);
+    if (mode[i] == 1 && update) {
+      const int64_t numel = params[i].numel();
+      const float rms = numel > 0 ? static_cast<float>(std::sqrt(rms_sum[i] / static_cast<double>(numel))) : 0.f;
+      eta[i] = static_cast<float>(lrs[i]) * std::max(rms, static_cast<float>(floors[i]));
+    } else {
+      eta[i] = static_cast<float>(lrs[i]);
     }
-
-    // ---- phase B: the update (each thread walks its range backwards: the end of what phase A read is cached)
-    run_items(items, 0, nitems, std::getenv("LT_BWD") != nullptr, [&](int64_t j) {
-      const Item& it = items[j];
-      const int64_t i = it.tensor, len = it.end - it.begin;
-      const bool want = want_sumsq && mode[i] == 1;
-      dispatch(kinds[i], [&]<class P, class M>() {
-        auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
-        if (bad[i].load(std::memory_order_relaxed)) {
-          const float c = static_cast<float>(centers[i]);
-          partial2[j] = want ? tiger_shrink<P, true>(th, len, c, s) : tiger_shrink<P, false>(th, len, c, s);
-          return;
+    decay[i] = 1.f - eta[i] * static_cast<float>(wds[i]);
+  };
+  // phase B of one item: the update
+  auto phase_b = [&](int64_t j) {
+    const Item& it = items[j];
+    const int64_t i = it.tensor, len = it.end - it.begin;
+    const bool want = want_sumsq && mode[i] == 1;
+    dispatch(kinds[i], [&]<class P, class M>() {
+      auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
+      if (bad[i].load(std::memory_order_relaxed)) {
+        const float c = static_cast<float>(centers[i]);
+        partial2[j] = want ? tiger_shrink<P, true>(th, len, c, s) : tiger_shrink<P, false>(th, len, c, s);
+        return;
+      }
+      const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
+      auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
+      if (!update) {
+        tiger_fold<P, M>(g, m, len, b1, b2);
+        return;
+      }
+      if (mode[i] == 2) {
+        const int64_t w = cols[i];
+        const float lr = static_cast<float>(lrs[i]), wd = static_cast<float>(wds[i]);
+        const float fl = static_cast<float>(floors[i]);
+        for (int64_t r = 0; r < len; r += w) {
+          const float rms = static_cast<float>(std::sqrt(sumsq_blocks<P>(th + r, w) / static_cast<double>(w)));
+          const float e = lr * std::max(rms, fl);
+          tiger_update<P, M, false>(th + r, g + r, m + r, w, b1, b2, e, 1.f - e * wd);
         }
-        const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
-        auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
-        if (!update) {
-          tiger_fold<P, M>(g, m, len, b1, b2);
-          return;
-        }
-        if (mode[i] == 2) {
-          const int64_t w = cols[i];
-          const float lr = static_cast<float>(lrs[i]), wd = static_cast<float>(wds[i]);
-          const float fl = static_cast<float>(floors[i]);
-          for (int64_t r = 0; r < len; r += w) {
-            const float rms = static_cast<float>(std::sqrt(sumsq_blocks<P>(th + r, w) / static_cast<double>(w)));
-            const float e = lr * std::max(rms, fl);
-            tiger_update<P, M, false>(th + r, g + r, m + r, w, b1, b2, e, 1.f - e * wd);
-          }
-          return;
-        }
-        const float e = eta[i - t0], d = decay[i - t0];
-        partial2[j] = want ? tiger_update<P, M, true>(th, g, m, len, b1, b2, e, d)
-                           : tiger_update<P, M, false>(th, g, m, len, b1, b2, e, d);
-      });
+        return;
+      }
+      partial2[j] = want ? tiger_update<P, M, true>(th, g, m, len, b1, b2, eta[i], decay[i])
+                         : tiger_update<P, M, false>(th, g, m, len, b1, b2, eta[i], decay[i]);
     });
-    for (int64_t i = t0; i < t1; ++i) {
-      flags[i] = bad[i].load(std::memory_order_relaxed);
-      if (!want_sumsq || mode[i] != 1) continue;
-      if (flags[i] || update) {  // theta was rewritten here: sum of the new values, in block order
-        double acc = 0.0;
-        for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) acc += partial2[j];
-        new_ss[i] = acc;
-      } else {
-        new_ss[i] = ss[i];  // finite non-final micro-step: theta untouched, the cached value (or NaN) stays
-      }
+  };
+  // after phase B of a tensor: its flag, and the sum of squares of its new theta for the caller's cache
+  auto finish_b = [&](int64_t i) {
+    flags[i] = bad[i].load(std::memory_order_relaxed);
+    if (!want_sumsq || mode[i] != 1) return;
+    if (flags[i] || update) {  // theta was rewritten here: sum of the new values, in block order
+      double acc = 0.0;
+      for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) acc += partial2[j];
+      new_ss[i] = acc;
+    } else {
+      new_ss[i] = ss[i];  // finite non-final micro-step: theta untouched, the cached value (or NaN) stays
     }
-    t0 = t1;
+  };
+
+  // ---- fork f: (f == 0) the small tensors, each thread its own run, A then B per tensor; (f > 0) phase B of
+  // big tensor f-1, walked backwards so that what this thread's phase A read last is still cached; then phase A
+  // of big tensor f. One fork serves two phases: n_big + 1 forks in all (barriers hurt most on a busy machine).
+  const int64_t nbig = static_cast<int64_t>(big.size());
+  for (int64_t f = 0; f <= nbig; ++f) {
+    auto work = [&](int64_t t) {
+      if (f == 0) {
+        for (int64_t k = small_cuts[t]; k < small_cuts[t + 1]; ++k) {
+          const int64_t i = small[k];
+          for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) phase_a(j);
+          finish_a(i);
+          for (int64_t j = first_item[i + 1] - 1; j >= first_item[i]; --j) phase_b(j);
+          finish_b(i);
+        }
+      } else {
+        const auto& cuts = big_cuts[f - 1];
+        for (int64_t j = cuts[t + 1] - 1; j >= cuts[t]; --j) phase_b(j);
+      }
+      if (f < nbig) {
+        const auto& cuts = big_cuts[f];
+        for (int64_t j = cuts[t]; j < cuts[t + 1]; ++j) phase_a(j);
+      }
+    };
+    if (nthr <= 1) {
+      work(0);
+    } else {
+      at::parallel_for(0, nthr, 1, [&](int64_t a, int64_t b) {
+        for (int64_t t = a; t < b; ++t) work(t);
+      });
+    }
+    if (f > 0) finish_b(big[f - 1]);
+    if (f < nbig) finish_a(big[f]);
   }
   for (int64_t i = 0; i < n; ++i) ss[i] = want_sumsq ? new_ss[i] : std::nan("");
   bump_versions(params);
