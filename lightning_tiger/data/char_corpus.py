@@ -120,7 +120,8 @@ class RandomWindowLoader:
     iterates again after a restore (``lightning.fabric.utilities.types._Stateful``). Because the loader has a
     length, Lightning does not prefetch from it, so "batches yielded" equals "batches trained on" at save
     time. ``iter()`` has no side effect until the first batch is drawn (Lightning calls ``iter()`` once just
-    to check that the object is iterable).
+    to check that the object is iterable). Being no ``DataLoader``, it gets no ``DistributedSampler`` under
+    DDP: each rank draws its own windows because the rank enters the seed.
 
     Args:
         data: ``[n_chars]`` token ids (any integer dtype; batches are returned as int64).

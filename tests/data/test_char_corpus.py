@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,16 @@ import torch
 from torch import nn
 
 from lightning_tiger.data.char_corpus import CharCorpusDataModule, RandomWindowLoader
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run many times faster on one thread when the CPU is shared (no OpenMP spin-waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 
 def _make_corpus(root: Path, n_files: int = 60, seed: int = 0, order: list[int] | None = None) -> dict[str, str]:
