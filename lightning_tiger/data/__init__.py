@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "analytic_toy": ".toy2d",
+    "eight_gaussians": ".toy2d",
     "ResumableBatchSampler": ".resumable",
     "ToyDataModule": ".toy2d",
     "sample_toy": ".toy2d",
@@ -18,6 +20,8 @@ __all__ = [
     "GaussianMixture",
     "ResumableBatchSampler",
     "ToyDataModule",
+    "analytic_toy",
+    "eight_gaussians",
     "sample_toy",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -26,4 +30,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .char_corpus import CharCorpusDataModule
     from .digits import DigitsDataModule
     from .resumable import ResumableBatchSampler
-    from .toy2d import GaussianMixture, ToyDataModule, sample_toy
+    from .toy2d import GaussianMixture, ToyDataModule, analytic_toy, eight_gaussians, sample_toy

@@ -53,7 +53,7 @@ class DigitsDataModule(pl.LightningDataModule):
             return
         images = load_digits_images()
         perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))
-        num_val = int(round(self.val_fraction * images.shape[0]))
+        num_val = round(self.val_fraction * images.shape[0])
         num_val = min(max(num_val, 1), images.shape[0] - 1)
         self._val = images[perm[:num_val]].contiguous()
         self._train = images[perm[num_val:]].contiguous()

@@ -5,6 +5,11 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "KFLBound": ".score_matching",
+    "dsm_constant": ".score_matching",
+    "score_loss_terms": ".score_matching",
+    "kfl_w2_bound": ".score_matching",
+    "excess_score_loss": ".score_matching",
     "WassersteinDistance": ".wasserstein",
     "SlicedWassersteinDistance": ".wasserstein",
     "MMD": ".mmd",
@@ -13,12 +18,18 @@ _EXPORTS = {
 __all__ = [
     "MMD",
     "FrechetDistance",
+    "KFLBound",
     "SlicedWassersteinDistance",
     "WassersteinDistance",
+    "dsm_constant",
+    "excess_score_loss",
+    "kfl_w2_bound",
+    "score_loss_terms",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .frechet import FrechetDistance
     from .mmd import MMD
+    from .score_matching import KFLBound, dsm_constant, excess_score_loss, kfl_w2_bound, score_loss_terms
     from .wasserstein import SlicedWassersteinDistance, WassersteinDistance

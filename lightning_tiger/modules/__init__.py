@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "make_sde": ".sde",
+    "SDE": ".sde",
     "CausalLMModule": ".causal_lm",
     "ScoreMatchingModule": ".score_matching",
     "RectifiedFlowModule": ".rectified_flow",
@@ -13,12 +15,14 @@ _EXPORTS = {
     "VESDE": ".sde",
 }
 __all__ = [
+    "SDE",
     "VESDE",
     "VPSDE",
     "CausalLMModule",
     "RectifiedFlowModule",
     "ScoreMatchingModule",
     "SubVPSDE",
+    "make_sde",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -26,4 +30,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .causal_lm import CausalLMModule
     from .rectified_flow import RectifiedFlowModule
     from .score_matching import ScoreMatchingModule
-    from .sde import VESDE, VPSDE, SubVPSDE
+    from .sde import SDE, VESDE, VPSDE, SubVPSDE, make_sde

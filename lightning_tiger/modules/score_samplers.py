@@ -101,10 +101,12 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, h: flo
     """Langevin corrector of Song et al. 2021 (Algorithm 4/5, score_sde_pytorch ``LangevinCorrector``).
 
     step = 2·a·(snr·||z|| / ||s||)² with ||·|| the per-sample L2 norm averaged over the batch (as the reference
-    code), a = 1 − β(t)·h for VP/sub-VP (the discrete α_i of DDPM) and 1 otherwise; x̄ = x + step·s,
-    x = x̄ + sqrt(2·step)·z. Returns (x, x̄).
+    code); a = exp(−β(t)·h) for VP/sub-VP and 1 otherwise; x̄ = x + step·s, x = x̄ + sqrt(2·step)·z.
+    Returns (x, x̄). The reference uses DDPM's discrete α_i = 1 − β(t)·h, which agrees to first order but turns
+    negative (NaN steps) for coarse grids (β(1)·h > 1, e.g. 10 steps of VP); exp(−β h) stays in (0, 1).
+    A fixed ``snr`` keeps a Langevin bias that does not vanish as steps → ∞ (ULA at relative step ≈ snr²).
     """
-    a = 1.0 - float(sde.beta(t)) * h if isinstance(sde, VPSDE) else 1.0
+    a = math.exp(-float(sde.beta(t)) * h) if isinstance(sde, VPSDE) else 1.0
     mean = x
     for _ in range(n_steps):
         score = _score(score_fn, x, t)

@@ -37,7 +37,9 @@ class SmallUNet(nn.Module):
 
     Widths C, 2C, 2C at resolutions H, H/2, H/4 (C = ``base_channels``); one residual block per level on the way
     down and up, skip connections by concatenation, strided-conv downsampling and nearest upsampling. Time
-    enters every block through an MLP of :class:`TimeEmbedding` features. ≈ 0.4 M parameters at C = 32.
+    enters every block through an MLP of :class:`TimeEmbedding` features, plus a time-dependent per-channel
+    linear skip from x to the output (keeps the output able to scale with x; see the comment in ``__init__``).
+    ≈ 0.4 M parameters at C = 32.
 
     Args:
         in_channels: image channels c (default 1).
@@ -70,6 +72,12 @@ class SmallUNet(nn.Module):
         self.conv_out = nn.Conv2d(c, in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # Time-dependent per-channel linear skip x -> output. The GroupNorm before conv_out caps the U-Net's output
+        # scale, but noise / score targets grow with x (ε̂ ≈ x at t ≈ 1); without this path the probability-flow
+        # ODE's expanding reverse drift (−½β x) is not cancelled off-distribution and samples blow up (~e^5 on VP).
+        self.skip_gain = nn.Linear(cond, in_channels)
+        nn.init.zeros_(self.skip_gain.weight)
+        nn.init.zeros_(self.skip_gain.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x ``[b, c, H, W]`` (H, W divisible by 4), t ``[b]`` (or 0-d, broadcast) → ``[b, c, H, W]``."""
@@ -89,4 +97,5 @@ class SmallUNet(nn.Module):
         h = self.up2(torch.cat([h, h1], dim=1), cond)  # [b, 2C, H/2, W/2]
         h = torch.nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
         h = self.up1(torch.cat([h, h0], dim=1), cond)  # [b, C, H, W]
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        out = self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+        return out + self.skip_gain(cond)[:, :, None, None] * x

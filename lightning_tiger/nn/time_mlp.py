@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from lightning_tiger.nn.time_embedding import TimeEmbedding
@@ -28,8 +27,12 @@ class TimeMLP(nn.Module):
     """``forward(x [batch, data_dim], t [batch]) -> [batch, data_dim]``: residual MLP with a time embedding.
 
     x → Linear(data_dim, hidden) → ``depth`` pre-LayerNorm residual blocks, each shifted by a projection of
-    MLP(TimeEmbedding(t)) → LayerNorm → SiLU → Linear(hidden, data_dim). The output layer starts at zero so an
-    untrained model predicts zero noise / velocity (a stable start, as in DDPM/EDM implementations).
+    MLP(TimeEmbedding(t)) → Linear(hidden, data_dim). The output layer starts at zero so an untrained model
+    predicts zero noise / velocity (a stable start, as in DDPM/EDM implementations). There is deliberately no
+    final normalisation: the residual stream stays linear in x far from the data (block outputs are bounded),
+    so noise / velocity predictions can grow like the exact ones (ε̂ ≈ x at t ≈ 1) for prior draws in the
+    tails. A final LayerNorm caps the output and sent ≈ 1% of probability-flow ODE samples (|x_T| > 3) off to
+    |x| ≈ 40 on moons.
 
     Args:
         data_dim: d, default 2.
@@ -49,7 +52,6 @@ class TimeMLP(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
         self.input = nn.Linear(data_dim, hidden_dim)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden_dim, hidden_dim) for _ in range(depth))
-        self.out_norm = nn.LayerNorm(hidden_dim)
         self.output = nn.Linear(hidden_dim, data_dim)
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
@@ -67,4 +69,4 @@ class TimeMLP(nn.Module):
         h = self.input(x)
         for block in self.blocks:
             h = block(h, cond)
-        return self.output(torch.nn.functional.silu(self.out_norm(h)))
+        return self.output(h)

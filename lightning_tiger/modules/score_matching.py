@@ -1,0 +1,390 @@
+"""Denoising score matching with score SDEs (Song et al. 2021) as a LightningModule (SPEC §4).
+
+Training minimises the weighted denoising (conditional) score-matching loss
+
+    L(θ) = E_{t ~ U[t_eps, 1]} E_{x_0, ε} λ(t) ||s_θ(α_t x_0 + σ_t ε, t) + ε/σ_t||²
+
+(SPEC §4.1: equal to the marginal score-matching loss up to a θ-independent constant C_t), per sample summed
+over data dimensions and averaged over the batch (score_sde_pytorch ``reduce_mean=False``).
+
+Parameterisation (``parameterization``):
+
+- ``"noise"`` (default): the net predicts ε, s_θ = −net(x, t)/σ_t. With λ = σ² the loss is ||net − ε||²,
+  bounded and well scaled at every t (DDPM's ε-prediction); the division by σ_t happens in fp32 only when the
+  score is needed by a sampler.
+- ``"score"``: the net output *is* the score, s_θ = net(x, t) (NCSN/score_sde style without the 1/σ scaling);
+  the loss is computed as λ/σ²·||σ·net + ε||² to avoid dividing ε by a tiny σ.
+
+Precision: t, α_t, σ_t, the noisy input, the loss arithmetic and every sampler state are fp32 with autocast
+disabled (SPEC §4.2); only the network runs in the trainer's precision (its output is cast back to fp32).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_tiger.modules import score_samplers as samplers
+from lightning_tiger.modules.sde import SDE, VESDE, _bcast, make_sde, randn
+
+WEIGHTINGS: tuple[str, ...] = ("sigma2", "likelihood", "none")
+PARAMETERIZATIONS: tuple[str, ...] = ("noise", "score")
+
+
+def default_net(data_shape: Sequence[int]) -> nn.Module:
+    """TimeMLP for vectors ``(d,)``, SmallUNet for images ``(c, h, w)``."""
+    from lightning_tiger.nn.small_unet import SmallUNet
+    from lightning_tiger.nn.time_mlp import TimeMLP
+
+    if len(data_shape) == 1:
+        return TimeMLP(data_dim=int(data_shape[0]))
+    if len(data_shape) == 3:
+        return SmallUNet(in_channels=int(data_shape[0]))
+    raise ValueError(f"no default net for data_shape {tuple(data_shape)}; pass net=...")
+
+
+class ScoreMatchingModule(pl.LightningModule):
+    """Score-based diffusion (VP / sub-VP / VE SDE) trained by denoising score matching.
+
+    Subclassing: override :meth:`loss_weight` (λ(t)), pass any :class:`~lightning_tiger.modules.sde.SDE`
+    instance as ``sde`` (or override :meth:`configure_sde`), or pass/override the network; no copy of the
+    training or sampling code is needed.
+
+    EMA: add ``lightning.pytorch.callbacks.EMAWeightAveraging``. It swaps the averaged weights in at
+    ``on_validation_epoch_start`` and back in the *callbacks'* ``on_validation_epoch_end``, which runs before the
+    module's, so this module samples inside ``validation_step`` (first batch), where the EMA weights are in.
+
+    Validation (each epoch, not during the sanity check): the DSM loss with seeded t/ε (``val/loss``), then
+    ``num_val_samples`` samples from seeded noise (the same every time, so curves are comparable) compared with
+    ``trainer.datamodule.val_reference()``: exact W2 (``val/w2``), unbiased RBF MMD² (``val/mmd2``), for images
+    the Fréchet distance on raw pixels (``val/fd``) with its uniform-noise baseline (``val/fd_noise``), and for
+    analytic toys (``datamodule.analytic_distribution()``) the σ²-weighted excess loss (``val/excess_dsm``)
+    and the KFL W2 bound estimate (``val/kfl_w2_bound``, assumption text logged once). A scatter plot (2-D)
+    or image grid goes to TensorBoard.
+
+    Args:
+        net: ``net(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]``; default :func:`default_net`.
+        sde: ``"vp"`` (default), ``"subvp"``, ``"ve"`` or an SDE instance. Defaults SPEC §4.2.
+        weighting: λ(t): ``"sigma2"`` (σ_t², default), ``"likelihood"`` (g(t)², Song et al. 2021b) or
+            ``"none"`` (1).
+        parameterization: ``"noise"`` (default) or ``"score"`` (module docstring).
+        t_eps: training times t ~ U[t_eps, 1], default 1e-5 (SPEC §4.2).
+        sde_kwargs: keyword arguments of the SDE class (e.g. ``{"sigma_max": 4.0}``).
+        lr: learning rate of the default optimizer (Tiger's relative lr), default 2e-3.
+        weight_decay: of the default optimizer, default 0.01.
+        sampler: default sampler of :meth:`sample` and validation (one of
+            :data:`~lightning_tiger.modules.score_samplers.SAMPLERS`), default ``"pc"``.
+        sample_steps: default steps (per noise level for annealed Langevin), default 200.
+        sample_t_end: where the reverse process stops, default 1e-3.
+        snr: PC corrector signal-to-noise ratio, default 0.16.
+        num_val_samples: samples drawn per validation (0 disables sample metrics), default 1000.
+        val_seed: seed of validation noise, default 1234.
+        data_shape: shape of one sample; default: the datamodule's ``data_shape`` (or ``(2,)``).
+        progress: tqdm bar in :meth:`sample` by default (default False).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        sde: str | SDE = "vp",
+        weighting: str = "sigma2",
+        parameterization: str = "noise",
+        t_eps: float = 1e-5,
+        sde_kwargs: dict[str, Any] | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        sampler: str = "pc",
+        sample_steps: int = 200,
+        sample_t_end: float = 1e-3,
+        snr: float = 0.16,
+        num_val_samples: int = 1000,
+        val_seed: int = 1234,
+        data_shape: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> None:
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if not 0.0 < t_eps < 1.0:
+            raise ValueError(f"t_eps must be in (0, 1), got {t_eps}")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
+        if not isinstance(sample_steps, int) or sample_steps < 1:
+            raise ValueError(f"sample_steps must be an int >= 1, got {sample_steps!r}")
+        if not 0.0 <= sample_t_end < 1.0:
+            raise ValueError(f"sample_t_end must be in [0, 1), got {sample_t_end}")
+        if not isinstance(num_val_samples, int) or num_val_samples < 0:
+            raise ValueError(f"num_val_samples must be an int >= 0, got {num_val_samples!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        self.save_hyperparameters(ignore=["net", "sde"] if isinstance(sde, SDE) else ["net"])
+        self.sde = self.configure_sde(sde, sde_kwargs)
+        self.weighting = weighting
+        self.parameterization = parameterization
+        self.t_eps = float(t_eps)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.sampler = sampler
+        self.sample_steps = sample_steps
+        self.sample_t_end = float(sample_t_end)
+        self.snr = snr
+        self.num_val_samples = num_val_samples
+        self.val_seed = val_seed
+        self.progress = progress
+        self.data_shape: tuple[int, ...] | None = tuple(int(s) for s in data_shape) if data_shape else None
+        self.net = net if net is not None else default_net(self.data_shape or (2,))
+        self._net_given = net is not None
+        self.last_nfe: int | None = None
+        self._assumption_logged = False
+        self._fd_noise: float | None = None
+
+    # ------------------------------------------------------------------ overridable pieces
+    def configure_sde(self, sde: str | SDE, sde_kwargs: dict[str, Any] | None) -> SDE:
+        """Build the SDE (override to plug in a custom process)."""
+        return make_sde(sde, sde_kwargs)
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """λ(t) ``[batch]`` (fp32): σ_t² (``"sigma2"``), g(t)² (``"likelihood"``) or 1 (``"none"``)."""
+        if self.weighting == "sigma2":
+            return self.sde.marginal_coefs(t)[1] ** 2
+        if self.weighting == "likelihood":
+            return self.sde.diffusion(t) ** 2
+        return torch.ones_like(t)
+
+    def _net(self, x: Tensor, t: Tensor) -> Tensor:
+        # Feed the net in its own dtype (``*-true`` precision) and bring the output back to fp32.
+        param = next(self.net.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        return self.net(x.to(dtype), t).float()
+
+    def score(self, x: Tensor, t: Tensor) -> Tensor:
+        """s_θ(x, t) ``[batch, *data_shape]`` fp32 for x ``[batch, *data_shape]``, t ``[batch]``."""
+        t = t.float()
+        out = self._net(x, t)
+        if self.parameterization == "score":
+            return out
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            sigma = self.sde.marginal_coefs(t)[1]
+            return -out / _bcast(sigma, out)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """The score s_θ(x, t) (same as :meth:`score`)."""
+        return self.score(x, t)
+
+    # ------------------------------------------------------------------ training
+    def dsm_loss(self, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample weighted DSM loss ``[batch]`` λ(t)·||s_θ(x_t, t) + ε/σ_t||² (sum over data dims).
+
+        Args:
+            x0: clean data ``[batch, *data_shape]``.
+            t: times ``[batch]``; default U[t_eps, 1] (fp32).
+            noise: ε ``[batch, *data_shape]``; default standard normal.
+            generator: for the default t and ε (validation uses a seeded one).
+        """
+        x0 = x0.float()
+        b = x0.shape[0]
+        if t is None:
+            t = self.t_eps + (1.0 - self.t_eps) * torch.rand(b, generator=generator, device=x0.device
+                                                              if generator is None else generator.device)
+        t = t.to(x0.device).float()
+        if noise is None:
+            noise = randn(tuple(x0.shape), generator=generator, device=x0.device)
+        noise = noise.float()
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            alpha, sigma = self.sde.marginal_coefs(t)
+            xt = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
+        out = self._net(xt, t)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            # resid = σ_t·(s_θ − ∇log p(x_t|x_0)), computed without dividing ε by σ_t.
+            resid = noise - out if self.parameterization == "noise" else _bcast(sigma, out) * out + noise
+            per_sample = resid.pow(2).reshape(b, -1).sum(-1)
+            return self.loss_weight(t).float() / sigma.pow(2) * per_sample
+
+    @staticmethod
+    def _batch_data(batch: Any) -> Tensor:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.dsm_loss(self._batch_data(batch)).mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        """Tiger over :func:`tiger_param_groups` (``lr``, ``weight_decay``); LightningCLI's ``--optimizer``
+        replaces this."""
+        from lightning_tiger.optim.param_groups import tiger_param_groups
+        from lightning_tiger.optim.tiger import Tiger
+
+        return Tiger(tiger_param_groups(self, weight_decay=self.weight_decay), lr=self.lr)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm_shape = getattr(dm, "data_shape", None)
+        if dm_shape is None:
+            return
+        dm_shape = tuple(int(s) for s in dm_shape)
+        if self.data_shape is None:
+            if not self._net_given and dm_shape != (2,):
+                raise ValueError(f"the datamodule's data_shape is {dm_shape} but the default net was built for "
+                                 f"(2,): pass data_shape={list(dm_shape)} (or net=...) to ScoreMatchingModule")
+            self.data_shape = dm_shape
+        elif self.data_shape != dm_shape:
+            raise ValueError(f"data_shape={self.data_shape} differs from the datamodule's {dm_shape}")
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(self, n: int, sampler: str | None = None, steps: int | None = None, *, snr: float | None = None,
+               generator: torch.Generator | None = None, return_trajectory: bool = False,
+               progress: bool | None = None, t_end: float | None = None, rtol: float = 1e-5,
+               atol: float = 1e-5, sigmas: Tensor | None = None, batch_size: int | None = None
+               ) -> Tensor | tuple[Tensor, Tensor]:
+        """Draw ``n`` samples ``[n, *data_shape]`` (fp32) with the current weights (EMA weights when called
+        during validation under ``EMAWeightAveraging``).
+
+        Args:
+            n: number of samples (>= 1).
+            sampler: ``"em"``, ``"pc"``, ``"ode_euler"``, ``"ode_heun"``, ``"ode_adaptive"`` or
+                ``"annealed_langevin"`` (VE only); default the module's ``sampler``.
+            steps: steps (per level for annealed Langevin; ignored by ``ode_adaptive``); default
+                ``sample_steps``.
+            snr: PC corrector snr (default the module's, 0.16).
+            generator: seeds the prior draw and the sampler noise (may be a CPU generator on any device).
+            return_trajectory: also return the path ``[k, n, *data_shape]``.
+            progress: tqdm bar (default the module's ``progress``).
+            t_end: stop time (default ``sample_t_end``).
+            rtol, atol: tolerances of ``ode_adaptive`` (default 1e-5).
+            sigmas: annealed-Langevin noise levels (default 10 geometric, 1 → 0.01).
+            batch_size: sample in chunks of this many (trajectories not supported then); default all at once.
+
+        The number of score evaluations of the last ``ode_adaptive`` call is kept in ``self.last_nfe``.
+        """
+        sampler = sampler or self.sampler
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if batch_size is not None and batch_size < n:
+            if return_trajectory:
+                raise ValueError("return_trajectory is not supported with batch_size < n")
+            chunks = [self.sample(min(batch_size, n - i), sampler, steps, snr=snr, generator=generator,
+                                  progress=progress, t_end=t_end, rtol=rtol, atol=atol, sigmas=sigmas)
+                      for i in range(0, n, batch_size)]
+            return torch.cat(chunks)  # type: ignore[arg-type]
+        steps = steps if steps is not None else self.sample_steps
+        progress = self.progress if progress is None else progress
+        t_end = self.sample_t_end if t_end is None else t_end
+        shape = (n, *(self.data_shape or (2,)))
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            if sampler == "annealed_langevin":
+                if not isinstance(self.sde, VESDE):
+                    raise ValueError("annealed_langevin needs sde='ve' (noise-level model)")
+                sig = samplers.geometric_sigmas() if sigmas is None else sigmas
+                x = randn(shape, generator=generator, device=self.device) * float(torch.as_tensor(sig).max())
+                return samplers.annealed_langevin(self.score, self.sde, x, steps, sigmas=sig,
+                                                  generator=generator, return_trajectory=return_trajectory,
+                                                  progress=progress)
+            x = self.sde.prior_sample(shape, generator=generator, device=self.device)
+            common = {"t_end": t_end, "return_trajectory": return_trajectory, "progress": progress}
+            if sampler == "em":
+                return samplers.euler_maruyama(self.score, self.sde, x, steps, generator=generator, **common)
+            if sampler == "pc":
+                return samplers.predictor_corrector(self.score, self.sde, x, steps, generator=generator,
+                                                    snr=self.snr if snr is None else snr, **common)
+            if sampler == "ode_euler":
+                return samplers.ode_euler(self.score, self.sde, x, steps, **common)
+            if sampler == "ode_heun":
+                return samplers.ode_heun(self.score, self.sde, x, steps, **common)
+            out = samplers.ode_adaptive(self.score, self.sde, x, rtol=rtol, atol=atol, return_nfe=True,
+                                        **common)
+            self.last_nfe = int(out[-1])
+            return out[0] if len(out) == 2 else (out[0], out[1])
+        finally:
+            self.net.train(was_training)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x0 = self._batch_data(batch)
+        gen = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
+        loss = self.dsm_loss(x0, generator=gen).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
+            self._validate_samples()
+
+    def _validate_samples(self) -> None:
+        from lightning_tiger import _plotting
+        from lightning_tiger.metrics import functional as F
+
+        dm = getattr(self.trainer, "datamodule", None)
+        ref_fn = getattr(dm, "val_reference", None)
+        ref = ref_fn().float() if callable(ref_fn) else None
+        n = self.num_val_samples if ref is None else min(self.num_val_samples, ref.shape[0])
+        gen = torch.Generator(device="cpu").manual_seed(self.val_seed)
+        samples = self.sample(n, generator=gen, progress=False)
+        assert isinstance(samples, Tensor)
+        samples = samples.float().cpu()
+        step = self.global_step
+        log_kw = {"on_step": False, "on_epoch": True, "batch_size": n}
+        finite = bool(torch.isfinite(samples).all())
+        self.log("val/samples_finite", float(finite), **log_kw)
+        if ref is not None and finite:
+            ref = ref[:n].cpu()
+            flat_s, flat_r = samples.reshape(n, -1), ref.reshape(n, -1)
+            self.log("val/w2", F.wasserstein2(flat_s, flat_r).float(), prog_bar=True, **log_kw)
+            self.log("val/mmd2", F.mmd2_unbiased(flat_s, flat_r).float(), **log_kw)
+            if samples.ndim == 4:
+                self.log("val/fd", F.frechet_distance(flat_s, flat_r).float(), prog_bar=True, **log_kw)
+                if self._fd_noise is None:
+                    noise = torch.rand(flat_r.shape, generator=torch.Generator().manual_seed(self.val_seed)) * 2 - 1
+                    self._fd_noise = float(F.frechet_distance(noise, flat_r))
+                self.log("val/fd_noise", self._fd_noise, **log_kw)
+        if samples.ndim == 2 and samples.shape[1] == 2:
+            fig = _plotting.scatter_figure(samples, ref, title=f"{self.sampler}, step {step}")
+            _plotting.log_figure(self.loggers, "val/samples", fig, step)
+        elif samples.ndim == 4:
+            _plotting.log_image(self.loggers, "val/samples", _plotting.image_grid(samples[:64]), step)
+        mixture = getattr(dm, "analytic_distribution", lambda: None)()
+        if mixture is not None:
+            self._log_analytic(mixture, log_kw)
+
+    def _log_analytic(self, mixture: Any, log_kw: dict[str, Any]) -> None:
+        from lightning_tiger.metrics.score_matching import excess_score_loss, kfl_w2_bound
+
+        gen = torch.Generator().manual_seed(self.val_seed)
+        device = self.device
+
+        def score_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.score(x.to(device), t.to(device)).cpu()
+
+        ts = torch.linspace(max(self.t_eps, 1e-3), 1.0, 9, dtype=torch.float64)
+        excess = excess_score_loss(score_fn, mixture, self.sde, ts, num_samples=2048, generator=gen)
+        lam = self.loss_weight(ts.float()).double()
+        self.log("val/excess_dsm", float(torch.trapezoid(lam * excess, ts) / (ts[-1] - ts[0])), **log_kw)
+        kfl = kfl_w2_bound(score_fn, mixture, self.sde, t_min=self.sample_t_end or 1e-3, num_times=17,
+                           num_samples=2048, generator=gen)
+        self.log("val/kfl_w2_bound", kfl.bound, **log_kw)
+        self.log("val/kfl_j_sm", kfl.j_sm, **log_kw)
+        if not self._assumption_logged:
+            self._assumption_logged = True
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            for lg in self.loggers:
+                if isinstance(lg, TensorBoardLogger):
+                    lg.experiment.add_text("val/kfl_w2_bound_assumption", kfl.assumption, self.global_step)
+
+    def on_fit_start(self) -> None:
+        if self.sampler == "annealed_langevin" and not isinstance(self.sde, VESDE):
+            raise ValueError("sampler='annealed_langevin' needs sde='ve'")
+        if isinstance(self.sde, VESDE) and self.sde.sigma_max == 50.0 and self.data_shape == (2,):
+            warnings.warn("VESDE sigma_max=50 is the CIFAR-10 default; for 2-D toys use ~ the largest pairwise "
+                          "distance (e.g. sde_kwargs={'sigma_max': 4.0})", stacklevel=2)
+
