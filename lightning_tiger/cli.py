@@ -97,16 +97,20 @@ def _files_setting(leaf: str, files: list[str], argv: list[str]) -> list[str]:
     return hits[-1:]
 
 
-def _signature_of(class_path: str | None) -> str:
+def _parameters_of(class_path: str | None) -> list[inspect.Parameter]:
     if not class_path:
-        return ""
+        return []
     try:
         module, _, name = class_path.rpartition(".")
         cls = getattr(importlib.import_module(module), name)
-        params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+        return [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
     except (ImportError, AttributeError, ValueError, TypeError):
-        return ""
-    return f"{name}({', '.join(str(p) for p in params)})"
+        return []
+
+
+def _signature_of(class_path: str | None) -> str:
+    params = _parameters_of(class_path)
+    return f"{class_path.rpartition('.')[2]}({', '.join(str(p) for p in params)})" if params and class_path else ""
 
 
 # jsonargparse's union bookkeeping lines, which are not the problem itself.
@@ -143,7 +147,7 @@ def explain_config_error(
     leaf = unknown.group(1) if unknown else (keys[-1] if len(keys) > 1 else None)
     if leaf is None:  # a constructor's own ValueError/TypeError: find the class and the parameter it names
         for section, class_path in (candidates or {}).items():
-            params = re.findall(r"(\w+)(?::|=|,|\))", _signature_of(class_path))
+            params = [p.name for p in _parameters_of(class_path) if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
             leaf = next((p for p in params if re.search(rf"\b{re.escape(p)}\b", problem)), None)
             if leaf is not None:
                 keys, class_paths = [section], [class_path]
