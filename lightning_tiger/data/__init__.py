@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "ReflowPairsDataModule": ".reflow",
     "analytic_toy": ".toy2d",
     "eight_gaussians": ".toy2d",
     "ResumableBatchSampler": ".resumable",
@@ -18,6 +19,7 @@ __all__ = [
     "CharCorpusDataModule",
     "DigitsDataModule",
     "GaussianMixture",
+    "ReflowPairsDataModule",
     "ResumableBatchSampler",
     "ToyDataModule",
     "analytic_toy",
@@ -29,5 +31,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .char_corpus import CharCorpusDataModule
     from .digits import DigitsDataModule
+    from .reflow import ReflowPairsDataModule
     from .resumable import ResumableBatchSampler
     from .toy2d import GaussianMixture, ToyDataModule, analytic_toy, eight_gaussians, sample_toy

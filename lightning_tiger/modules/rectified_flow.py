@@ -1,0 +1,464 @@
+"""Rectified flow (Liu, Gong, Liu, ICLR 2023; SPEC §5) as a LightningModule: 1-RF, reflow (k-RF), distillation.
+
+Convention: the paper's. Source (Gaussian noise by default) at t = 0, data at t = 1,
+``X_t = t·X_1 + (1−t)·X_0``, regression target ``X_1 − X_0``, sampling integrates ``dZ = v(Z, t)dt`` forward
+from Z_0. The notes (seed post "生成扩散模型漫谈(十七)") put data at t = 0 and sample from t = 1 down; convert
+with t ↦ 1 − t, v ↦ −v (:func:`~lightning_tiger.modules.flow_solvers.flip_time_convention`, also available as
+:meth:`RectifiedFlowModule.notes_velocity`).
+
+Three modes share one module so that every stage of the workflow is one config:
+
+- ``mode="flow"`` (1-RF): batches are data ``x1 [b, *shape]``; X_0 comes from ``source`` (independent coupling).
+- ``mode="reflow"`` (k-RF): batches are pairs ``(z0, z1)`` produced by a trained flow
+  (:class:`~lightning_tiger.data.reflow.ReflowPairsDataModule`); same loss on the coupled pairs.
+- ``mode="distill"``: batches are pairs; the one-step generator ``T(z0) = z0 + v(z0, 0)`` is fitted to z1
+  with an endpoint MSE (the paper uses LPIPS for images; MSE is the natural choice for toy data and 8×8
+  digits). Sampling with ``steps=1`` is exactly T.
+
+Stages chain through checkpoints: ``init_from`` warm-starts the network from the previous stage (the paper
+initialises 2-RF and the distilled model from the previous flow). Validation logs (with the EMA weights when
+Lightning's ``EMAWeightAveraging`` is used, since it swaps them in for the whole validation epoch and this
+module samples inside ``validation_step``): ``val/loss``, ``val/w2@N`` for each N in ``val_steps`` (exact W2 on
+``num_val_samples`` samples from fixed noise against the data module's ``val_reference()``),
+``val/straightness`` and ``val/transport_cost`` at the largest N, ``hp_metric`` (W2 at the largest N; at 1
+step in distill mode), and a picture (2-D: scatter with trajectories; images: a grid) to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_tiger.modules.flow_solvers import SOLVERS, Velocity, flip_time_convention, integrate
+
+__all__ = ["RectifiedFlowModule", "load_rectified_flow"]
+
+_MODES = ("flow", "reflow", "distill")
+_TIME_SAMPLING = ("uniform", "logit_normal")
+
+
+def _default_net(data_shape: tuple[int, ...]) -> nn.Module:
+    if len(data_shape) == 1:
+        from lightning_tiger.nn.time_mlp import TimeMLP
+
+        return TimeMLP(data_dim=data_shape[0])
+    if len(data_shape) == 3:
+        from lightning_tiger.nn.small_unet import SmallUNet
+
+        return SmallUNet(in_channels=data_shape[0])
+    raise ValueError(f"no default net for data_shape {data_shape}: pass net=... (any module net(x, t))")
+
+
+class RectifiedFlowModule(pl.LightningModule):
+    """Velocity matching for any ``net(x [b, *shape], t [b]) -> [b, *shape]``; reflow and distillation modes.
+
+    Loss (SPEC §5): ``E_t E||(X_1 − X_0) − v(X_t, t)||²`` (mean over elements), t ~ U[t_eps, 1] as in the
+    official code (``time_sampling="uniform"``) or logit-normal (Esser et al. 2024, SD3; mean 0, std 1, mapped
+    to [t_eps, 1]).
+
+    Args:
+        net: the velocity network; ``None`` builds the default for ``data_shape`` (``TimeMLP`` for vectors,
+            ``SmallUNet`` for ``[c, 8, 8]`` images).
+        data_shape: shape of one sample, default ``(2,)``; checked against the data module's ``data_shape``.
+        source: ``"gaussian"`` (N(0, I), default) or a LightningDataModule whose training samples form the
+            source (data-to-data transport, e.g. moons → 8 gaussians); its samples are drawn uniformly
+            at random and stored with the checkpoint (so a teacher can regenerate pairs).
+        mode: ``"flow"`` | ``"reflow"`` | ``"distill"`` (see the module docstring).
+        t_eps: smallest training time (default 1e-3, official code), in [0, 1).
+        time_sampling: ``"uniform"`` (default) | ``"logit_normal"``.
+        lr: learning rate of the default optimizer (Tiger, relative lr, default 2e-3); the CLI's
+            ``--optimizer`` overrides :meth:`configure_optimizers`.
+        weight_decay: of the default optimizer (default 0.01).
+        lr_schedule: knots of :class:`~lightning_tiger.optim.PiecewiseLinearLR` for the default optimizer,
+            stepped every optimizer step (e.g. ``{100: 1.0, 3000: 0.1}``: warm up, then decay); ``None``
+            (default): constant lr.
+        num_val_samples: samples drawn for validation metrics (default 1000; SPEC §6 floor 0.035 at 1000).
+        val_steps: Euler step counts at which W2 is logged (default (1, 2, 4, 8, 100)).
+        val_solver: ``"euler"`` (default) | ``"heun"`` | ``"adaptive"`` for validation sampling.
+        val_seed: seed of the fixed validation noise (default 0), so curves are comparable across runs.
+        init_from: checkpoint to warm-start the network from (its ``state_dict``: EMA weights when the
+            checkpoint was written with ``EMAWeightAveraging``). Typical: the previous stage's checkpoint.
+        num_plot_trajectories: paths drawn in the validation picture (default 64; 0 disables the picture).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        data_shape: Sequence[int] = (2,),
+        source: str | pl.LightningDataModule = "gaussian",
+        mode: str = "flow",
+        t_eps: float = 1e-3,
+        time_sampling: str = "uniform",
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        lr_schedule: dict[int, float] | list[tuple[int, float]] | None = None,
+        num_val_samples: int = 1000,
+        val_steps: Sequence[int] = (1, 2, 4, 8, 100),
+        val_solver: str = "euler",
+        val_seed: int = 0,
+        init_from: str | None = None,
+        num_plot_trajectories: int = 64,
+    ) -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if time_sampling not in _TIME_SAMPLING:
+            raise ValueError(f"time_sampling must be one of {_TIME_SAMPLING}, got {time_sampling!r}")
+        if not (isinstance(t_eps, (int, float)) and 0.0 <= t_eps < 1.0):
+            raise ValueError(f"t_eps must be in [0, 1), got {t_eps!r}")
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if isinstance(num_val_samples, bool) or not isinstance(num_val_samples, int) or num_val_samples < 2:
+            raise ValueError(f"num_val_samples must be an integer >= 2, got {num_val_samples!r}")
+        val_steps = tuple(val_steps)
+        if not val_steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in val_steps):
+            raise ValueError(f"val_steps must be a non-empty list of integers >= 1, got {val_steps!r}")
+        if val_solver not in SOLVERS:
+            raise ValueError(f"val_solver must be one of {SOLVERS}, got {val_solver!r}")
+        data_shape = tuple(int(d) for d in data_shape)
+        if not data_shape or any(d < 1 for d in data_shape):
+            raise ValueError(f"data_shape must be a non-empty list of positive integers, got {data_shape!r}")
+        if not (isinstance(source, str) and source == "gaussian") and not isinstance(source, pl.LightningDataModule):
+            raise ValueError(f"source must be 'gaussian' or a LightningDataModule, got {source!r}")
+        # net stays in hparams (LightningCLI stores its class_path config; plain Python pickles the module, which
+        # load_rectified_flow handles); source is replaced by its sample pool saved in the checkpoint.
+        with warnings.catch_warnings():
+            # Deliberate: keeping net lets load_rectified_flow rebuild the architecture of a checkpoint.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters(ignore=["source"])
+        self.net = net if net is not None else _default_net(data_shape)
+        self.data_shape = data_shape
+        self.mode = mode
+        self.t_eps = float(t_eps)
+        self.time_sampling = time_sampling
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.lr_schedule = lr_schedule
+        self.num_val_samples = num_val_samples
+        self.val_steps = tuple(sorted(set(val_steps)))
+        self.val_solver = val_solver
+        self.val_seed = int(val_seed)
+        self.num_plot_trajectories = int(num_plot_trajectories)
+        self._source_dm = source if isinstance(source, pl.LightningDataModule) else None
+        self.source_pool: Tensor | None = None  # [k, *data_shape] for data-to-data transport
+        if init_from is not None:
+            self.load_net_weights(init_from)
+
+    # ------------------------------------------------------------------ public API
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Velocity ``v(x [b, *shape], t [b]) -> [b, *shape]`` (t in fp32, whatever the autocast dtype)."""
+        return self.net(x, t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
+
+    def notes_velocity(self) -> Velocity:
+        """This flow's velocity in the notes' convention (data at t = 0): ``v'(x, t) = −v(x, 1 − t)``."""
+        return flip_time_convention(self.forward)
+
+    def sample_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` source points ``[n, *data_shape]`` (Gaussian, or the data-to-data pool), on CPU."""
+        if self.source_pool is not None:
+            idx = torch.randint(len(self.source_pool), (n,), generator=generator)
+            return self.source_pool[idx].clone()
+        return torch.randn(n, *self.data_shape, generator=generator)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        steps: int = 100,
+        solver: str = "euler",
+        z0: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_trajectory: bool = False,
+        **solver_kwargs: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Generate ``n`` samples by integrating the flow from t = 0 to 1.
+
+        Args:
+            n: number of samples (ignored when ``z0`` is given).
+            steps: Euler / Heun steps N (initial step 1/N for the adaptive solver). Default 100.
+            solver: ``"euler"`` | ``"heun"`` | ``"adaptive"`` (Dormand–Prince RK45, ``rtol``/``atol`` kwargs).
+            z0: fixed start ``[n, *data_shape]``; otherwise drawn from the source with ``generator`` (pass a
+                seeded CPU generator for reproducible samples).
+            generator: CPU generator for z0.
+            return_trajectory: also return the states ``[k + 1, n, *data_shape]``.
+
+        Returns:
+            ``z1 [n, *data_shape]`` (on the module's device), or ``(z1, trajectory)``.
+        """
+        if z0 is None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"n must be an integer >= 1, got {n!r}")
+            z0 = self.sample_source(n, generator)
+        if tuple(z0.shape[1:]) != self.data_shape:
+            raise ValueError(f"z0 must have shape [n, *{self.data_shape}], got {tuple(z0.shape)}")
+        z0 = z0.to(self.device, self._param_dtype())
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            sol = integrate(self.forward, z0, steps, solver, return_trajectory=return_trajectory, **solver_kwargs)
+        finally:
+            self.net.train(was_training)
+        if return_trajectory:
+            assert sol.trajectory is not None
+            return sol.z1, sol.trajectory
+        return sol.z1
+
+    @torch.no_grad()
+    def flow_metrics(self, z0: Tensor, steps: int = 100) -> dict[str, Tensor]:
+        """Straightness S and transport cost ``E||Z_1 − Z_0||²`` of this flow from ``z0`` (Euler, SPEC §5)."""
+        z0 = z0.to(self.device, self._param_dtype())
+        sol = integrate(self.forward, z0, steps, "euler")
+        cost = (sol.z1 - z0).reshape(len(z0), -1).pow(2).sum(1).mean()
+        return {"straightness": sol.straightness, "transport_cost": cost.double()}
+
+    @torch.no_grad()
+    def generate_pairs(
+        self,
+        n: int,
+        steps: int = 100,
+        batch_size: int = 1000,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        solver: str = "euler",
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        **solver_kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` from this flow, in batches (for reflow / distillation).
+
+        Args:
+            n: number of pairs.
+            steps: solver steps (default 100).
+            batch_size: pairs integrated at once (memory bound), default 1000.
+            path: if given, a folder where the pairs are written as ``.pt`` shards (one per batch,
+                ``{"z0", "z1"}``) plus ``meta.pt``; :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule`
+                reads them back.
+            solver: ``"euler"`` | ``"heun"`` | ``"adaptive"``.
+            generator: CPU generator for the source draws (seed it for reproducible pairs).
+            progress: show a tqdm progress bar.
+            **solver_kwargs: forwarded to the solver (``rtol``, ``atol`` of the adaptive one).
+
+        Returns:
+            ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
+        """
+        from lightning_tiger.data.reflow import write_pair_shards
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        from tqdm.auto import tqdm
+
+        z0s, z1s = [], []
+        with tqdm(total=n, desc="reflow pairs", unit="pair", disable=not progress) as bar:
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
+                z0 = self.sample_source(b, generator)
+                z1 = self.sample(b, steps=steps, solver=solver, z0=z0, **solver_kwargs)
+                z0s.append(z0.cpu())
+                z1s.append(z1.float().cpu())
+                bar.update(b)
+        z0_all, z1_all = torch.cat(z0s), torch.cat(z1s)
+        if path is not None:
+            write_pair_shards(path, z0s, z1s, meta={"steps": steps, "solver": solver, "n": n})
+        return z0_all, z1_all
+
+    def load_net_weights(self, checkpoint_path: str | os.PathLike[str]) -> None:
+        """Copy the network weights (and source pool) of a RectifiedFlowModule checkpoint into this module."""
+        ckpt = torch.load(os.fspath(checkpoint_path), map_location="cpu", weights_only=False)
+        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        if not state:
+            raise ValueError(f"{checkpoint_path} holds no 'net.*' weights: not a RectifiedFlowModule checkpoint")
+        self.net.load_state_dict(state)
+        if ckpt.get("rf_source_pool") is not None and self.source_pool is None:
+            self.source_pool = ckpt["rf_source_pool"]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        shape = getattr(dm, "data_shape", None)
+        if shape is not None and tuple(shape) != self.data_shape:
+            raise ValueError(
+                f"data_shape {self.data_shape} of the model does not match the data module's {tuple(shape)}: "
+                f"set model data_shape: {list(shape)}"
+            )
+        if self._source_dm is not None and self.source_pool is None:
+            self._source_dm.setup("fit")
+            pool = torch.cat([b[0] if isinstance(b, (list, tuple)) else b for b in self._source_dm.train_dataloader()])
+            self.source_pool = pool.float()
+        if self.mode != "flow" and self.source_pool is None and getattr(dm, "source_pool", None) is not None:
+            self.source_pool = dm.source_pool  # reflow of a data-to-data flow: the teacher's source
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rf_source_pool"] = self.source_pool
+        checkpoint["rf_data_shape"] = list(self.data_shape)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("rf_source_pool") is not None:
+            self.source_pool = checkpoint["rf_source_pool"]
+
+    def configure_optimizers(self) -> Any:
+        """Tiger on :func:`~lightning_tiger.optim.tiger_param_groups` (lr, weight_decay, lr_schedule from init)."""
+        from lightning_tiger.optim import PiecewiseLinearLR, Tiger, tiger_param_groups
+
+        optimizer = Tiger(tiger_param_groups(self, weight_decay=self.weight_decay), lr=self.lr)
+        if self.lr_schedule is None:
+            return optimizer
+        scheduler = PiecewiseLinearLR(optimizer, self.lr_schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _param_dtype(self) -> torch.dtype:
+        p = next(self.net.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+    def _sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if self.time_sampling == "uniform":
+            u = torch.rand(n, generator=generator)
+        else:
+            u = torch.sigmoid(torch.randn(n, generator=generator))
+        return (u * (1.0 - self.t_eps) + self.t_eps).to(self.device)
+
+    def _split_batch(self, batch: Any, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        if self.mode == "flow":
+            x1 = batch[0] if isinstance(batch, (list, tuple)) else batch
+            x0 = self.sample_source(len(x1), generator).to(x1.device, x1.dtype)
+            return x0, x1
+        if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+            raise ValueError(f"mode={self.mode!r} expects batches of pairs (z0, z1), e.g. from ReflowPairsDataModule")
+        return batch[0], batch[1]
+
+    def compute_loss(self, batch: Any, generator: torch.Generator | None = None) -> Tensor:
+        """Velocity-matching loss (flow / reflow) or endpoint loss (distill) on one batch (mean over elements)."""
+        x0, x1 = self._split_batch(batch, generator)
+        if self.mode == "distill":
+            t0 = torch.zeros(len(x0), device=x0.device)
+            return (x0 + self(x0, t0) - x1).pow(2).mean()
+        t = self._sample_t(len(x0), generator)
+        tb = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        xt = tb * x1 + (1 - tb) * x0
+        return ((x1 - x0) - self(xt, t)).pow(2).mean()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        # Seeded per batch: the validation loss is a deterministic function of the weights.
+        gen = torch.Generator().manual_seed(self.val_seed + 1000 + batch_idx)
+        loss = self.compute_loss(batch, gen)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0:
+            self._log_sample_metrics()
+        return loss
+
+    # ------------------------------------------------------------------ validation sampling
+    def _reference(self) -> Tensor | None:
+        dm = getattr(self.trainer, "datamodule", None)
+        fn = getattr(dm, "val_reference", None)
+        return fn() if callable(fn) else None
+
+    def _log_sample_metrics(self) -> None:
+        from lightning_tiger.metrics.functional import wasserstein2
+
+        ref = self._reference()
+        gen = torch.Generator().manual_seed(self.val_seed)
+        n = self.num_val_samples if ref is None else min(self.num_val_samples, len(ref))
+        z0 = self.sample_source(n, gen)
+        steps_list = (1,) if self.mode == "distill" else self.val_steps
+        main_value = None
+        last = None
+        for k in steps_list:
+            want_traj = k == max(steps_list) and self.num_plot_trajectories > 0
+            out = self.sample(n, steps=k, solver=self.val_solver, z0=z0, return_trajectory=want_traj)
+            z1, traj = out if isinstance(out, tuple) else (out, None)
+            if ref is not None:
+                w2 = wasserstein2(z1.float().cpu(), ref[:n].float().cpu())
+                self.log(f"val/w2@{k}", w2, sync_dist=False)
+                main_value = w2
+            last = (k, z1, traj)
+        metrics = self.flow_metrics(z0[: min(n, 1000)], steps=max(steps_list) if self.mode != "distill" else 1)
+        self.log("val/straightness", metrics["straightness"].float())
+        self.log("val/transport_cost", metrics["transport_cost"].float())
+        if main_value is not None:
+            self.log("hp_metric", main_value)
+        if last is not None and self.num_plot_trajectories > 0 and not self.trainer.sanity_checking:
+            self._log_picture(*last, ref)
+
+    def _log_picture(self, steps: int, z1: Tensor, traj: Tensor | None, ref: Tensor | None) -> None:
+        from lightning_tiger import _plotting
+
+        if self.logger is None or self.trainer.global_rank != 0:
+            return
+        if self.data_shape == (2,):
+            trajectories = None
+            if traj is not None:
+                # Thin the time axis to <= 101 points and keep the first paths only: the picture stays light.
+                stride = max(1, math.ceil((traj.shape[0] - 1) / 100))
+                trajectories = traj[::stride, : self.num_plot_trajectories].float().cpu()
+            fig = _plotting.scatter_figure(
+                z1.float().cpu(),
+                None if ref is None else ref.float().cpu(),
+                trajectories=trajectories,
+                title=f"{self.mode}: {steps} {self.val_solver} step(s), step {self.global_step}",
+            )
+            _plotting.log_figure(self.logger, "val/samples", fig, self.global_step)
+        elif len(self.data_shape) == 3:
+            grid = _plotting.image_grid(z1[:64].float().cpu(), nrow=8)
+            _plotting.log_image(self.logger, "val/samples", grid, self.global_step)
+
+
+def _instantiate(spec: Any) -> Any:
+    """Instantiate a jsonargparse-style ``{"class_path": ..., "init_args": {...}}`` (nested allowed)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        import importlib
+
+        module_name, _, cls_name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        return cls(**kwargs)
+    return spec
+
+
+def load_rectified_flow(
+    checkpoint_path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, frozen: bool = True
+) -> RectifiedFlowModule:
+    """Load a :class:`RectifiedFlowModule` checkpoint written by Lightning (plain Python or LightningCLI).
+
+    The network is rebuilt from the saved hyperparameters (``class_path`` config from the CLI, the pickled
+    module from plain Python, or the default net), then its weights come from the checkpoint's
+    ``state_dict`` — the EMA weights when the run used ``EMAWeightAveraging`` (Lightning stores the average
+    there and the raw weights under ``current_model_state``). Uses ``torch.load(weights_only=False)``:
+    load only checkpoints you trust.
+
+    Args:
+        checkpoint_path: ``.ckpt`` file.
+        map_location: device for the weights (default CPU).
+        frozen: ``eval()`` and ``requires_grad_(False)`` (default True, the teacher use case).
+    """
+    ckpt = torch.load(os.fspath(checkpoint_path), map_location=map_location, weights_only=False)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    for key in list(hp):
+        if key.startswith("_"):  # LightningCLI bookkeeping such as _instantiator / _class_path
+            hp.pop(key)
+    net = _instantiate(hp.pop("net", None))
+    if net is not None and not isinstance(net, nn.Module):
+        raise ValueError(f"cannot rebuild the network from the checkpoint's hyperparameters: {net!r}")
+    hp.pop("init_from", None)  # the weights below replace any warm start
+    hp.pop("source", None)
+    model = RectifiedFlowModule(net=copy.deepcopy(net) if net is not None else None, **hp)
+    model.load_state_dict(ckpt["state_dict"])
+    model.source_pool = ckpt.get("rf_source_pool")
+    model.to(map_location)
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model
