@@ -30,6 +30,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeUnion, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf.errors import OmegaConfBaseException
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -132,6 +134,12 @@ def explain_config_error(
         A :class:`ConfigError` whose message reads ``file: key: problem`` followed by what is accepted.
     """
     text = str(exc)
+    missing = re.search(r"Missing mandatory value: ([\w.]+)", text)
+    if missing:  # a `???` in a config file that nobody filled in
+        key = re.sub(r"^(fit|validate|test|predict)\.", "", missing.group(1))
+        files = _files_setting(key.rpartition(".")[2], _config_files(argv), argv) or _config_files(argv)
+        message = f"{', '.join(files) or '<config>'}: {key}: required value missing (`???`); set it with --{key}=..."
+        return ConfigError(message, key=key, files=files)
     keys = re.findall(r'Parser key "([^"]+)"', text)
     class_paths = re.findall(r"class_path '([^']+)'", text)
     unknown = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text) or re.search(
@@ -180,6 +188,8 @@ class TigerCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _register_resolvers()
+        # `--optimizer` replacing a module's own configure_optimizers is this CLI's documented behaviour.
+        warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by `TigerCLI")
         from jsonargparse import set_parsing_settings
 
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -196,7 +206,7 @@ class TigerCLI(LightningCLI):
         """Parse, turning jsonargparse's errors into a :class:`ConfigError` naming file and key."""
         try:
             super().parse_arguments(parser, args)
-        except ArgumentError as exc:
+        except (ArgumentError, OmegaConfBaseException) as exc:
             raise explain_config_error(exc, list(args or [])) from exc
 
     def instantiate_classes(self) -> None:
