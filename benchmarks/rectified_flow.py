@@ -117,7 +117,7 @@ def main() -> None:
         if not os.path.exists(path):
             print(f"[skip] {path} not found: run examples/rectified_flow.py first for the W2 table")
             continue
-        models[name] = load_rectified_flow(path)
+        models[name] = load_rectified_flow(path, net=TimeMLP(2, args.hidden, args.depth))
         steps_list = (1,) if name == "distill" else (1, 2, 4, 8, 20, 100)
         table[name] = {k: float(wasserstein2(models[name].sample(0, steps=k, z0=z0), ref)) for k in steps_list}
     if table:

@@ -90,7 +90,8 @@ def stage_1rf(args: argparse.Namespace) -> float:
 def _stage_pairs(args: argparse.Namespace, name: str, teacher: str, mode: str, max_steps: int) -> float:
     t0 = time.time()
     data = ReflowPairsDataModule(
-        teacher_ckpt=teacher, data=ToyDataModule("moons", num_train=16, seed=0), num_pairs=args.num_pairs,
+        teacher_ckpt=teacher, teacher_net=TimeMLP(2, args.hidden, args.depth),
+        data=ToyDataModule("moons", num_train=16, seed=0), num_pairs=args.num_pairs,
         steps=args.pair_steps, batch_size=args.batch_size, path=os.path.join(args.out, f"pairs_{name}"),
         progress=not args.no_progress,
     )
@@ -111,7 +112,7 @@ def evaluate(args: argparse.Namespace, wall: dict[str, float]) -> dict[str, obje
         path = os.path.join(args.out, f"{name}.ckpt")
         if not os.path.exists(path):
             continue
-        model = load_rectified_flow(path)
+        model = load_rectified_flow(path, net=TimeMLP(2, args.hidden, args.depth))
         row = {}
         for k in steps:
             row[k] = float(wasserstein2(model.sample(0, steps=k, z0=z0), ref))

@@ -19,7 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 __all__ = ["ReflowPairsDataModule", "read_pair_shards", "write_pair_shards"]
@@ -84,6 +84,8 @@ class ReflowPairsDataModule(pl.LightningDataModule):
 
     Args:
         teacher_ckpt: checkpoint of the previous stage (required unless ``path`` already holds pairs).
+        teacher_net: the teacher's network architecture when its module was built in Python with its own net
+            (see :func:`~lightning_tiger.modules.load_rectified_flow`); not needed for CLI checkpoints.
         data: the original data module (e.g. ``ToyDataModule``), used only for :meth:`val_reference`.
         num_pairs: training pairs (default 20000; stored mode) or pairs per epoch (online mode).
         num_val_pairs: held-out pairs for the validation loss (default 1000).
@@ -101,6 +103,7 @@ class ReflowPairsDataModule(pl.LightningDataModule):
     def __init__(
         self,
         teacher_ckpt: str | None = None,
+        teacher_net: nn.Module | None = None,
         data: pl.LightningDataModule | None = None,
         num_pairs: int = 20000,
         num_val_pairs: int = 1000,
@@ -129,6 +132,7 @@ class ReflowPairsDataModule(pl.LightningDataModule):
             raise ValueError("teacher_ckpt is required unless path points at stored pairs (and online=False)")
         self.save_hyperparameters(ignore=["data"])
         self.teacher_ckpt = teacher_ckpt
+        self.teacher_net = teacher_net
         self.data = data
         self.num_pairs, self.num_val_pairs = num_pairs, num_val_pairs
         self.steps, self.solver = steps, solver
@@ -147,7 +151,7 @@ class ReflowPairsDataModule(pl.LightningDataModule):
                 raise ValueError("teacher_ckpt is needed to generate pairs")
             from lightning_tiger.modules.rectified_flow import load_rectified_flow
 
-            self.teacher = load_rectified_flow(self.teacher_ckpt, frozen=True)
+            self.teacher = load_rectified_flow(self.teacher_ckpt, frozen=True, net=self.teacher_net)
             self.source_pool = self.teacher.source_pool
             self.data_shape = self.teacher.data_shape
         return self.teacher

@@ -53,6 +53,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size is not None and world_size < 1:
+            raise ValueError(f"world_size must be >= 1 or None, got {world_size}")
+        if rank is not None and (rank < 0 or (world_size is not None and rank >= world_size)):
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.trainer, self._rank, self._world_size = trainer, rank, world_size

@@ -51,7 +51,10 @@ class GaussianMixture:
         self, means: Tensor | Sequence[Sequence[float]], stds: Tensor | Sequence[float] | float,
         weights: Tensor | Sequence[float] | None = None,
     ) -> None:
-        means_t = torch.as_tensor(means)
+        try:
+            means_t = torch.as_tensor(means)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"means must be a [K, d] array of floats, got {means!r} ({exc})") from None
         if not torch.is_floating_point(means_t):
             means_t = means_t.to(torch.get_default_dtype())
         if means_t.ndim != 2 or means_t.shape[0] < 1 or means_t.shape[1] < 1:

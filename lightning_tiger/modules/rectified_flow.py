@@ -29,12 +29,12 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from lightning_tiger.modules.flow_solvers import SOLVERS, Velocity, flip_time_convention, integrate
@@ -128,12 +128,12 @@ class RectifiedFlowModule(pl.LightningModule):
             raise ValueError(f"data_shape must be a non-empty list of positive integers, got {data_shape!r}")
         if not (isinstance(source, str) and source == "gaussian") and not isinstance(source, pl.LightningDataModule):
             raise ValueError(f"source must be 'gaussian' or a LightningDataModule, got {source!r}")
-        # net stays in hparams (LightningCLI stores its class_path config; plain Python pickles the module, which
-        # load_rectified_flow handles); source is replaced by its sample pool saved in the checkpoint.
-        with warnings.catch_warnings():
-            # Deliberate: keeping net lets load_rectified_flow rebuild the architecture of a checkpoint.
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            self.save_hyperparameters(ignore=["source"])
+        # Under LightningCLI the hparams are the config, so net is a class_path spec that load_rectified_flow
+        # rebuilds. A module object from plain Python is left out: pickled modules make checkpoints unloadable
+        # with weights_only=True (Lightning's default on resume); load_rectified_flow(net=...) supplies it.
+        # Source is replaced by its sample pool saved in the checkpoint.
+        from_config = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=["source"] if from_config or net is None else ["source", "net"])
         self.net = net if net is not None else _default_net(data_shape)
         self.data_shape = data_shape
         self.mode = mode
@@ -429,7 +429,11 @@ def _instantiate(spec: Any) -> Any:
 
 
 def load_rectified_flow(
-    checkpoint_path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, frozen: bool = True
+    checkpoint_path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    frozen: bool = True,
+    net: nn.Module | None = None,
 ) -> RectifiedFlowModule:
     """Load a :class:`RectifiedFlowModule` checkpoint written by Lightning (plain Python or LightningCLI).
 
@@ -443,19 +447,29 @@ def load_rectified_flow(
         checkpoint_path: ``.ckpt`` file.
         map_location: device for the weights (default CPU).
         frozen: ``eval()`` and ``requires_grad_(False)`` (default True, the teacher use case).
+        net: the network architecture, for checkpoints of modules built in Python with their own ``net``
+            (those keep no architecture in their hyperparameters); default: the one the hyperparameters name,
+            else the default net for the data shape.
     """
     ckpt = torch.load(os.fspath(checkpoint_path), map_location=map_location, weights_only=False)
     hp = dict(ckpt.get("hyper_parameters") or {})
     for key in list(hp):
         if key.startswith("_"):  # LightningCLI bookkeeping such as _instantiator / _class_path
             hp.pop(key)
-    net = _instantiate(hp.pop("net", None))
+    spec = hp.pop("net", None)
+    net = net if net is not None else _instantiate(spec)
     if net is not None and not isinstance(net, nn.Module):
         raise ValueError(f"cannot rebuild the network from the checkpoint's hyperparameters: {net!r}")
     hp.pop("init_from", None)  # the weights below replace any warm start
     hp.pop("source", None)
     model = RectifiedFlowModule(net=copy.deepcopy(net) if net is not None else None, **hp)
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{checkpoint_path}: its weights do not fit the network {type(model.net).__name__}; a module built in "
+            "Python with its own net keeps no architecture in the checkpoint: pass the same one as net=..."
+        ) from exc
     model.source_pool = ckpt.get("rf_source_pool")
     model.to(map_location)
     if frozen:

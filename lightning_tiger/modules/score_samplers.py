@@ -132,8 +132,8 @@ def predictor_corrector(score_fn: ScoreFn, sde: SDE, x: Tensor, steps: int, *, s
     configs; Euler–Maruyama is the predictor of Song et al.'s Alg. 1 form and converges to the same limit.
     """
     _check(x, steps, t_end, sde)
-    if snr <= 0:
-        raise ValueError(f"snr must be > 0, got {snr}")
+    if not (math.isfinite(snr) and snr > 0):  # `not >` also refuses NaN
+        raise ValueError(f"snr must be finite and > 0, got {snr}")
     if not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"corrector_steps must be an int >= 0, got {corrector_steps!r}")
     ts = _grid(sde, steps, t_end, x.device)

@@ -103,9 +103,9 @@ class VPSDE(SDE):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        if beta_min <= 0:
-            raise ValueError(f"beta_min must be > 0, got {beta_min}")
-        if beta_max <= beta_min:
+        if not (math.isfinite(beta_min) and beta_min > 0):  # `not >` also refuses NaN
+            raise ValueError(f"beta_min must be finite and > 0, got {beta_min}")
+        if not (math.isfinite(beta_max) and beta_max > beta_min):
             raise ValueError(f"beta_max must be > beta_min={beta_min}, got {beta_max}")
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
@@ -178,9 +178,9 @@ class VESDE(SDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
-        if sigma_min <= 0:
-            raise ValueError(f"sigma_min must be > 0, got {sigma_min}")
-        if sigma_max <= sigma_min:
+        if not (math.isfinite(sigma_min) and sigma_min > 0):  # `not >` also refuses NaN
+            raise ValueError(f"sigma_min must be finite and > 0, got {sigma_min}")
+        if not (math.isfinite(sigma_max) and sigma_max > sigma_min):
             raise ValueError(f"sigma_max must be > sigma_min={sigma_min}, got {sigma_max}")
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)

@@ -26,10 +26,10 @@ class TimeEmbedding(nn.Module):
         super().__init__()
         if not isinstance(dim, int) or dim < 2:
             raise ValueError(f"dim must be an int >= 2, got {dim!r}")
-        if max_period <= 1:
-            raise ValueError(f"max_period must be > 1, got {max_period}")
-        if scale <= 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        if not (math.isfinite(max_period) and max_period > 1):  # `not >` also refuses NaN
+            raise ValueError(f"max_period must be finite and > 1, got {max_period}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be finite and > 0, got {scale}")
         self.dim = dim
         self.max_period = float(max_period)
         self.scale = float(scale)

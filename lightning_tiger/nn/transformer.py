@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Literal
 
 import torch
@@ -208,10 +209,15 @@ class TransformerLM(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("hidden_dim", hidden_dim)):
+            if value is None and name == "hidden_dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not (
+            math.isfinite(mlp_ratio) and mlp_ratio > 0
+        ):
+            raise ValueError(f"mlp_ratio must be a finite float > 0, got {mlp_ratio!r}")
         if max_seq_len is not None and max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1 or None, got {max_seq_len}")
         self.vocab_size, self.dim, self.depth, self.max_seq_len = vocab_size, dim, depth, max_seq_len
@@ -307,6 +313,14 @@ class TransformerLM(nn.Module):
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        # Range check on CPU only (free there); on accelerators it would cost a host sync per forward.
+        if tokens.device.type == "cpu" and tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"tokens must be in [0, vocab_size={self.vocab_size}), got ids in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
         if cache is not None and cache.num_layers != self.depth:
             raise ValueError(f"cache has {cache.num_layers} layers, the model {self.depth}; use model.new_cache()")
         if self.max_seq_len is not None:

@@ -164,6 +164,8 @@ def tiger_param_groups(
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
     no_decay_set = {ParamKind.parse(k, "no_decay entries") for k in no_decay}
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a mapping {{kind: {{option: value}}}} or None, got {overrides!r}")
     parsed_overrides: dict[ParamKind, dict[str, Any]] = {}
     for key, opts in (overrides or {}).items():
         kind = ParamKind.parse(key, "overrides keys")

@@ -93,7 +93,11 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
                 raise CorruptCheckpointError(self._explain(path, reason))
         try:
             return pl_load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        except pickle.UnpicklingError as exc:
+            if "weights only load failed" in str(exc).lower():
+                raise  # an intact file holding non-tensor objects, refused by weights_only: not corruption
+            raise CorruptCheckpointError(self._explain(path, f"{type(exc).__name__}: {exc}")) from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
             raise CorruptCheckpointError(self._explain(path, f"{type(exc).__name__}: {exc}")) from exc
 
     def remove_checkpoint(self, path: _PATH) -> None:

@@ -19,7 +19,9 @@ def teacher_ckpt(tmp_path):  # type: ignore[no-untyped-def]
     model = RectifiedFlowModule(net=net)
     path = tmp_path / "teacher.ckpt"
     # The two keys load_rectified_flow reads from a Lightning checkpoint.
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    # A module built in Python keeps no net in its hparams; record the architecture as LightningCLI would.
+    spec = {"class_path": "lightning_tiger.nn.TimeMLP", "init_args": {"data_dim": 2, "hidden_dim": 16, "depth": 1}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": {**dict(model.hparams), "net": spec}}, path)
     return path, net
 
 

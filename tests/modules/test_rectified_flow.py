@@ -213,7 +213,7 @@ def test_fit_logs_w2_with_ema_weights_and_checkpoint_roundtrip(tmp_path) -> None
     trainer.save_checkpoint(ckpt)
     raw = torch.load(ckpt, weights_only=False)
     assert "current_model_state" in raw  # Lightning keeps raw weights beside the EMA state_dict
-    loaded = load_rectified_flow(ckpt)
+    loaded = load_rectified_flow(ckpt, net=TimeMLP(1, 32, 1))
     assert not any(p.requires_grad for p in loaded.parameters())
     assert torch.allclose(loaded.sample(0, steps=4, z0=z0), z0)  # EMA (= initial) weights came back
     warm = RectifiedFlowModule(net=TimeMLP(1, 32, 1), data_shape=(1,), init_from=str(ckpt))
