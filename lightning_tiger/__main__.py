@@ -1,6 +1,6 @@
 """``python -m lightning_tiger`` = the ``lightning-tiger`` command."""
 
-from lightning_tiger.cli import main
+from lightning_tiger.cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

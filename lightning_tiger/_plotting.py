@@ -108,32 +108,45 @@ def image_grid(images: Tensor, nrow: int = 8, *, padding: int = 1,
     return grid
 
 
-def _tensorboard_writers(logger: Any) -> list[Any]:
+def _tensorboard_loggers(logger: Any) -> list[Any]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     if logger is None:
         return []
     loggers = logger if isinstance(logger, Iterable) else [logger]
-    return [lg.experiment for lg in loggers if isinstance(lg, TensorBoardLogger)]
+    return [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def _tensorboard_writers(logger: Any) -> list[Any]:
+    return [lg.experiment for lg in _tensorboard_loggers(logger)]
+
+
+def _sample_path(logger: Any, tag: str, step: int) -> str:
+    """``<log_dir>/samples/<tag>_step<step>.png``: the picture beside TensorBoard's copy, for a quick look."""
+    return os.path.join(logger.log_dir, "samples", f"{tag.replace('/', '_')}_step{step:06d}.png")
 
 
 def log_figure(logger: Any, tag: str, figure: Any, step: int) -> None:
-    """``add_figure`` on every TensorBoardLogger in ``logger`` (one logger, a list, or ``None``); closes it.
+    """``add_figure`` on every TensorBoardLogger in ``logger`` (one logger, a list, or ``None``), also saved as
+    ``<log_dir>/samples/<tag>_step<step>.png``; closes the figure.
 
     Other loggers (CSV, W&B, …) and ``None`` are skipped silently.
     """
-    writers = _tensorboard_writers(logger)
-    for writer in writers:
-        writer.add_figure(tag, figure, global_step=step, close=False)
+    for lg in _tensorboard_loggers(logger):
+        lg.experiment.add_figure(tag, figure, global_step=step, close=False)
+        path = _sample_path(lg, tag, step)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        figure.savefig(path, dpi=120, bbox_inches="tight")
     close_figure(figure)
 
 
 def log_image(logger: Any, tag: str, image: Tensor, step: int) -> None:
-    """``add_image`` of a ``[3, H, W]`` picture in [0, 1] on every TensorBoardLogger in ``logger``."""
+    """``add_image`` of a ``[3, H, W]`` picture in [0, 1] on every TensorBoardLogger in ``logger`` (and PNG)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"image must have shape [3, H, W], got {tuple(image.shape)}")
-    for writer in _tensorboard_writers(logger):
-        writer.add_image(tag, image, global_step=step, dataformats="CHW")
+    for lg in _tensorboard_loggers(logger):
+        lg.experiment.add_image(tag, image, global_step=step, dataformats="CHW")
+        save_image(image, _sample_path(lg, tag, step))
 
 
 def save_figure(figure: Any, path: str | os.PathLike[str], dpi: int = 150) -> None:

@@ -42,7 +42,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-__all__ = ["ConfigError", "TigerCLI", "TigerSaveConfigCallback", "explain_config_error", "main"]
+__all__ = ["ConfigError", "TigerCLI", "TigerSaveConfigCallback", "console_main", "explain_config_error", "main"]
 
 
 def _register_resolvers() -> None:
@@ -258,7 +258,7 @@ class TigerCLI(LightningCLI):
         if log_dir:
             lines.append(f"  logs and config: {log_dir}")
             lines.append(f"  view them:       tensorboard --logdir {Path(log_dir).parent}")
-            pictures = sorted(Path(log_dir).rglob("*.png"), key=os.path.getmtime)
+            pictures = sorted(Path(log_dir).glob("samples/*.png"), key=os.path.getmtime)
             if pictures:
                 lines.append(f"  latest samples:  {pictures[-1]}")
         ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
@@ -288,5 +288,10 @@ def main(args: list[str] | None = None) -> TigerCLI:
         raise SystemExit(2) from exc
 
 
-if __name__ == "__main__":  # pragma: no cover
+def console_main() -> None:
+    """The ``lightning-tiger`` console script: :func:`main` without a return value (exit status 0)."""
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    console_main()
