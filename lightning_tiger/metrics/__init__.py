@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from lightning_tiger._lazy import lazy_exports
 
 _EXPORTS = {
+    "ExcessScoreLoss": ".excess_score_loss",
     "KFLBound": ".score_matching",
     "dsm_constant": ".score_matching",
     "score_loss_terms": ".score_matching",
@@ -17,6 +18,7 @@ _EXPORTS = {
 }
 __all__ = [
     "MMD",
+    "ExcessScoreLoss",
     "FrechetDistance",
     "KFLBound",
     "SlicedWassersteinDistance",
@@ -29,6 +31,7 @@ __all__ = [
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .excess_score_loss import ExcessScoreLoss
     from .frechet import FrechetDistance
     from .mmd import MMD
     from .score_matching import KFLBound, dsm_constant, excess_score_loss, kfl_w2_bound, score_loss_terms
