@@ -35,6 +35,10 @@ __all__ = [
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
+# The function shares its submodule's name: importing the submodule anywhere would rebind the package
+# attribute to the module, so bind the function eagerly (the submodule is light: torch only).
+from .random_positions import random_positions  # noqa: E402
+
 if TYPE_CHECKING:  # pragma: no cover
     from .alibi import ALiBi, alibi_slopes
     from .attention import Attention, KVCache

@@ -56,3 +56,12 @@ def test_equal_mean_float_variant():
 def test_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         random_positions(*args, **kwargs)
+
+
+def test_package_attribute_is_the_function_even_after_submodule_import() -> None:
+    import importlib
+
+    importlib.import_module("lightning_tiger.nn.random_positions")
+    from lightning_tiger.nn import random_positions as fn
+
+    assert callable(fn) and fn.__name__ == "random_positions"
