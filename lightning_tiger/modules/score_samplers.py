@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_tiger.modules.flow_solvers import _DP_A, _DP_C
 from lightning_tiger.modules.sde import SDE, VESDE, VPSDE, _bcast, randn
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -200,18 +201,7 @@ def ode_heun(score_fn: ScoreFn, sde: SDE, x: Tensor, steps: int, *, t_end: float
     return _finish(x, traj, return_trajectory)
 
 
-# Dormand–Prince 5(4) tableau (Dormand & Prince 1980; the coefficients of scipy's RK45 / MATLAB's ode45).
-_DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)  # 5th order (FSAL: = _DP_A[6])
+# Dormand–Prince 5(4): the tableau (_DP_C, _DP_A) is the flow solvers'; _DP_E = b5 − b4, the error weights.
 _DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)  # b5 − b4
 
 
