@@ -9,32 +9,42 @@ intra-op thread pool (``torch.set_num_threads`` applies).
 
 Design (measured by ``benchmarks/optimizer_step.py``):
 
-- **Exact per-tensor non-finite rule.** Whether *any* element of g_i is NaN/±inf must be known before the first
-  element of m_i is written (m_i must stay exactly unchanged; an optimistic write cannot be undone exactly in
-  floating point). So each tensor goes through a read-only phase A (isfinite over g) before its update phase B.
-  A tensor whose phase-A bytes fit ``group_bytes`` (default 8 MiB) is handled whole by one thread, B right after
-  A, so phase B re-reads g from that core's cache, not from DRAM: the check costs no memory traffic, and needs
-  no synchronisation (all such tensors cost one fork of the thread pool). A larger tensor is split across all
-  threads and read twice (+4 bytes per parameter, a pure streaming read); phase B walks each thread's range
-  backwards so that the part phase A read last is still in cache. Forks are few (number of large tensors + 1)
-  because each barrier is expensive on a busy machine.
-- **RMS of θ before the update** (``lr_mode`` 1). Recomputed by default in phase A, which reads θ into cache
-  just before phase B, so it is free for tensors within the budget and costs one extra read of θ (+4 bytes per
-  parameter) for larger ones. An opt-in cache (:func:`set_rms_cache`) instead keeps the sum of squares of θ
-  accumulated while θ was written in the previous step, keyed by the parameter object and valid only while
-  ``param._version`` and ``param.data_ptr()`` are unchanged since our write. Residual risk, hence off by
-  default: writes that bypass the version counter are invisible to it (``param.data.mul_()``, writes through
-  NumPy/DLPack views or foreign kernels); with the cache on, such a write makes the next step use the RMS of
-  the old θ. The cached value is bit-identical to a recomputed one (same blocks, same lanes, same order), so
-  turning it on changes no result.
-  ``lr_mode`` 2 (per-row RMS) is computed row by row inside phase B (a row is re-read from L1/L2).
+- **One pass, optimistic non-finite rule (default).** Each block of 16384 elements checks its gradient piece by
+  piece (1024 elements, still in L1 when the update reads them) before writing the piece, and stops at the
+  first piece holding a NaN/±inf; other blocks of a tensor already flagged are skipped. After the pass, the
+  written part of a flagged tensor is rolled back by inverting the update in fp32 (``m = (m' − b2·g)/b1``,
+  ``θ = (θ' + η·sign(m'))/(1 − η·λ)``) and θ shrinks (in a tensor of several blocks, every element with a finite
+  gradient gets that update-and-invert round trip, written or not, so the result does not depend on thread
+  timing: runs stay reproducible). So a finite step moves the minimal 20 bytes per fp32
+  parameter (12 for a non-final micro-step) and is bit-identical to the exact rule; on a non-finite step the
+  kept m and the shrunk θ equal the exact rule's to within float rounding (a few ulp of ``|m| + |b2·g|`` and
+  of ``|θ|``), not bit for bit. Deviation from SPEC §1.2 ("m unchanged"), hence documented: **``exact=True``**
+  restores the bit-exact rule at the cost of reading every gradient before writing (phase A ``isfinite`` over
+  g, phase B the update: a tensor within ``group_bytes`` is handled whole by one thread, B from its caches; a
+  larger one is shared by all threads and read twice, +4 bytes per parameter). Steps with ``b1 == 0``
+  (``beta=0``: the update forgets m, it cannot be inverted) always take the exact path.
+- **Work-stealing schedule.** One parallel region per call; each thread starts on its own contiguous range of
+  blocks (long sequential streams keep the hardware prefetchers busy) and takes blocks from the back of
+  another thread's range when it runs dry, so a thread slowed down by another process does not make the
+  others wait.
+- **RMS of θ before the update** (``lr_mode`` 1) costs a read of θ unless a cache is passed (``rms_cache``;
+  :class:`~lightning_tiger.optim.Tiger` passes one per optimizer): the sum of squares of θ is accumulated while
+  θ is written and reused at the next final step if ``param._version``, ``param.data_ptr()`` and a fingerprint
+  of 8 sampled runs of 16 elements are unchanged. The fingerprint catches writes that bypass the version
+  counter (``param.data.copy_()`` as in Lightning's ``WeightAveraging``, NumPy/DLPack views) unless they leave
+  all 128 sampled elements bit-identical: the residual risk, in which case one step uses the RMS of the θ of
+  the previous step. The cached value is bit-identical to a recomputed one (same blocks, same lanes, same
+  order), so the cache changes no result. Tensors whose RMS must be recomputed go through the two-phase path
+  (phase A reads θ and g together). ``lr_mode`` 2 (per-row RMS) is computed row by row from L1.
 - **Deterministic**: reductions use fixed 16-lane partial sums per 16384-element block, added in block order in
-  float64, whatever the number of threads; built with ``-ffp-contract=off`` so results do not depend on the
-  instruction set either.
-- **No transient allocation** beyond O(number of blocks) bookkeeping: everything is updated in place.
+  float64, whatever the number of threads or the schedule; built with ``-ffp-contract=off`` so results do not
+  depend on the instruction set either.
+- **No transient allocation** beyond O(number of blocks) bookkeeping (and one float per embedding row for a
+  rollback): everything is updated in place.
 
 Contract (shared with the pure-PyTorch paths of ``_functional.py``, which the classes fall back to):
-``tiger_step_`` per tensor i: ``nonfinite_i = not all(isfinite(g_i))``; if nonfinite: m_i unchanged,
+``tiger_step_`` per tensor i: ``nonfinite_i = not all(isfinite(g_i))``; if nonfinite: m_i unchanged (to within
+rounding unless ``exact``, see above),
 ``θ_i ← (θ_i − c_i)·s + c_i`` (update or not); else ``m_i ← b1·m_i + b2·g_i`` and, if ``update``,
 ``θ_i ← θ_i·(1 − η·λ_i) − η·sign(m_i)`` (= θ − η·(sign(m) + λθ)) with η = ``lrs[i]`` · {1, max(RMS(θ_i), floor_i),
 max(RMS(θ_i[r]), floor_i) per row r of θ viewed as [shape[0], −1]} for lr_mode {0, 1, 2}; a tensor with
@@ -47,8 +57,8 @@ float32 or the param dtype (:func:`fused_supports`). No CUDA kernel: on GPUs the
 ``_functional.py`` is used (``fused_available("cuda")`` is False).
 
 Environment variables: ``LIGHTNING_TIGER_DISABLE_FUSED=1`` disables the kernels (``fused_available`` returns
-False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the per-tensor cache budget (bytes);
-``LIGHTNING_TIGER_RMS_CACHE=1`` turns the RMS cache on at import. The build lives in PyTorch's extension cache
+False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the per-tensor cache budget of the two-phase path
+(bytes). The build lives in PyTorch's extension cache
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder named after a hash of the
 sources, flags, compiler, torch version and CPU, so that a change of any of them triggers a rebuild.
 """
@@ -62,7 +72,7 @@ import os
 import platform
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 
 import torch
@@ -73,8 +83,7 @@ __all__ = [
     "fused_available",
     "fused_supports",
     "lion_step_",
-    "rms_cache_enabled",
-    "set_rms_cache",
+    "new_rms_cache",
     "tiger_step_",
 ]
 
@@ -82,7 +91,6 @@ log = logging.getLogger(__name__)
 
 DISABLE_ENV = "LIGHTNING_TIGER_DISABLE_FUSED"
 GROUP_BYTES_ENV = "LIGHTNING_TIGER_FUSED_GROUP_BYTES"
-RMS_CACHE_ENV = "LIGHTNING_TIGER_RMS_CACHE"
 _DEFAULT_GROUP_BYTES = 8 << 20
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("fused_optim.cpp",)
@@ -90,10 +98,6 @@ _SOURCES = ("fused_optim.cpp",)
 _lock = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _logged: set[str] = set()
-_rms_cache_on = os.environ.get(RMS_CACHE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-# param object -> (version after our write, data_ptr, numel, dtype, sum of squares); weak keys by identity
-# (a WeakKeyDictionary would compare tensors with ==, which is elementwise).
-_rms_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 _SUPPORTED = {
     (torch.float32, torch.float32),
@@ -226,24 +230,15 @@ def fused_supports(param_dtype: torch.dtype, mom_dtype: torch.dtype) -> bool:
     return (param_dtype, mom_dtype) in _SUPPORTED
 
 
-def set_rms_cache(enabled: bool) -> None:
-    """Turn the cache of Σθ² (whole-tensor RMS, ``lr_mode`` 1) on or off for this process (default: off).
+def new_rms_cache() -> MutableMapping[Tensor, tuple]:
+    """An empty cache of Σθ² for :func:`tiger_step_` (``rms_cache=``): one per optimizer.
 
-    With the cache on, the sum of squares of θ is accumulated while θ is written and reused at the next final
-    step if ``param._version`` and ``param.data_ptr()`` are unchanged, saving one read of θ for tensors larger
-    than the cache budget (``group_bytes``). Writes that bypass the version counter (``param.data.<op>_()``,
-    NumPy/DLPack views, foreign kernels) are not detected: only enable it when nothing writes parameters that
-    way. Pass the same parameter objects on every step (not fresh ``.detach()`` views) for the cache to hit.
+    Keys are the parameter objects, weakly and by identity (a ``WeakKeyDictionary`` would compare tensors with
+    ``==``, which is elementwise); values are ``(version, data_ptr, numel, dtype, sum of squares, fingerprint)``
+    of the θ the kernel last wrote. Pass the same parameter objects on every step (not fresh ``.detach()``
+    views) for it to hit.
     """
-    global _rms_cache_on
-    _rms_cache_on = bool(enabled)
-    if not _rms_cache_on:
-        _rms_cache.clear()
-
-
-def rms_cache_enabled() -> bool:
-    """Whether the Σθ² cache of :func:`set_rms_cache` is on."""
-    return _rms_cache_on
+    return WeakIdKeyDictionary()
 
 
 def _group_bytes() -> int:
@@ -284,6 +279,8 @@ def tiger_step_(
     b2: float,
     update: bool,
     shrink_ratio: float,
+    exact: bool = False,
+    rms_cache: MutableMapping[Tensor, tuple] | None = None,
 ) -> list[bool]:
     """One fused Tiger micro-step over all tensors, in place (contract in the module docstring).
 
@@ -297,9 +294,13 @@ def tiger_step_(
         b1, b2: this micro-step's momentum coefficients (SPEC §1.2: b1 = β or 1, b2 = (1 − β)/k).
         update: last micro-step of the window (θ moves); otherwise only m changes (12 bytes/param).
         shrink_ratio: s of the non-finite rule.
+        exact: bit-exact non-finite rule (read g before writing); default: one pass with a rollback (module
+            docstring).
+        rms_cache: a cache from :func:`new_rms_cache` (read and updated), or None to recompute every RMS.
 
     Returns:
-        Per tensor, whether its gradient held a NaN or ±inf (then m_i was left exactly unchanged and θ_i shrunk).
+        Per tensor, whether its gradient held a NaN or ±inf (then m_i was kept, bit for bit with ``exact``, to
+        within rounding otherwise, and θ_i shrunk).
     """
     n = len(params)
     _check_lengths(n, grads=grads, moms=moms, lr_modes=lr_modes, lrs=lrs, weight_decays=weight_decays,
@@ -307,31 +308,32 @@ def tiger_step_(
     if n == 0:
         return []
     _require_loaded()
-    cache_on = _rms_cache_on
     sumsq = torch.full((n,), math.nan, dtype=torch.float64)
-    if cache_on and update:
-        vals = sumsq.numpy()
+    fprints = torch.zeros(n, dtype=torch.int64)
+    if rms_cache is not None:  # also on non-final micro-steps: the kernel passes a valid entry through
+        vals, fps = sumsq.numpy(), fprints.numpy()
         for i, p in enumerate(params):
             if lr_modes[i] == 1:
-                entry = _rms_cache.get(p)
+                entry = rms_cache.get(p)
                 if entry is not None and entry[:4] == (p._version, p.data_ptr(), p.numel(), p.dtype):
-                    vals[i] = entry[4]
+                    vals[i], fps[i] = entry[4], entry[5]
     flags = torch.zeros(n, dtype=torch.uint8)
     with torch.no_grad():
         torch.ops.lightning_tiger.tiger_step_(
             params, grads, moms, [int(x) for x in lr_modes], [float(x) for x in lrs],
             [float(x) for x in weight_decays], [float(x) for x in centers], [float(x) for x in rms_floor],
-            float(b1), float(b2), bool(update), float(shrink_ratio), flags, sumsq, cache_on, _group_bytes(),
+            float(b1), float(b2), bool(update), float(shrink_ratio), bool(exact), flags, sumsq, fprints,
+            rms_cache is not None, _group_bytes(),
         )
-    if cache_on:
-        for i, v in enumerate(sumsq.tolist()):
+    if rms_cache is not None:
+        for i, (v, fp) in enumerate(zip(sumsq.tolist(), fprints.tolist())):
             if lr_modes[i] != 1:
                 continue
             p = params[i]
             if math.isnan(v):
-                _rms_cache.pop(p, None)
+                rms_cache.pop(p, None)
             else:
-                _rms_cache[p] = (p._version, p.data_ptr(), p.numel(), p.dtype, v)
+                rms_cache[p] = (p._version, p.data_ptr(), p.numel(), p.dtype, v, fp)
     return [bool(x) for x in flags.tolist()]
 
 

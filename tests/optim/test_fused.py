@@ -2,7 +2,8 @@
 
 The reference works in float64 per tensor; the kernels compute in float32 and round once to the storage dtype, so
 comparisons allow fp32 rounding (and one ulp of bf16/fp16 for low-precision storage). Where a NaN/inf is
-injected, momenta must be bit-identical to their previous value.
+injected, momenta must be bit-identical to their previous value with ``exact=True``, and within the documented
+rollback rounding (and reproducible) on the default one-pass path.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _tiger_args(modes: list[int], shapes: list[tuple[int, ...]], *, lr: float = 
 
 
 def _run_both(shapes, modes, *, pdtype=torch.float32, mdtype=torch.float32, beta=0.9, k=1, t=0, lr=1e-2,
-              wd=0.1, floor=1e-3, nan_at: dict[int, list[int]] | None = None, s=0.99, seed=0):
+              wd=0.1, floor=1e-3, nan_at: dict[int, list[int]] | None = None, s=0.99, seed=0, exact=False):
     """One micro-step by the kernel and by the reference on identical copies. Returns both states + flags."""
     gen = torch.Generator().manual_seed(seed)
     params = [(torch.randn(sh, generator=gen) * 0.05).to(pdtype) for sh in shapes]
@@ -54,7 +55,7 @@ def _run_both(shapes, modes, *, pdtype=torch.float32, mdtype=torch.float32, beta
                                      grad_accum_steps=k, micro_step=t, shrink_ratio=s, rms_floor=floor)
     b1 = beta if t % k == 0 else 1.0
     flags = _fused.tiger_step_(params, grads, moms, **_tiger_args(modes, shapes, lr=lr, wd=wd, floor=floor),
-                               b1=b1, b2=(1 - beta) / k, update=(t + 1) % k == 0, shrink_ratio=s)
+                               b1=b1, b2=(1 - beta) / k, update=(t + 1) % k == 0, shrink_ratio=s, exact=exact)
     return params, moms, rp, rm, m_before, flags, ref_flags
 
 
@@ -112,21 +113,109 @@ def test_tiger_rounds_once_to_bf16() -> None:
     assert (p.float() - expected.float()).abs().max().item() <= 1e-6  # identical up to a 1-ulp fp32 tie
 
 
+_EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _assert_kept(m: torch.Tensor, m0: torch.Tensor, g: torch.Tensor, b2: float) -> None:
+    """The one-pass rollback: m equals m0 to within a few roundings of |m0| + |b2·g| (m's dtype); bitwise where g
+    is not finite (never written)."""
+    finite = torch.isfinite(g.float())
+    assert torch.equal(m[~finite], m0[~finite])
+    mf, m0f, gf = m.float()[finite], m0.float()[finite], g.float()[finite]
+    bound = 4 * _EPS[m.dtype] * (m0f.abs() + b2 * gf.abs())
+    assert ((mf - m0f).abs() <= bound).all(), (mf - m0f).abs().max()
+
+
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 @pytest.mark.parametrize("update", [True, False])
-def test_nonfinite_big_tensor_keeps_momentum_exactly(where: str, update: bool) -> None:
+@pytest.mark.parametrize("exact", [True, False])
+def test_nonfinite_big_tensor_keeps_momentum(where: str, update: bool, exact: bool) -> None:
     n = 5 * BLOCK + 123
     pos = {"first": [0], "middle": [2 * BLOCK + 77], "last": [n - 1]}[where]
     shapes = [(n,), (300, 50), (n,)]
     k, t = (1, 0) if update else (3, 0)
     params, moms, rp, rm, m_before, flags, ref_flags = _run_both(
-        shapes, [1, 2, 1], nan_at={0: pos}, k=k, t=t, s=0.9)
+        shapes, [0, 2, 1], nan_at={0: pos}, k=k, t=t, s=0.9, exact=exact)
     assert flags == ref_flags == [True, False, False]
-    assert torch.equal(moms[0], m_before[0])  # EXACTLY unchanged
+    if exact:
+        assert torch.equal(moms[0], m_before[0])  # EXACTLY unchanged
+    else:
+        gen = torch.Generator().manual_seed(0)  # _run_both's draws: the grads come after the params
+        [torch.randn(sh, generator=gen) for sh in shapes]
+        g0 = torch.randn(shapes[0], generator=gen)
+        g0[pos[0]] = math.nan
+        _assert_kept(moms[0], m_before[0], g0, b2=(1 - 0.9) / k)
     for p, r in zip(params, rp):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-8)
     for m, r in zip(moms[1:], rm[1:]):
         torch.testing.assert_close(m, r, rtol=1e-5, atol=1e-8)
+
+
+def _rollback_case(pdtype: torch.dtype, mdtype: torch.dtype, update: bool, exact: bool, threads: int):
+    """Three tensors that all take the one-pass path (bias-like with decay, per-row, whole-RMS with a warm
+    cache), each with a NaN/inf late in it so that earlier blocks were written before it was found."""
+    gen = torch.Generator().manual_seed(21)
+    n = 6 * BLOCK + 100
+    shapes = [(n,), (700, 100), (n,)]
+    params = [(torch.randn(sh, generator=gen) * 0.05).to(pdtype) for sh in shapes]
+    moms = [(torch.randn(sh, generator=gen) * 0.01).to(mdtype) for sh in shapes]
+    grads = [torch.randn(sh, generator=gen).to(pdtype) for sh in shapes]
+    args = dict(lr_modes=[0, 2, 1], lrs=[1e-2] * 3, weight_decays=[0.5] * 3, centers=[0.0, 0.0, 0.0],
+                rms_floor=[1e-3] * 3, b2=0.1, shrink_ratio=0.9)
+    cache = _fused.new_rms_cache()
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _fused.tiger_step_(params, grads, moms, b1=0.9, update=True, exact=exact, rms_cache=cache, **args)
+        bad = [g.clone() for g in grads]
+        bad[0][4 * BLOCK + 500] = math.nan
+        bad[1][500, 3] = math.inf
+        bad[2][5 * BLOCK + 7] = -math.inf
+        before = [p.clone() for p in params], [m.clone() for m in moms]
+        flags = _fused.tiger_step_(params, bad, moms, b1=0.9 if update else 1.0, update=update, exact=exact,
+                                   rms_cache=cache, **args)
+    finally:
+        torch.set_num_threads(old)
+    return params, moms, before, bad, flags
+
+
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize(("pdtype", "mdtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_one_pass_rollback_close_to_exact_and_reproducible(update: bool, pdtype: torch.dtype,
+                                                           mdtype: torch.dtype) -> None:
+    ex_p, ex_m, (p0, m0), bad, ex_flags = _rollback_case(pdtype, mdtype, update, exact=True, threads=2)
+    runs = [_rollback_case(pdtype, mdtype, update, exact=False, threads=t) for t in (1, 2, 2)]
+    for p, m, _, _, flags in runs:
+        assert flags == ex_flags == [True, True, True]
+        for a, b in zip(p + m, runs[0][0] + runs[0][1]):  # whatever was written before the NaN was seen
+            assert torch.equal(a, b)
+    p, m = runs[0][0], runs[0][1]
+    b2 = 0.1
+    for i in range(3):
+        assert torch.equal(ex_m[i], m0[i])
+        assert torch.equal(ex_p[i], (p0[i].float() * 0.9).to(pdtype))  # exact rule: θ ← (θ − 0)·s + 0
+        _assert_kept(m[i], m0[i], bad[i], b2)
+        # θ: the exact rule's shrink of θ0, up to the rounding of the inverted update (η ≤ lr·max|θ|)
+        bound = 8 * _EPS[pdtype] * (ex_p[i].float().abs() + 1e-2)
+        assert ((p[i].float() - ex_p[i].float()).abs() <= bound).all()
+
+
+def test_one_pass_and_exact_identical_on_finite_steps() -> None:
+    """Without non-finite values the two paths are the same arithmetic: bit-identical trajectories."""
+    gen = torch.Generator().manual_seed(8)
+    shapes, modes = [(3 * BLOCK + 7,), (300, 70), (2 * BLOCK,), (9,)], [1, 2, 0, 0]
+    init = [torch.randn(sh, generator=gen) * 0.05 for sh in shapes]
+    states = {}
+    for exact in (True, False):
+        params, moms, cache = [x.clone() for x in init], [torch.zeros(sh) for sh in shapes], _fused.new_rms_cache()
+        g2 = torch.Generator().manual_seed(9)
+        for t in range(6):
+            grads = [torch.randn(sh, generator=g2) for sh in shapes]
+            _fused.tiger_step_(params, grads, moms, **_tiger_args(modes, shapes), b1=0.9 if t % 2 == 0 else 1.0,
+                               b2=0.05, update=t % 2 == 1, shrink_ratio=0.99, exact=exact, rms_cache=cache)
+        states[exact] = params + moms
+    for a, b in zip(states[True], states[False]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -277,30 +366,57 @@ def test_results_independent_of_thread_count() -> None:
         assert torch.equal(a, b)
 
 
-def test_rms_cache_is_bit_identical_and_invalidated_by_writes() -> None:
+@pytest.mark.parametrize("exact", [True, False])
+def test_rms_cache_is_bit_identical_and_catches_writes(exact: bool) -> None:
+    """With a cache, θ and m stay bit-identical to recomputing every RMS, across versioned writes, writes through
+    ``.data`` (no version bump: the fingerprint catches them), non-finite steps (exact path) and non-final
+    micro-steps."""
     gen = torch.Generator().manual_seed(4)
     p = torch.randn(3 * BLOCK + 5, generator=gen) * 0.05
     q = p.clone()
     mp, mq = torch.zeros_like(p), torch.zeros_like(q)
-    args = dict(lr_modes=[1], lrs=[1e-2], weight_decays=[0.1], centers=[0.0], rms_floor=[1e-3], b1=0.9, b2=0.1,
+    cache = _fused.new_rms_cache()
+    args = dict(lr_modes=[1], lrs=[1e-2], weight_decays=[0.1], centers=[0.0], rms_floor=[1e-3], b2=0.1,
+                shrink_ratio=0.99, exact=exact)
+    for step in range(8):
+        g = torch.randn(p.shape, generator=gen)
+        if step == 2 and exact:
+            g[5] = math.nan  # the shrink also refreshes the cached sum
+        if step == 3:
+            p.mul_(3.0)  # a versioned write
+            q.mul_(3.0)
+        if step == 5:
+            p.data.mul_(0.5)  # no version bump
+            q.data.mul_(0.5)
+        update = step != 6
+        _fused.tiger_step_([p], [g], [mp], b1=0.9 if update else 1.0, update=update, rms_cache=cache, **args)
+        _fused.tiger_step_([q], [g], [mq], b1=0.9 if update else 1.0, update=update, **args)
+        assert torch.equal(p, q) and torch.equal(mp, mq), step
+        assert p in cache
+
+
+def test_rms_cache_is_used_and_validated() -> None:
+    """A planted wrong sum in a valid entry changes the step (the cache is read); the same entry after a
+    ``.data`` write of θ is rejected by the fingerprint (the step equals one without cache)."""
+    gen = torch.Generator().manual_seed(6)
+    init = torch.randn(2 * BLOCK + 3, generator=gen) * 0.05
+    g = torch.randn(init.shape, generator=gen)
+    args = dict(lr_modes=[1], lrs=[1e-2], weight_decays=[0.0], centers=[0.0], rms_floor=[0.0], b1=0.9, b2=0.1,
                 update=True, shrink_ratio=0.99)
-    _fused.set_rms_cache(True)
-    try:
-        for step in range(4):
-            g = torch.randn(p.shape, generator=gen)
-            if step == 2:
-                g[5] = math.nan  # the shrink also refreshes the cached sum
-            if step == 3:
-                p.mul_(3.0)  # a versioned write: the cache must be dropped
-                q.mul_(3.0)
-            _fused.tiger_step_([p], [g], [mp], **args)
-            _fused.set_rms_cache(False)
-            _fused.tiger_step_([q], [g], [mq], **args)
-            _fused.set_rms_cache(True)
-            assert torch.equal(p, q)
-            assert torch.equal(mp, mq)
-    finally:
-        _fused.set_rms_cache(False)
+    results = {}
+    for case in ("none", "planted", "planted+data-write"):
+        p, m, cache = init.clone(), torch.zeros_like(init), _fused.new_rms_cache()
+        _fused.tiger_step_([p], [g], [m], rms_cache=cache, **args)
+        if case == "planted+data-write":
+            p.data.add_(1e-3)
+        if case != "none":
+            v, ptr, numel, dtype, ss, fp = cache[p]
+            cache[p] = (v, ptr, numel, dtype, ss * 4.0, fp)  # claims RMS twice as large
+        ref = p.clone()
+        _fused.tiger_step_([p], [g], [m], rms_cache=cache if case != "none" else None, **args)
+        results[case] = (p - ref).abs().max().item()
+    assert results["planted"] == pytest.approx(2 * results["none"], rel=1e-3)
+    assert results["planted+data-write"] == pytest.approx(results["none"], rel=1e-3)
 
 
 def test_bad_input_raises() -> None:

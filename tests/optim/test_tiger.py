@@ -415,17 +415,38 @@ def test_default_dispatch_uses_fused_with_the_contract_arguments(monkeypatch: py
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
-    by_kind = {g["kind"]: c for g, c in zip(opt.param_groups, calls)}
+    # every group shares this micro-step's coefficients: one kernel call, tensors in param-group order
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["exact"] is False and call["rms_cache"] is opt._rms_cache
+    by_kind: dict[str, dict[str, list]] = {}
+    pos = 0
+    for g in opt.param_groups:
+        sl = slice(pos, pos + len(g["params"]))
+        pos = sl.stop
+        by_kind[g["kind"]] = {key: call[key][sl] for key in ("lr_modes", "lrs", "weight_decays", "centers",
+                                                             "rms_floor")}
+    assert pos == call["n"]
     assert by_kind["matrix"]["lr_modes"] == [1, 1, 1] and by_kind["matrix"]["weight_decays"] == [0.1] * 3
     assert by_kind["embedding"]["lr_modes"] == [2]
     assert by_kind["bias"]["lr_modes"] == [0, 0] and by_kind["bias"]["lrs"] == [0.005, 0.005]
     assert by_kind["bias"]["weight_decays"] == [0.0, 0.0]
     assert by_kind["norm_scale"]["centers"] == [1.0, 1.0] and by_kind["norm_shift"]["centers"] == [0.0]
     assert by_kind["matrix"]["rms_floor"] == [0.1 / math.sqrt(6), 0.1 / math.sqrt(8), 0.1 / math.sqrt(4)]
-    assert all(c["b1"] == 0.9 and c["b2"] == pytest.approx(0.05) and c["update"] is False for c in calls)
+    assert call["b1"] == 0.9 and call["b2"] == pytest.approx(0.05) and call["update"] is False
     calls.clear()
     opt.step()
-    assert all(c["b1"] == 1.0 and c["update"] is True for c in calls)
+    assert len(calls) == 1 and calls[0]["b1"] == 1.0 and calls[0]["update"] is True
+    # groups with different coefficients (here another beta) get one call each
+    calls.clear()
+    opt.param_groups[0]["beta"] = 0.5
+    opt.step()
+    assert sorted(c["b1"] for c in calls) == [0.5, 0.9]
+    # exact_nonfinite / rms_cache reach the kernel
+    calls.clear()
+    exact = Tiger(model.parameters(), exact_nonfinite=True, rms_cache=False)
+    exact.step()
+    assert len(calls) == 1 and calls[0]["exact"] is True and calls[0]["rms_cache"] is None
     # A dtype pair the kernels do not take falls back to PyTorch silently when fused=None.
     calls.clear()
     opt64 = Tiger([nn.Parameter(torch.ones(3, 3, dtype=torch.float64))])

@@ -1,30 +1,36 @@
 // Fused multi-tensor Tiger and Lion steps for CPU tensors (lightning_tiger.optim._fused).
 //
-// One call updates a whole list of tensors. Work is cut into (tensor, block) items of <= kBlock elements so
-// that one huge tensor and many small ones both keep every thread busy; threads come from ATen's intra-op pool
-// (at::parallel_for, i.e. OpenMP in the usual builds), so torch.set_num_threads() applies.
+// One call updates a whole list of tensors in ONE parallel region of ATen's intra-op pool (at::parallel_for,
+// i.e. OpenMP in the usual builds, so torch.set_num_threads() applies). Work is cut into (tensor, block) items
+// of <= kBlock elements that threads claim dynamically (atomic counters): on a shared machine one thread is
+// often slower than another, and a static split would make every thread wait for the slowest.
 //
-// Tiger needs two facts about a tensor before its momentum may be written: whether its whole gradient is
-// finite (the non-finite rule keeps m EXACTLY unchanged, so no optimistic write is allowed) and, for the
-// RMS-relative learning rate, the sum of squares of theta before the update. Both are reductions over the
-// whole tensor, so each tensor is processed in two phases:
-//   phase A  (read only)  isfinite(g), and sum(theta^2) per block for whole-tensor-RMS tensors (unless the
-//                         caller passes a cached value, see _fused.py);
-//   phase B  (update)     the element-wise update, using the phase-A results.
-// A "small" tensor (phase-A bytes, g plus theta when the RMS is recomputed, within `group_bytes`) is handled
-// whole by one thread, phase B right after phase A, so phase B re-reads g (and theta) from that core's cache,
-// not from DRAM: the update moves the minimal 20 bytes per fp32 parameter from memory (12 for a non-final
-// micro-step), and needs no synchronisation: all small tensors together cost one fork of the thread pool.
-// A "big" tensor is shared by all threads (its blocks split evenly), and is read twice from memory (+4 bytes
-// per parameter, +8 when its RMS is recomputed); phase B walks each thread's range backwards so that the part
-// phase A read last is still cached. Phase B of one big tensor and phase A of the next share a fork.
-// Per-row RMS (lr_mode 2) is computed row by row inside phase B (a row is re-read from L1/L2).
+// The non-finite rule of Tiger is per tensor: if any element of g_i is NaN/inf, m_i stays unchanged and theta_i
+// shrinks toward its centre. Two ways to honour it (argument `exact`):
+//
+//  * optimistic, one pass (exact = false, the default of the Python wrapper): each block checks its 16-element
+//    groups of g before writing them and stops at the first non-finite one; blocks of a tensor already known
+//    to be non-finite are skipped. After the pass, the blocks of a flagged tensor that were written are rolled
+//    back by inverting the update (m = (m' - b2*g)/b1, theta = (theta' + eta*sign(m'))/decay, in fp32), then
+//    theta shrinks; in a tensor of several blocks every element with a finite g gets that update-and-invert
+//    round trip, written or not, so the result does not depend on thread timing (see tiger_rollback). The update moves the minimal 20 bytes per fp32 parameter (12 for a non-final micro-step);
+//    the price is that a rolled-back m and theta equal the old values only to within float rounding (a few
+//    ulp of |m| + |b2*g| and of |theta|), on non-finite steps only. Finite steps are bit-identical to `exact`.
+//  * exact, two phases (exact = true, and always where the inversion is impossible: b1 == 0): phase A reads g
+//    (isfinite) before phase B writes anything. A "small" tensor (phase-A bytes within `group_bytes`) is
+//    handled whole by one thread, B right after A from that core's caches; a "big" one is shared by all
+//    threads and B starts once every block of A is done (so g is read twice from memory).
+//
+// The RMS of theta before the update (lr_mode 1) needs its own read of theta unless the caller passes the sum
+// of squares that this kernel returned for the theta it wrote at the previous step (`sumsq`, validated by a
+// fingerprint of sampled elements, see _fused.py). Tensors whose RMS must be recomputed go through the two-phase
+// path (phase A reads theta and g together). Per-row RMS (lr_mode 2) is computed row by row from L1.
 //
 // Reductions are deterministic: a block's sum of squares uses 16 fixed float lanes combined in a fixed order
-// in double, and block sums are added in block order, whatever the thread count. The sum of squares of the
-// *new* theta (written back for the caller's RMS cache) uses exactly the same blocks and lanes, so a cached
-// value is bit-identical to a recomputed one. Compiled with -ffp-contract=off: no FMA contraction, so results
-// do not depend on the ISA the kernels were built for.
+// in double, and block sums are added in block order, whatever the thread count or schedule. The sum of
+// squares of the *new* theta (returned for the caller's cache) uses exactly the same blocks and lanes, so a
+// cached value is bit-identical to a recomputed one. Compiled with -ffp-contract=off: no FMA contraction, so
+// results do not depend on the ISA the kernels were built for.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,12 +43,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kBlock = 16384;  // elements per work item (64 KiB of fp32): L1/L2-friendly, cheap to schedule
-constexpr int kLanes = 16;         // accumulation lanes of the sums of squares (one AVX-512 / two AVX2 vectors)
+constexpr int kLanes = 16;         // lanes of the sums of squares and of the finiteness checks
 
 // ---------------------------------------------------------------------------------------------- dtypes
 struct F32 {
@@ -97,6 +105,7 @@ struct F16 {
   static inline bool nonfinite(S x) { return (x & 0x7c00u) == 0x7c00u; }
 };
 
+// ---------------------------------------------------------------------------------------------- kernels
 inline float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
 
 inline double combine(const float* acc) {
@@ -123,7 +132,7 @@ double sumsq(const typename P::S* __restrict x, int64_t n) {
   return combine(acc);
 }
 
-// Sum of squares of a long run, in kBlock pieces added in order (identical to the per-item sums of phase A).
+// Sum of squares of a long run, in kBlock pieces added in order (identical to the per-item sums).
 template <class P>
 double sumsq_blocks(const typename P::S* x, int64_t n) {
   double s = 0.0;
@@ -149,20 +158,44 @@ bool any_nonfinite(const typename P::S* __restrict g, int64_t n) {
   return false;
 }
 
-// ---------------------------------------------------------------------------------------------- kernels
-// Tiger, finite gradient, final micro-step, one eta for the whole range:
-//   m <- b1*m + b2*g;  theta <- theta*(1 - eta*wd) - eta*sign(m)   (= theta - eta*(sign(m) + wd*theta))
-// Returns the sum of squares of the stored new theta when WantSS (lane pattern of sumsq()).
-template <class P, class M, bool WantSS>
-double tiger_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
-                    int64_t n, float b1, float b2, float eta, float decay) {
+// Phase A of a tensor whose RMS is recomputed: finiteness of g and sum of squares of theta in one pass (the sum
+// uses the lane pattern of sumsq(), so it is bit-identical to it).
+template <class P>
+double scan_g_theta(const typename P::S* __restrict g, const typename P::S* __restrict th, int64_t n,
+                    bool& nonfinite) {
   float acc[kLanes] = {0.f};
+  uint32_t bad = 0;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = P::ld(th[i + l]);
+      acc[l] += v * v;
+      bad |= static_cast<uint32_t>(P::nonfinite(g[i + l]));
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = P::ld(th[i]);
+    acc[i % kLanes] += v * v;
+    bad |= static_cast<uint32_t>(P::nonfinite(g[i]));
+  }
+  nonfinite = bad != 0;
+  return combine(acc);
+}
+
+// Tiger, final micro-step, one eta for the whole range:
+//   m <- b1*m + b2*g;  theta <- theta*(1 - eta*wd) - eta*sign(m)   (= theta - eta*(sign(m) + wd*theta))
+// When WantSS, adds the squares of the stored new theta to the 16 lanes `acc` (lane = index % 16 from x[0] of
+// the item: callers keep `acc` across the pieces of one item, so the sum matches sumsq() bit for bit).
+template <class P, class M, bool WantSS>
+void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
+                      int64_t n, float b1, float b2, float eta, float decay, float* __restrict acc_io) {
+  float acc[kLanes];  // a local copy keeps the lanes in registers; same accumulation order as one long pass
+  std::memcpy(acc, acc_io, sizeof(acc));
   auto one = [&](int64_t i, int lane) {
     const float mn = b1 * M::ld(m[i]) + b2 * P::ld(g[i]);
     const typename M::S ms = M::st(mn);
     m[i] = ms;
-    // sign of the momentum as stored (identical to mn for fp32 momentum)
-    const float s = sign_of(M::ld(ms));
+    const float s = sign_of(M::ld(ms));  // sign of the momentum as stored (identical to mn for fp32 momentum)
     const typename P::S ts = P::st(P::ld(th[i]) * decay - eta * s);
     th[i] = ts;
     if (WantSS) {
@@ -175,16 +208,83 @@ double tiger_update(typename P::S* __restrict th, const typename P::S* __restric
     for (int l = 0; l < kLanes; ++l) one(i + l, l);
   }
   for (; i < n; ++i) one(i, static_cast<int>(i % kLanes));
-  return WantSS ? combine(acc) : 0.0;
+  if (WantSS) std::memcpy(acc_io, acc, sizeof(acc));
 }
 
 // Non-final micro-step: m <- b1*m + b2*g (theta untouched: 12 bytes per fp32 parameter).
 template <class P, class M>
-void tiger_fold(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2) {
+void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2) {
   for (int64_t i = 0; i < n; ++i) m[i] = M::st(b1 * M::ld(m[i]) + b2 * P::ld(g[i]));
 }
 
-// Non-finite rule: theta <- (theta - c)*s + c.
+// The optimistic path checks g piece by piece (kCheckPiece elements: 4 KiB of fp32, still in L1 when the update
+// reads it) and stops before the first piece holding a non-finite value. Returns the number of elements
+// written (n when g is finite); the sum of squares of the new theta goes to *ss when WantSS and all of it was
+// written. Checked = false: no test (two-phase path, g known finite).
+constexpr int64_t kCheckPiece = 1024;
+
+template <class P, class M, bool WantSS, bool Checked>
+int64_t tiger_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
+                     int64_t n, float b1, float b2, float eta, float decay, double* ss) {
+  float acc[kLanes] = {0.f};
+  if (Checked) {
+    for (int64_t b = 0; b < n; b += kCheckPiece) {
+      const int64_t len = std::min(kCheckPiece, n - b);
+      if (any_nonfinite<P>(g + b, len)) return b;
+      tiger_update_run<P, M, WantSS>(th + b, g + b, m + b, len, b1, b2, eta, decay, acc);
+    }
+  } else {
+    tiger_update_run<P, M, WantSS>(th, g, m, n, b1, b2, eta, decay, acc);
+  }
+  if (WantSS) *ss = combine(acc);
+  return n;
+}
+
+template <class P, class M, bool Checked>
+int64_t tiger_fold(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2) {
+  if (!Checked) {
+    tiger_fold_run<P, M>(g, m, n, b1, b2);
+    return n;
+  }
+  for (int64_t b = 0; b < n; b += kCheckPiece) {
+    const int64_t len = std::min(kCheckPiece, n - b);
+    if (any_nonfinite<P>(g + b, len)) return b;
+    tiger_fold_run<P, M>(g + b, m + b, len, b1, b2);
+  }
+  return n;
+}
+
+// Rollback of an optimistic pass over n elements of a tensor found non-finite, of which the first `written` were
+// updated: those are restored by inverting the update, m = (m' - b2*g)/b1 and, when `update`,
+// theta = (theta' + eta*sign(m'))/decay (theta' kept when decay == 0: the update forgot theta). With
+// `round_trip_rest`, the others get the same forward-then-inverse round trip in registers where g is finite
+// (nothing where it is not): the result is then a function of each element alone, whatever the threads had
+// written when the non-finite value was found, i.e. reproducible (used for tensors of several blocks; a
+// one-block tensor is processed by one thread in order, so its written prefix is already deterministic and
+// the rest stays exact). Restored values equal the old ones to within float rounding, not bit for bit.
+template <class P, class M>
+void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
+                    int64_t n, int64_t written, bool round_trip_rest, float b1, float b2, bool update, float eta,
+                    float decay) {
+  const int64_t end = round_trip_rest ? n : written;
+  for (int64_t i = 0; i < end; ++i) {
+    const float gi = P::ld(g[i]);
+    typename M::S ms;
+    typename P::S ts = th[i];
+    if (i < written) {
+      ms = m[i];
+    } else {
+      if (P::nonfinite(g[i])) continue;
+      ms = M::st(b1 * M::ld(m[i]) + b2 * gi);
+      if (update) ts = P::st(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)));
+    }
+    const float mn = M::ld(ms);
+    if (update && decay != 0.f) th[i] = P::st((P::ld(ts) + eta * sign_of(mn)) / decay);
+    m[i] = M::st((mn - b2 * gi) / b1);
+  }
+}
+
+// Non-finite rule: theta <- (theta - c)*s + c. Returns the sum of squares of the new theta when WantSS.
 template <class P, bool WantSS>
 double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s) {
   float acc[kLanes] = {0.f};
@@ -215,6 +315,26 @@ void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g
     th[i] = P::st(P::ld(th[i]) * decay - lr * sign_of(c));
     m[i] = M::st(b2 * mo + c2 * gi);
   }
+}
+
+// Fingerprint of a tensor's bytes at 8 evenly spaced runs of 16 elements (FNV-1a over the raw bytes, numel
+// mixed in): cheap (8 cache lines), used by the caller to detect writes to theta that bypass its version
+// counter before trusting a cached sum of squares. Never 0 (0 means "none").
+uint64_t fingerprint(const at::Tensor& t) {
+  const int64_t n = t.numel();
+  const int64_t es = static_cast<int64_t>(t.element_size());
+  const auto* base = static_cast<const unsigned char*>(t.data_ptr());
+  uint64_t h = 1469598103934665603ull ^ static_cast<uint64_t>(n);
+  for (int k = 0; k < 8; ++k) {
+    const int64_t start = std::min<int64_t>(n, k * (n / 8));
+    const int64_t len = std::min<int64_t>(kLanes, n - start);
+    const unsigned char* p = base + start * es;
+    for (int64_t b = 0; b < len * es; ++b) {
+      h ^= p[b];
+      h *= 1099511628211ull;
+    }
+  }
+  return h == 0 ? 1 : h;
 }
 
 // ---------------------------------------------------------------------------------------------- dispatch
@@ -278,43 +398,78 @@ struct Item {
   int64_t end;
 };
 
-// Splits items [0, n) into `parts` contiguous ranges of about equal element counts.
-std::vector<int64_t> balance(const std::vector<Item>& items, int64_t lo, int64_t hi, int64_t parts) {
-  int64_t total = 0;
-  for (int64_t j = lo; j < hi; ++j) total += items[j].end - items[j].begin + 64;  // +64: per-item overhead
-  std::vector<int64_t> cuts(parts + 1, hi);
-  cuts[0] = lo;
-  int64_t acc = 0, part = 1;
-  for (int64_t j = lo; j < hi && part < parts; ++j) {
-    acc += items[j].end - items[j].begin + 64;
-    while (part < parts && acc * parts >= total * part) cuts[part++] = j + 1;
-  }
-  return cuts;
+// ---------------------------------------------------------------------------------------------- scheduling
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
 }
 
-// Runs body(j) for items [lo, hi) across the intra-op pool, each thread on one contiguous, cost-balanced range
-// (forward or backward). Small ranges run inline: forking the pool costs more than it saves.
-template <class Body>
-void run_items(const std::vector<Item>& items, int64_t lo, int64_t hi, bool backward, Body&& body) {
-  if (hi <= lo) return;
-  int64_t elems = 0;
-  for (int64_t j = lo; j < hi; ++j) elems += items[j].end - items[j].begin;
-  int64_t nthr = at::in_parallel_region() ? 1 : static_cast<int64_t>(at::get_num_threads());
-  nthr = std::min<int64_t>({nthr, hi - lo, std::max<int64_t>(1, elems / (kBlock / 2))});
-  auto range = [&](int64_t a, int64_t b) {
-    if (backward) {
-      for (int64_t j = b - 1; j >= a; --j) body(j);
+// Waits for a condition that another *running* worker is about to make true (it holds the last claimed item).
+template <class Pred>
+void spin_until(Pred&& done) {
+  for (int k = 0; !done(); ++k) {
+    if (k < 4096) {
+      cpu_relax();
     } else {
-      for (int64_t j = a; j < b; ++j) body(j);
+      std::this_thread::yield();
     }
-  };
+  }
+}
+
+int64_t num_workers(int64_t elems) {
+  int64_t nthr = at::in_parallel_region() ? 1 : static_cast<int64_t>(at::get_num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(nthr, elems / (kBlock / 2)));
+}
+
+// Work-stealing split of the items [0, n) among nthr workers: each starts on its own contiguous range, front to
+// back (long sequential streams keep the hardware prefetchers busy), and a worker that runs dry takes items
+// from the back of another worker's range. Range = (begin << 32) | end, updated by CAS.
+class RangeQueue {
+ public:
+  RangeQueue(int64_t lo, int64_t hi, int64_t nthr) : ranges_(static_cast<size_t>(nthr)) {
+    const int64_t n = hi - lo;
+    for (int64_t t = 0; t < nthr; ++t) {
+      const auto b = static_cast<uint64_t>(lo + n * t / nthr), e = static_cast<uint64_t>(lo + n * (t + 1) / nthr);
+      ranges_[t].store((b << 32) | e, std::memory_order_relaxed);
+    }
+  }
+  // The next item for worker t, or -1 once every item is taken.
+  int64_t next(int64_t t) {
+    const auto nthr = static_cast<int64_t>(ranges_.size());
+    for (int64_t u = 0; u < nthr; ++u) {
+      const int64_t item = take((t + u) % nthr, u == 0);
+      if (item >= 0) return item;
+    }
+    return -1;
+  }
+
+ private:
+  int64_t take(int64_t t, bool front) {
+    auto& r = ranges_[t];
+    uint64_t cur = r.load(std::memory_order_relaxed);
+    while (true) {
+      const uint64_t b = cur >> 32, e = cur & 0xffffffffull;
+      if (b >= e) return -1;
+      const uint64_t nxt = front ? (((b + 1) << 32) | e) : ((b << 32) | (e - 1));
+      if (r.compare_exchange_weak(cur, nxt, std::memory_order_relaxed)) return static_cast<int64_t>(front ? b : e - 1);
+    }
+  }
+  std::vector<std::atomic<uint64_t>> ranges_;
+};
+
+// Runs worker(t) for t in [0, nthr) on the intra-op pool (inline when nthr == 1). Workers claim work with
+// atomics, so a pool that grants fewer threads than asked still completes all of it.
+template <class W>
+void run_workers(int64_t nthr, W&& worker) {
   if (nthr <= 1) {
-    range(lo, hi);
+    worker(0);
     return;
   }
-  const auto cuts = balance(items, lo, hi, nthr);
-  at::parallel_for(0, nthr, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) range(cuts[t], cuts[t + 1]);
+  at::parallel_for(0, nthr, 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) worker(t);
   });
 }
 
@@ -322,10 +477,13 @@ void run_items(const std::vector<Item>& items, int64_t lo, int64_t hi, bool back
 // flags (uint8 [n], out): per-tensor nonfinite flags.
 // sumsq (float64 [n], in/out): in: a cached sum(theta^2) for lr_mode 1 tensors, NaN = recompute;
 //   out (when want_sumsq): sum(theta^2) of the theta left by this call for lr_mode 1 tensors, NaN if unknown.
+// fprints (int64 [n], in/out): in: the fingerprint returned with each cached sum (a mismatch drops the sum);
+//   out: the fingerprint of the theta left by this call where sumsq is returned, else 0.
 void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms, at::IntArrayRef lr_modes,
                 at::ArrayRef<double> lrs, at::ArrayRef<double> wds, at::ArrayRef<double> centers,
-                at::ArrayRef<double> floors, double b1d, double b2d, bool update, double shrink,
-                const at::Tensor& flags_t, const at::Tensor& sumsq_t, bool want_sumsq, int64_t group_bytes) {
+                at::ArrayRef<double> floors, double b1d, double b2d, bool update, double shrink, bool exact,
+                const at::Tensor& flags_t, const at::Tensor& sumsq_t, const at::Tensor& fprints_t, bool want_sumsq,
+                int64_t group_bytes) {
   std::vector<Kind> kinds;
   check_lists(params, grads, moms, kinds);
   const int64_t n = static_cast<int64_t>(params.size());
@@ -337,8 +495,11 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                     "fused Tiger: flags must be a contiguous uint8 tensor with one entry per tensor");
   TORCH_CHECK_VALUE(sumsq_t.scalar_type() == at::kDouble && sumsq_t.numel() == n && sumsq_t.is_contiguous(),
                     "fused Tiger: sumsq must be a contiguous float64 tensor with one entry per tensor");
+  TORCH_CHECK_VALUE(fprints_t.scalar_type() == at::kLong && fprints_t.numel() == n && fprints_t.is_contiguous(),
+                    "fused Tiger: fprints must be a contiguous int64 tensor with one entry per tensor");
   uint8_t* flags = flags_t.data_ptr<uint8_t>();
   double* ss = sumsq_t.data_ptr<double>();
+  int64_t* fps = fprints_t.data_ptr<int64_t>();
 
   // Effective per-tensor modes: a per-row RMS of a tensor with ndim < 2 is its whole-tensor RMS (as in the
   // reference), and per-row tensors need their row width.
@@ -353,7 +514,7 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
       if (p.dim() < 2) {
         mode[i] = 1;
       } else {
-        cols[i] = p.size(0) > 0 ? p.numel() / p.size(0) : 0;
+        cols[i] = p.size(0) > 0 ? std::max<int64_t>(1, p.numel() / p.size(0)) : 1;  // [k, 0]: no rows to update
       }
     }
   }
@@ -362,77 +523,66 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   std::vector<std::atomic<uint8_t>> bad(n);
   for (int64_t i = 0; i < n; ++i) bad[i].store(0, std::memory_order_relaxed);
   std::vector<double> rms_sum(n, std::nan(""));  // sum(theta^2) before the update (mode 1)
-  std::vector<double> new_ss(n, std::nan(""));
-  std::vector<uint8_t> need_rms(n, 0);
+  std::vector<uint8_t> need_rms(n, 0), two_phase(n, 0);
   for (int64_t i = 0; i < n; ++i) {
     if (mode[i] == 1 && update) {
-      if (std::isnan(ss[i])) {
-        need_rms[i] = 1;
-      } else {
+      // a cached sum is trusted only if theta still has the fingerprint it had when the sum was taken
+      if (!std::isnan(ss[i]) && static_cast<uint64_t>(fps[i]) == fingerprint(params[i])) {
         rms_sum[i] = ss[i];
+      } else {
+        need_rms[i] = 1;
       }
     }
+    // the optimistic pass cannot undo m <- 0*m + b2*g: such steps, and tensors whose RMS needs a read of theta
+    // anyway, take the two-phase path
+    two_phase[i] = exact || b1 == 0.f || need_rms[i];
   }
 
   // ---- work items of every tensor: blocks of kBlock elements (whole rows for per-row tensors)
   std::vector<Item> items;
   std::vector<int64_t> first_item(n + 1, 0);
+  std::vector<int64_t> row_off(n + 1, 0);  // per-row eta of optimistic per-row tensors (for a rollback)
+  int64_t total_elems = 0;
   for (int64_t i = 0; i < n; ++i) {
     first_item[i] = static_cast<int64_t>(items.size());
     const int64_t numel = params[i].numel();
+    total_elems += numel;
     int64_t step = kBlock;
-    if (mode[i] == 2 && update) step = std::max<int64_t>(1, kBlock / std::max<int64_t>(cols[i], 1)) * cols[i];
+    const bool rows = mode[i] == 2 && update;
+    if (rows) step = std::max<int64_t>(1, kBlock / cols[i]) * cols[i];
     for (int64_t b = 0; b < numel; b += step) items.push_back({i, b, std::min(numel, b + step)});
+    row_off[i + 1] = row_off[i] + (rows && !two_phase[i] ? numel / cols[i] : 0);
   }
   first_item[n] = static_cast<int64_t>(items.size());
   const int64_t nitems = first_item[n];
-  int64_t total_elems = 0;
-  for (int64_t i = 0; i < n; ++i) total_elems += params[i].numel();
-  int64_t nthr = at::in_parallel_region() ? 1 : static_cast<int64_t>(at::get_num_threads());
-  nthr = std::max<int64_t>(1, std::min<int64_t>(nthr, total_elems / (kBlock / 2)));
-  // A tensor whose phase-A bytes exceed the budget is "big": all threads share it, phase A and B in separate
-  // forks. Every other tensor is "small": one thread runs its phase A and then its phase B back to back (the
-  // data is still in that core's cache) with no synchronisation at all, so all small tensors cost one fork.
-  std::vector<int64_t> small, big;
+  const int64_t nthr = num_workers(total_elems);
+  std::vector<float> row_eta(static_cast<size_t>(row_off[n]), std::nanf(""));
+
+  // Two-phase tensors: a "big" one (phase-A bytes over the budget) is shared by all threads, phase B once all
+  // of its phase A is done; a "small" one is handled whole by one thread, A then B back to back (the data is
+  // still in that core's caches). Small tensors are handed out largest first (LPT order balances threads).
+  std::vector<int64_t> small, big, opt_items;
   for (int64_t i = 0; i < n; ++i) {
     const auto& p = params[i];
+    if (p.numel() == 0) continue;
+    if (!two_phase[i]) {
+      for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) opt_items.push_back(j);
+      continue;
+    }
     const int64_t bytes = p.numel() * static_cast<int64_t>(p.element_size()) * (need_rms[i] ? 2 : 1);
     (nthr > 1 && bytes > group_bytes ? big : small).push_back(i);
   }
-  // contiguous runs of small tensors per thread, balanced by element count
-  std::vector<int64_t> small_cuts(nthr + 1, static_cast<int64_t>(small.size()));
-  {
-    int64_t tot = 0, acc = 0, part = 1;
-    for (const int64_t i : small) tot += params[i].numel() + 64;
-    small_cuts[0] = 0;
-    for (int64_t k = 0; k < static_cast<int64_t>(small.size()) && part < nthr; ++k) {
-      acc += params[small[k]].numel() + 64;
-      while (part < nthr && acc * nthr >= tot * part) small_cuts[part++] = k + 1;
-    }
-  }
-  std::vector<std::vector<int64_t>> big_cuts;
-  for (const int64_t i : big) big_cuts.push_back(balance(items, first_item[i], first_item[i + 1], nthr));
+  std::stable_sort(small.begin(), small.end(),
+                   [&](int64_t a, int64_t b) { return params[a].numel() > params[b].numel(); });
+  const int64_t nbig = static_cast<int64_t>(big.size());
+  const int64_t nopt = static_cast<int64_t>(opt_items.size());
 
   std::vector<double> partial(nitems, 0.0);   // per item: sum of squares of theta (phase A)
-  std::vector<double> partial2(nitems, 0.0);  // per item: sum of squares of the new theta (phase B)
+  std::vector<double> partial2(nitems, 0.0);  // per item: sum of squares of the new theta
+  std::vector<int64_t> written(nitems, 0);    // per optimistic item: elements written before a non-finite group
   std::vector<float> eta(n, 0.f), decay(n, 1.f);
 
-  // phase A of one item: finiteness of g, and sum(theta^2) where the RMS must be recomputed
-  auto phase_a = [&](int64_t j) {
-    const Item& it = items[j];
-    const int64_t i = it.tensor, len = it.end - it.begin;
-    dispatch(kinds[i], [&]<class P, class M>() {
-      if (!bad[i].load(std::memory_order_relaxed)) {
-        const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
-        if (any_nonfinite<P>(g, len)) bad[i].store(1, std::memory_order_relaxed);
-      }
-      if (need_rms[i]) {
-        const auto* th = static_cast<const typename P::S*>(params[i].data_ptr()) + it.begin;
-        partial[j] = sumsq<P>(th, len);
-      }
-    });
-  };
-  // after phase A of a tensor: reduce its RMS sums in block order (deterministic), its eta and decay
+  // eta and decay of a tensor once its RMS is known (mode 1); per-row tensors get theirs row by row
   auto finish_a = [&](int64_t i) {
     if (need_rms[i]) {
       double acc = 0.0;
@@ -448,86 +598,194 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     }
     decay[i] = 1.f - eta[i] * static_cast<float>(wds[i]);
   };
-  // phase B of one item: the update
-  auto phase_b = [&](int64_t j) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!two_phase[i]) finish_a(i);
+  }
+  auto row_eta_of = [&](int64_t i, float rms) {
+    return static_cast<float>(lrs[i]) * std::max(rms, static_cast<float>(floors[i]));
+  };
+
+  // two-phase path, phase A of one item: finiteness of g, and sum(theta^2) where the RMS must be recomputed
+  auto phase_a = [&](int64_t j) {
+    const Item& it = items[j];
+    const int64_t i = it.tensor, len = it.end - it.begin;
+    if (bad[i].load(std::memory_order_relaxed)) return;  // theta will only shrink: nothing else to learn
+    dispatch(kinds[i], [&]<class P, class M>() {
+      const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
+      if (need_rms[i]) {
+        const auto* th = static_cast<const typename P::S*>(params[i].data_ptr()) + it.begin;
+        bool nf = false;
+        partial[j] = scan_g_theta<P>(g, th, len, nf);
+        if (nf) bad[i].store(1, std::memory_order_relaxed);
+      } else if (any_nonfinite<P>(g, len)) {
+        bad[i].store(1, std::memory_order_relaxed);
+      }
+    });
+  };
+  // the update of one item; Checked: the optimistic path (stops at a non-finite group, records what it wrote)
+  auto update_item = [&]<bool Checked>(int64_t j) {
     const Item& it = items[j];
     const int64_t i = it.tensor, len = it.end - it.begin;
     const bool want = want_sumsq && mode[i] == 1;
     dispatch(kinds[i], [&]<class P, class M>() {
       auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
-      if (bad[i].load(std::memory_order_relaxed)) {
-        const float c = static_cast<float>(centers[i]);
-        partial2[j] = want ? tiger_shrink<P, true>(th, len, c, s) : tiger_shrink<P, false>(th, len, c, s);
-        return;
-      }
       const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
       auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
+      int64_t w = len;
       if (!update) {
-        tiger_fold<P, M>(g, m, len, b1, b2);
-        return;
-      }
-      if (mode[i] == 2) {
-        const int64_t w = cols[i];
-        const float lr = static_cast<float>(lrs[i]), wd = static_cast<float>(wds[i]);
-        const float fl = static_cast<float>(floors[i]);
-        for (int64_t r = 0; r < len; r += w) {
-          const float rms = static_cast<float>(std::sqrt(sumsq_blocks<P>(th + r, w) / static_cast<double>(w)));
-          const float e = lr * std::max(rms, fl);
-          tiger_update<P, M, false>(th + r, g + r, m + r, w, b1, b2, e, 1.f - e * wd);
+        w = tiger_fold<P, M, Checked>(g, m, len, b1, b2);
+      } else if (mode[i] == 2) {
+        const int64_t c = cols[i];
+        const float wd = static_cast<float>(wds[i]);
+        for (int64_t r = 0; r < len; r += c) {
+          const double rms = std::sqrt(sumsq_blocks<P>(th + r, c) / static_cast<double>(c));
+          const float e = row_eta_of(i, static_cast<float>(rms));
+          if (Checked) row_eta[row_off[i] + (it.begin + r) / c] = e;
+          const int64_t wr = tiger_update<P, M, false, Checked>(th + r, g + r, m + r, c, b1, b2, e, 1.f - e * wd,
+                                                               nullptr);
+          if (Checked && wr < c) {
+            w = r + wr;
+            break;
+          }
         }
-        return;
+      } else if (want) {
+        w = tiger_update<P, M, true, Checked>(th, g, m, len, b1, b2, eta[i], decay[i], &partial2[j]);
+      } else {
+        w = tiger_update<P, M, false, Checked>(th, g, m, len, b1, b2, eta[i], decay[i], nullptr);
       }
-      partial2[j] = want ? tiger_update<P, M, true>(th, g, m, len, b1, b2, eta[i], decay[i])
-                         : tiger_update<P, M, false>(th, g, m, len, b1, b2, eta[i], decay[i]);
+      if (Checked) {
+        written[j] = w;
+        if (w < len) bad[i].store(1, std::memory_order_relaxed);
+      }
     });
   };
-  // after phase B of a tensor: its flag, and the sum of squares of its new theta for the caller's cache
-  auto finish_b = [&](int64_t i) {
-    flags[i] = bad[i].load(std::memory_order_relaxed);
-    if (!want_sumsq || mode[i] != 1) return;
-    if (flags[i] || update) {  // theta was rewritten here: sum of the new values, in block order
-      double acc = 0.0;
-      for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) acc += partial2[j];
-      new_ss[i] = acc;
+  // shrink of one item (non-finite tensor); optimistic items first undo what they wrote
+  auto shrink_item = [&](int64_t j, bool rollback) {
+    const Item& it = items[j];
+    const int64_t i = it.tensor, len = it.end - it.begin;
+    const bool want = want_sumsq && mode[i] == 1;
+    dispatch(kinds[i], [&]<class P, class M>() {
+      auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
+      if (rollback) {
+        const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
+        auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
+        const bool rest = first_item[i + 1] - first_item[i] > 1;  // several blocks: which were written is timing
+        if (update && mode[i] == 2) {
+          const int64_t c = cols[i];
+          const float wd = static_cast<float>(wds[i]);
+          for (int64_t r = 0; r < len; r += c) {
+            const int64_t w = std::clamp<int64_t>(written[j] - r, 0, c);
+            if (w == 0 && !rest) break;
+            float e = row_eta[row_off[i] + (it.begin + r) / c];
+            if (std::isnan(e)) {  // a row the pass never reached: its eta from its (untouched) theta
+              const double rms = std::sqrt(sumsq_blocks<P>(th + r, c) / static_cast<double>(c));
+              e = row_eta_of(i, static_cast<float>(rms));
+            }
+            tiger_rollback<P, M>(th + r, g + r, m + r, c, w, rest, b1, b2, true, e, 1.f - e * wd);
+          }
+        } else {
+          tiger_rollback<P, M>(th, g, m, len, written[j], rest, b1, b2, update, eta[i], decay[i]);
+        }
+      }
+      const float c = static_cast<float>(centers[i]);
+      partial2[j] = want ? tiger_shrink<P, true>(th, len, c, s) : tiger_shrink<P, false>(th, len, c, s);
+    });
+  };
+  // two-phase path, phase B of one item
+  auto phase_b = [&](int64_t j) {
+    if (bad[items[j].tensor].load(std::memory_order_relaxed)) {
+      shrink_item(j, false);
     } else {
-      new_ss[i] = ss[i];  // finite non-final micro-step: theta untouched, the cached value (or NaN) stays
+      update_item.template operator()<false>(j);
     }
   };
 
-  // ---- fork f: (f == 0) the small tensors, each thread its own run, A then B per tensor; (f > 0) phase B of
-  // big tensor f-1, walked backwards so that what this thread's phase A read last is still cached; then phase A
-  // of big tensor f. One fork serves two phases: n_big + 1 forks in all (barriers hurt most on a busy machine).
-  const int64_t nbig = static_cast<int64_t>(big.size());
-  for (int64_t f = 0; f <= nbig; ++f) {
-    auto work = [&](int64_t t) {
-      if (f == 0) {
-        for (int64_t k = small_cuts[t]; k < small_cuts[t + 1]; ++k) {
-          const int64_t i = small[k];
-          for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) phase_a(j);
-          finish_a(i);
-          for (int64_t j = first_item[i + 1] - 1; j >= first_item[i]; --j) phase_b(j);
-          finish_b(i);
-        }
-      } else {
-        const auto& cuts = big_cuts[f - 1];
-        for (int64_t j = cuts[t + 1] - 1; j >= cuts[t]; --j) phase_b(j);
-      }
-      if (f < nbig) {
-        const auto& cuts = big_cuts[f];
-        for (int64_t j = cuts[t]; j < cuts[t + 1]; ++j) phase_a(j);
-      }
-    };
-    if (nthr <= 1) {
-      work(0);
-    } else {
-      at::parallel_for(0, nthr, 1, [&](int64_t a, int64_t b) {
-        for (int64_t t = a; t < b; ++t) work(t);
-      });
-    }
-    if (f > 0) finish_b(big[f - 1]);
-    if (f < nbig) finish_a(big[f]);
+  // ---- one parallel region: small two-phase tensors, big two-phase tensors, then the optimistic items
+  std::atomic<int64_t> next_small{0};
+  RangeQueue opt_queue(0, nopt, nthr);
+  std::vector<std::unique_ptr<RangeQueue>> a_queue;
+  std::vector<std::atomic<int64_t>> a_done(nbig);
+  std::vector<std::atomic<int>> ready(nbig);
+  for (int64_t b = 0; b < nbig; ++b) {
+    a_queue.push_back(std::make_unique<RangeQueue>(first_item[big[b]], first_item[big[b] + 1], nthr));
+    a_done[b].store(0, std::memory_order_relaxed);
+    ready[b].store(0, std::memory_order_relaxed);
   }
-  for (int64_t i = 0; i < n; ++i) ss[i] = want_sumsq ? new_ss[i] : std::nan("");
+  std::vector<std::atomic<uint8_t>> b_claimed(nbig > 0 ? nitems : 0);
+  for (auto& c : b_claimed) c.store(0, std::memory_order_relaxed);
+  // own[t * nbig + b]: the phase-A items of big tensor b that worker t read, in order. Its phase B first walks
+  // them backwards (what it read last is most likely still cached), then finishes those of slower workers.
+  std::vector<std::vector<int64_t>> own(static_cast<size_t>(nthr * nbig));
+
+  auto worker = [&](int64_t t) {
+    for (int64_t k; (k = next_small.fetch_add(1, std::memory_order_relaxed)) < static_cast<int64_t>(small.size());) {
+      const int64_t i = small[k];
+      for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) phase_a(j);
+      finish_a(i);
+      for (int64_t j = first_item[i + 1] - 1; j >= first_item[i]; --j) phase_b(j);
+    }
+    for (int64_t b = 0; b < nbig; ++b) {
+      const int64_t i = big[b], lo = first_item[i], hi = first_item[i + 1];
+      auto& mine = own[t * nbig + b];
+      for (int64_t j; (j = a_queue[b]->next(t)) >= 0;) {
+        phase_a(j);
+        mine.push_back(j);
+        if (a_done[b].fetch_add(1, std::memory_order_acq_rel) == hi - lo - 1) {  // completed phase A
+          finish_a(i);
+          ready[b].store(1, std::memory_order_release);
+        }
+      }
+      spin_until([&] { return ready[b].load(std::memory_order_acquire) != 0; });
+      for (auto it = mine.rbegin(); it != mine.rend(); ++it) {
+        if (!b_claimed[*it].exchange(1, std::memory_order_relaxed)) phase_b(*it);
+      }
+      for (int64_t u = 1; u < nthr; ++u) {
+        for (const int64_t j : own[((t + u) % nthr) * nbig + b]) {
+          if (!b_claimed[j].exchange(1, std::memory_order_relaxed)) phase_b(j);
+        }
+      }
+    }
+    for (int64_t k; (k = opt_queue.next(t)) >= 0;) {
+      const int64_t j = opt_items[k];
+      if (!bad[items[j].tensor].load(std::memory_order_relaxed)) update_item.template operator()<true>(j);
+    }
+  };
+  run_workers(nthr, worker);
+
+  // ---- optimistic tensors found non-finite: undo what was written, then shrink (rare: a second region)
+  std::vector<int64_t> fix;
+  for (const int64_t j : opt_items) {
+    if (bad[items[j].tensor].load(std::memory_order_relaxed)) fix.push_back(j);
+  }
+  if (!fix.empty()) {
+    std::atomic<int64_t> next_fix{0};
+    const int64_t nfix = static_cast<int64_t>(fix.size());
+    int64_t fix_elems = 0;
+    for (const int64_t j : fix) fix_elems += items[j].end - items[j].begin;
+    run_workers(num_workers(fix_elems), [&](int64_t) {
+      for (int64_t k; (k = next_fix.fetch_add(1, std::memory_order_relaxed)) < nfix;) shrink_item(fix[k], true);
+    });
+  }
+
+  // ---- outputs: flags, and the sum of squares of the new theta (in block order) with its fingerprint
+  for (int64_t i = 0; i < n; ++i) {
+    flags[i] = bad[i].load(std::memory_order_relaxed);
+    double out = std::nan("");
+    if (want_sumsq && mode[i] == 1) {
+      if (flags[i] || update) {  // theta was rewritten here
+        out = 0.0;
+        for (int64_t j = first_item[i]; j < first_item[i + 1]; ++j) out += partial2[j];
+      } else {
+        out = ss[i];  // finite non-final micro-step: theta untouched, the cached value (or NaN) stays
+      }
+    }
+    ss[i] = out;
+    if (std::isnan(out)) {
+      fps[i] = 0;
+    } else if (flags[i] || update) {
+      fps[i] = static_cast<int64_t>(fingerprint(params[i]));
+    }
+  }
   bump_versions(params);
   bump_versions(moms);
 }
@@ -539,22 +797,29 @@ void lion_step(at::TensorList params, at::TensorList grads, at::TensorList moms,
   check_lists(params, grads, moms, kinds);
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<Item> items;
+  int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t numel = params[i].numel();
+    total += numel;
     for (int64_t b = 0; b < numel; b += kBlock) items.push_back({i, b, std::min(numel, b + kBlock)});
   }
   const float b1 = static_cast<float>(beta1), c1 = static_cast<float>(1.0 - beta1);
   const float b2 = static_cast<float>(beta2), c2 = static_cast<float>(1.0 - beta2);
   const float flr = static_cast<float>(lr), decay = static_cast<float>(1.0 - lr * wd);
-  run_items(items, 0, static_cast<int64_t>(items.size()), false, [&](int64_t j) {
-    const Item& it = items[j];
-    const int64_t i = it.tensor, len = it.end - it.begin;
-    dispatch(kinds[i], [&]<class P, class M>() {
-      auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
-      const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
-      auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
-      lion_update<P, M>(th, g, m, len, b1, c1, b2, c2, flr, decay);
-    });
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  const int64_t nthr = num_workers(total);
+  RangeQueue queue(0, nitems, nthr);
+  run_workers(nthr, [&](int64_t t) {
+    for (int64_t j; (j = queue.next(t)) >= 0;) {
+      const Item& it = items[j];
+      const int64_t i = it.tensor, len = it.end - it.begin;
+      dispatch(kinds[i], [&]<class P, class M>() {
+        auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
+        const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
+        auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
+        lion_update<P, M>(th, g, m, len, b1, c1, b2, c2, flr, decay);
+      });
+    }
   });
   bump_versions(params);
   bump_versions(moms);
@@ -566,7 +831,8 @@ TORCH_LIBRARY(lightning_tiger, m) {
   m.def(
       "tiger_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, int[] lr_modes, float[] lrs, "
       "float[] weight_decays, float[] centers, float[] rms_floor, float b1, float b2, bool update, "
-      "float shrink_ratio, Tensor(c!) flags, Tensor(d!) sumsq, bool want_sumsq, int group_bytes) -> ()");
+      "float shrink_ratio, bool exact, Tensor(c!) flags, Tensor(d!) sumsq, Tensor(e!) fprints, bool want_sumsq, "
+      "int group_bytes) -> ()");
   m.def(
       "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, float lr, float beta1, float beta2, "
       "float weight_decay) -> ()");
