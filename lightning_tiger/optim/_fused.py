@@ -21,8 +21,9 @@ Design (measured by ``benchmarks/optimizer_step.py``):
   of ``|θ|``), not bit for bit. Deviation from SPEC §1.2 ("m unchanged"), hence documented: **``exact=True``**
   restores the bit-exact rule at the cost of reading every gradient before writing (phase A ``isfinite`` over
   g, phase B the update: a tensor within ``group_bytes`` is handled whole by one thread, B from its caches; a
-  larger one is shared by all threads and read twice, +4 bytes per parameter). Steps with ``b1 == 0``
-  (``beta=0``: the update forgets m, it cannot be inverted) always take the exact path.
+  larger one is shared by all threads and read twice, +4 bytes per parameter). Steps with ``b1 < 0.5``
+  (``beta < 0.5``: inverting would divide rounding errors by b1; ``beta=0`` forgets m entirely) always take the
+  exact path.
 - **Work-stealing schedule.** One parallel region per call; each thread starts on its own contiguous range of
   blocks (long sequential streams keep the hardware prefetchers busy) and takes blocks from the back of
   another thread's range when it runs dry, so a thread slowed down by another process does not make the

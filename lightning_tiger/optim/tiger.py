@@ -94,7 +94,8 @@ class Tiger(torch.optim.Optimizer):
     of ``|θ|``), not bit for bit; finite steps are bit-identical. Why: the exact rule must read a whole
     gradient before writing any of it, i.e. read every gradient twice from memory for tensors larger than the
     caches (measured in ``benchmarks/optimizer_step.py``: 0.9× instead of 0.72× fused AdamW's step time).
-    ``exact_nonfinite=True`` gives the bit-exact rule (the foreach and single-tensor paths always do).
+    ``exact_nonfinite=True`` gives the bit-exact rule (the foreach and single-tensor paths always do, and so
+    do the kernels on micro-steps with b1 < 0.5, i.e. ``beta < 0.5``, where inverting would amplify rounding).
 
     **Zero-initialised matrices** would have RMS 0 and never move: η uses ``max(RMS, rms_floor)``.
     ``rms_floor=None`` (default) is per tensor ``0.1/sqrt(fan_in)``, ``fan_in = numel/shape[0]`` (the input

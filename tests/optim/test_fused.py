@@ -200,6 +200,21 @@ def test_one_pass_rollback_close_to_exact_and_reproducible(update: bool, pdtype:
         assert ((p[i].float() - ex_p[i].float()).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("b1", [0.0, 0.3])
+def test_small_b1_always_takes_the_exact_path(b1: float) -> None:
+    """Inverting m' = b1·m + b2·g would divide rounding by b1 (or be impossible at 0): bit-exact rule instead."""
+    gen = torch.Generator().manual_seed(12)
+    n = 4 * BLOCK + 9
+    p, g, m = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    g[n - 3] = math.nan
+    p0, m0 = p.clone(), m.clone()
+    flags = _fused.tiger_step_([p], [g], [m], lr_modes=[0], lrs=[0.1], weight_decays=[0.1], centers=[0.0],
+                               rms_floor=[0.0], b1=b1, b2=0.5, update=True, shrink_ratio=0.5)
+    assert flags == [True]
+    assert torch.equal(m, m0)
+    assert torch.equal(p, p0 * 0.5)
+
+
 def test_one_pass_and_exact_identical_on_finite_steps() -> None:
     """Without non-finite values the two paths are the same arithmetic: bit-identical trajectories."""
     gen = torch.Generator().manual_seed(8)

@@ -8,17 +8,19 @@
 // The non-finite rule of Tiger is per tensor: if any element of g_i is NaN/inf, m_i stays unchanged and theta_i
 // shrinks toward its centre. Two ways to honour it (argument `exact`):
 //
-//  * optimistic, one pass (exact = false, the default of the Python wrapper): each block checks its 16-element
-//    groups of g before writing them and stops at the first non-finite one; blocks of a tensor already known
-//    to be non-finite are skipped. After the pass, the blocks of a flagged tensor that were written are rolled
-//    back by inverting the update (m = (m' - b2*g)/b1, theta = (theta' + eta*sign(m'))/decay, in fp32), then
-//    theta shrinks; in a tensor of several blocks every element with a finite g gets that update-and-invert
-//    round trip, written or not, so the result does not depend on thread timing (see tiger_rollback). The update moves the minimal 20 bytes per fp32 parameter (12 for a non-final micro-step);
-//    the price is that a rolled-back m and theta equal the old values only to within float rounding (a few
-//    ulp of |m| + |b2*g| and of |theta|), on non-finite steps only. Finite steps are bit-identical to `exact`.
-//  * exact, two phases (exact = true, and always where the inversion is impossible: b1 == 0): phase A reads g
-//    (isfinite) before phase B writes anything. A "small" tensor (phase-A bytes within `group_bytes`) is
-//    handled whole by one thread, B right after A from that core's caches; a "big" one is shared by all
+//  * optimistic, one pass (exact = false, the default of the Python wrapper): each block checks g piece by piece
+//    (kCheckPiece elements, still in L1 when the update reads them) before writing the piece, and stops at the
+//    first piece holding a non-finite value; blocks of a tensor already known to be non-finite are skipped.
+//    After the pass, the blocks of a flagged tensor that were written are rolled back by inverting the update
+//    (m = (m' - b2*g)/b1, theta = (theta' + eta*sign(m'))/decay, in fp32), then theta shrinks; in a tensor of
+//    several blocks every element with a finite g gets that update-and-invert round trip, written or not, so
+//    the result does not depend on thread timing (see tiger_rollback). The update moves the minimal 20 bytes
+//    per fp32 parameter (12 for a non-final micro-step); the price is that a rolled-back m and theta equal the
+//    old values only to within float rounding (a few ulp of |m| + |b2*g| and of |theta|), on non-finite steps
+//    only. Finite steps are bit-identical to `exact`.
+//  * exact, two phases (exact = true, and always where the inversion would be inaccurate: b1 < 0.5): phase A
+//    reads g (isfinite) before phase B writes anything. A "small" tensor (phase-A bytes within `group_bytes`)
+//    is handled whole by one thread, B right after A from that core's caches; a "big" one is shared by all
 //    threads and B starts once every block of A is done (so g is read twice from memory).
 //
 // The RMS of theta before the update (lr_mode 1) needs its own read of theta unless the caller passes the sum
@@ -533,9 +535,10 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
         need_rms[i] = 1;
       }
     }
-    // the optimistic pass cannot undo m <- 0*m + b2*g: such steps, and tensors whose RMS needs a read of theta
-    // anyway, take the two-phase path
-    two_phase[i] = exact || b1 == 0.f || need_rms[i];
+    // Inverting m' = b1*m + b2*g divides rounding errors by b1: with b1 < 0.5 (beta < 0.5; beta = 0 forgets m
+    // entirely) the rollback would not be accurate, so such steps take the exact two-phase path, and so do
+    // tensors whose RMS needs a read of theta anyway.
+    two_phase[i] = exact || b1 < 0.5f || need_rms[i];
   }
 
   // ---- work items of every tensor: blocks of kBlock elements (whole rows for per-row tensors)
