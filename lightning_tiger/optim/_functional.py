@@ -480,19 +480,30 @@ def fused_usable(fused_mod: ModuleType | None, params: Sequence[Tensor], grads: 
     if fused_mod is None:
         return False
     supports = getattr(fused_mod, "fused_supports", None)
+    strided = torch.strided
     devices: set[torch.device] = set()
+    any_cpu = False
+    # Runs on every step for every tensor: attribute tests only (``is_cpu`` instead of building torch.device
+    # objects on the common all-CPU path).
     for p, g, m in zip(params, grads, moms):
-        for t in (p, g, m):
-            if t.layout != torch.strided or not t.is_contiguous() or t.device.type not in ("cpu", "cuda"):
-                return False
-        if g.dtype != p.dtype or g.device != p.device or m.device != p.device:
+        if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
             return False
+        if p.layout is not strided or g.layout is not strided or m.layout is not strided or g.dtype != p.dtype:
+            return False
+        if p.is_cpu and g.is_cpu and m.is_cpu:
+            any_cpu = True
+        else:
+            dev = p.device
+            if dev.type != "cuda" or g.device != dev or m.device != dev:
+                return False
+            devices.add(dev)
         if supports is not None:
             if not supports(p.dtype, m.dtype):
                 return False
         elif p.dtype not in _FUSED_DTYPES or m.dtype != p.dtype:
             return False
-        devices.add(p.device)
+    if any_cpu:
+        devices.add(torch.device("cpu"))
     try:
         return all(fused_mod.fused_available(d) for d in devices)
     except Exception:  # a broken toolchain must not break training: fall back to the pure-PyTorch path

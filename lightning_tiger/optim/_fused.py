@@ -73,14 +73,15 @@ import os
 import platform
 import shutil
 import threading
-from collections.abc import MutableMapping, Sequence
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
+    "RMSCache",
     "fused_available",
     "fused_supports",
     "lion_step_",
@@ -231,15 +232,55 @@ def fused_supports(param_dtype: torch.dtype, mom_dtype: torch.dtype) -> bool:
     return (param_dtype, mom_dtype) in _SUPPORTED
 
 
-def new_rms_cache() -> MutableMapping[Tensor, tuple]:
-    """An empty cache of Σθ² for :func:`tiger_step_` (``rms_cache=``): one per optimizer.
+class RMSCache:
+    """Cache of Σθ² for :func:`tiger_step_` (``rms_cache=``), one per optimizer.
 
-    Keys are the parameter objects, weakly and by identity (a ``WeakKeyDictionary`` would compare tensors with
-    ``==``, which is elementwise); values are ``(version, data_ptr, numel, dtype, sum of squares, fingerprint)``
-    of the θ the kernel last wrote. Pass the same parameter objects on every step (not fresh ``.detach()``
-    views) for it to hit.
+    Maps a parameter object (by identity, held weakly) to ``[version, data_ptr, numel, dtype, sum of squares,
+    fingerprint]`` of the θ the kernel last wrote (a list, updated in place). A plain dict keyed by ``id(p)``
+    plus a weak reference to check identity: ``torch.utils.weak.WeakIdKeyDictionary`` builds a weak reference
+    per lookup, which costs more than the rest of the wrapper on a 100-tensor step. Pass the same parameter
+    objects on every step (not fresh ``.detach()`` views) for it to hit.
     """
-    return WeakIdKeyDictionary()
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple[weakref.ref, list]] = {}
+
+    def get(self, p: Tensor) -> list | None:
+        item = self._d.get(id(p))
+        if item is None:
+            return None
+        if item[0]() is not p:  # p's id was reused after the original parameter died
+            del self._d[id(p)]
+            return None
+        return item[1]
+
+    def __getitem__(self, p: Tensor) -> list:
+        entry = self.get(p)
+        if entry is None:
+            raise KeyError(p)
+        return entry
+
+    def __setitem__(self, p: Tensor, entry: list) -> None:
+        key = id(p)
+        self._d[key] = (weakref.ref(p, lambda _, key=key, d=self._d: d.pop(key, None)), list(entry))
+
+    def pop(self, p: Tensor) -> None:
+        if self.get(p) is not None:
+            del self._d[id(p)]
+
+    def __contains__(self, p: Tensor) -> bool:
+        return self.get(p) is not None
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+def new_rms_cache() -> RMSCache:
+    """An empty :class:`RMSCache` for :func:`tiger_step_` (``rms_cache=``): one per optimizer."""
+    return RMSCache()
 
 
 def _group_bytes() -> int:
@@ -281,7 +322,7 @@ def tiger_step_(
     update: bool,
     shrink_ratio: float,
     exact: bool = False,
-    rms_cache: MutableMapping[Tensor, tuple] | None = None,
+    rms_cache: RMSCache | None = None,
 ) -> list[bool]:
     """One fused Tiger micro-step over all tensors, in place (contract in the module docstring).
 
@@ -311,12 +352,14 @@ def tiger_step_(
     _require_loaded()
     sumsq = torch.full((n,), math.nan, dtype=torch.float64)
     fprints = torch.zeros(n, dtype=torch.int64)
+    entries: list[list | None] = [None] * n
     if rms_cache is not None:  # also on non-final micro-steps: the kernel passes a valid entry through
         vals, fps = sumsq.numpy(), fprints.numpy()
         for i, p in enumerate(params):
             if lr_modes[i] == 1:
-                entry = rms_cache.get(p)
-                if entry is not None and entry[:4] == (p._version, p.data_ptr(), p.numel(), p.dtype):
+                entry = entries[i] = rms_cache.get(p)
+                if entry is not None and entry[0] == p._version and entry[1] == p.data_ptr() \
+                        and entry[2] == p.numel() and entry[3] == p.dtype:
                     vals[i], fps[i] = entry[4], entry[5]
     flags = torch.zeros(n, dtype=torch.uint8)
     with torch.no_grad():
@@ -330,11 +373,14 @@ def tiger_step_(
         for i, (v, fp) in enumerate(zip(sumsq.tolist(), fprints.tolist())):
             if lr_modes[i] != 1:
                 continue
-            p = params[i]
+            p, entry = params[i], entries[i]
             if math.isnan(v):
-                rms_cache.pop(p, None)
+                if entry is not None:
+                    rms_cache.pop(p)
+            elif entry is not None:  # in place: no new weak reference per step
+                entry[:] = (p._version, p.data_ptr(), p.numel(), p.dtype, v, fp)
             else:
-                rms_cache[p] = (p._version, p.data_ptr(), p.numel(), p.dtype, v, fp)
+                rms_cache[p] = [p._version, p.data_ptr(), p.numel(), p.dtype, v, fp]
     return [bool(x) for x in flags.tolist()]
 
 

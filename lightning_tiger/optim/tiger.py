@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from lightning_tiger.optim import _functional as F
+from lightning_tiger.optim._fused import RMSCache
 from lightning_tiger.optim.param_groups import ParamKind, classify_parameters
 
 __all__ = ["Tiger"]
@@ -209,7 +209,7 @@ class Tiger(torch.optim.Optimizer):
         self.exact_nonfinite = bool(F.check_flag("exact_nonfinite", exact_nonfinite, allow_none=False))
         self.rms_cache = bool(F.check_flag("rms_cache", rms_cache, allow_none=False))
         # param -> Σθ² of the θ the fused kernel last wrote (not state: never saved, rebuilt after a resume)
-        self._rms_cache: WeakIdKeyDictionary | None = WeakIdKeyDictionary() if self.rms_cache else None
+        self._rms_cache: RMSCache | None = RMSCache() if self.rms_cache else None
         self._hooks = _Hooks()
         self._window: dict[Tensor, list[bool]] = {}  # param -> [folded a finite grad, saw a non-finite grad]
         self._param_group: dict[Tensor, dict[str, Any]] = {}
@@ -480,7 +480,7 @@ class Tiger(torch.optim.Optimizer):
             state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
         if "_rms_cache" not in self.__dict__:
-            self._rms_cache = WeakIdKeyDictionary() if self.rms_cache else None
+            self._rms_cache = RMSCache() if self.rms_cache else None
         if "_hooks" not in self.__dict__:
             self._hooks = _Hooks()
             self._window = {}

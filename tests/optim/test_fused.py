@@ -426,7 +426,7 @@ def test_rms_cache_is_used_and_validated() -> None:
             p.data.add_(1e-3)
         if case != "none":
             v, ptr, numel, dtype, ss, fp = cache[p]
-            cache[p] = (v, ptr, numel, dtype, ss * 4.0, fp)  # claims RMS twice as large
+            cache[p] = [v, ptr, numel, dtype, ss * 4.0, fp]  # claims RMS twice as large
         ref = p.clone()
         _fused.tiger_step_([p], [g], [m], rms_cache=cache if case != "none" else None, **args)
         results[case] = (p - ref).abs().max().item()
