@@ -10,7 +10,7 @@ intra-op thread pool (``torch.set_num_threads`` applies).
 Design (measured by ``benchmarks/optimizer_step.py``):
 
 - **One pass, optimistic non-finite rule (default).** Each block of 16384 elements checks its gradient piece by
-  piece (1024 elements, still in L1 when the update reads them) before writing the piece, and stops at the
+  piece (512 elements, still in L1 when the update reads them) before writing the piece, and stops at the
   first piece holding a NaN/±inf; other blocks of a tensor already flagged are skipped. After the pass, the
   written part of a flagged tensor is rolled back by inverting the update in fp32 (``m = (m' − b2·g)/b1``,
   ``θ = (θ' + η·sign(m'))/(1 − η·λ)``) and θ shrinks (in a tensor of several blocks, every element with a finite

@@ -219,11 +219,11 @@ void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict
   for (int64_t i = 0; i < n; ++i) m[i] = M::st(b1 * M::ld(m[i]) + b2 * P::ld(g[i]));
 }
 
-// The optimistic path checks g piece by piece (kCheckPiece elements: 4 KiB of fp32, still in L1 when the update
+// The optimistic path checks g piece by piece (kCheckPiece elements: 2 KiB of fp32, still in L1 when the update
 // reads it) and stops before the first piece holding a non-finite value. Returns the number of elements
 // written (n when g is finite); the sum of squares of the new theta goes to *ss when WantSS and all of it was
 // written. Checked = false: no test (two-phase path, g known finite).
-constexpr int64_t kCheckPiece = 1024;
+constexpr int64_t kCheckPiece = 512;
 
 template <class P, class M, bool WantSS, bool Checked>
 int64_t tiger_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
