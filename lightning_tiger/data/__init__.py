@@ -9,6 +9,7 @@ _EXPORTS = {
     "analytic_toy": ".toy2d",
     "eight_gaussians": ".toy2d",
     "ResumableBatchSampler": ".resumable",
+    "ResumableLoader": ".resumable",
     "ToyDataModule": ".toy2d",
     "sample_toy": ".toy2d",
     "GaussianMixture": ".toy2d",
@@ -21,6 +22,7 @@ __all__ = [
     "GaussianMixture",
     "ReflowPairsDataModule",
     "ResumableBatchSampler",
+    "ResumableLoader",
     "ToyDataModule",
     "analytic_toy",
     "eight_gaussians",
@@ -32,5 +34,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .char_corpus import CharCorpusDataModule
     from .digits import DigitsDataModule
     from .reflow import ReflowPairsDataModule
-    from .resumable import ResumableBatchSampler
+    from .resumable import ResumableBatchSampler, ResumableLoader
     from .toy2d import GaussianMixture, ToyDataModule, analytic_toy, eight_gaussians, sample_toy

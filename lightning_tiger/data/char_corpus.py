@@ -46,6 +46,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_tiger.data.resumable import EpochCursor
+
 __all__ = ["CharCorpusDataModule"]
 
 _DEFAULT_EXCLUDE = (
@@ -109,19 +111,16 @@ class _Rows(Dataset):
         return self.rows[index]
 
 
-class RandomWindowLoader:
+class RandomWindowLoader(EpochCursor):
     """Resumable loader of random training windows (a plain iterable with ``__len__``, not a DataLoader).
 
     Batch ``b`` of epoch ``e`` holds ``batch_size`` windows ``data[s : s + seq_len + 1]`` with starts ``s``
     drawn uniformly from a generator seeded by ``(seed, rank, e, b)``, so the data order depends on nothing
     but those four numbers. Windows are cut by one gather (no per-sample collation).
 
-    Lightning calls :meth:`state_dict` when it writes a checkpoint and :meth:`load_state_dict` before it
-    iterates again after a restore (``lightning.fabric.utilities.types._Stateful``). Because the loader has a
-    length, Lightning does not prefetch from it, so "batches yielded" equals "batches trained on" at save
-    time. ``iter()`` has no side effect until the first batch is drawn (Lightning calls ``iter()`` once just
-    to check that the object is iterable). Being no ``DataLoader``, it gets no ``DistributedSampler`` under
-    DDP: each rank draws its own windows because the rank enters the seed.
+    Its position is saved in Lightning checkpoints and restored (:class:`~lightning_tiger.data.resumable.
+    EpochCursor`). Being no ``DataLoader``, it gets no ``DistributedSampler`` under DDP: each rank draws its own
+    windows because the rank enters the seed.
 
     Args:
         data: ``[n_chars]`` token ids (any integer dtype; batches are returned as int64).
@@ -140,16 +139,13 @@ class RandomWindowLoader:
                 f"data must be a 1-D tensor of at least seq_len + 1 = {seq_len + 1} tokens, "
                 f"got shape {tuple(data.shape)}"
             )
+        super().__init__()
         self.data = data
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.seed = seed
         self.rank = rank
-        self._epoch = 0
-        self._offset = 0  # batches yielded in the current epoch
-        self._started = False  # whether any epoch has begun
-        self._resume: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -163,19 +159,6 @@ class RandomWindowLoader:
         index_grid = starts[:, None] + torch.arange(self.seq_len + 1)
         return self.data[index_grid].long()
 
-    def _begin_epoch(self) -> tuple[int, int]:
-        if self._resume is not None:
-            epoch, offset = self._resume
-            self._resume = None
-            if offset >= self.batches_per_epoch:
-                epoch, offset = epoch + 1, 0
-        elif self._started:
-            epoch, offset = self._epoch + 1, 0
-        else:
-            epoch, offset = 0, 0
-        self._epoch, self._offset, self._started = epoch, offset, True
-        return epoch, offset
-
     def __iter__(self) -> Iterator[Tensor]:
         def generate() -> Iterator[Tensor]:
             epoch, offset = self._begin_epoch()
@@ -186,14 +169,8 @@ class RandomWindowLoader:
         return generate()
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "offset", "seed"}``: where the next batch comes from."""
-        return {"epoch": self._epoch, "offset": self._offset, "seed": self.seed, "started": int(self._started)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from ``state`` at the next ``iter()`` (a fresh state with ``started = 0`` restarts)."""
-        if state.get("started", 1):
-            self._resume = (int(state["epoch"]), int(state["offset"]))
-            self._started = True
+        """``{"epoch", "offset", "started", "seed"}``: where the next batch comes from."""
+        return {**super().state_dict(), "seed": self.seed}
 
 
 class CharCorpusDataModule(L.LightningDataModule):

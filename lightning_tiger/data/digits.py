@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_tiger.data.resumable import ResumableLoader
+
 
 def load_digits_images() -> Tensor:
     """All 1797 digits as float32 ``[1797, 1, 8, 8]`` scaled from sklearn's 0..16 to [-1, 1]."""
@@ -46,6 +48,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.data_shape: tuple[int, ...] = (1, 8, 8)
         self._train: Tensor | None = None
+        self._train_loader: ResumableLoader | None = None
         self._val: Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -58,12 +61,20 @@ class DigitsDataModule(pl.LightningDataModule):
         self._val = images[perm[:num_val]].contiguous()
         self._train = images[perm[num_val:]].contiguous()
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled training batches, deterministic by ``(seed, epoch)`` and resumable mid-epoch: the loader's
+        position is saved in Lightning checkpoints (:class:`~lightning_tiger.data.ResumableLoader`); under DDP
+        every process takes ``batch_size`` samples of each global batch."""
         self.setup()
         assert self._train is not None
-        return DataLoader(self._train, batch_size=min(self.batch_size, len(self._train)), shuffle=True,
-                          drop_last=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        loader = self._train_loader
+        if loader is None or (loader.rank, loader.world_size) != (rank, world):
+            loader = self._train_loader = ResumableLoader(
+                self._train, batch_size=min(self.batch_size, len(self._train) // world), seed=self.seed,
+                rank=rank, world_size=world, num_workers=self.num_workers,
+            )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -6,21 +6,22 @@ than the run that never stopped (Lightning warns about it). :class:`ResumableBat
 permutation of epoch ``e`` from its own generator seeded with ``(seed, e)`` and, when the Trainer resumes
 mid-epoch, skips the batches the restored loop has already completed. Under DDP each rank takes a strided
 share of every global batch (like ``DistributedSampler``), so the global batch is the same for any world size
-that divides ``batch_size * world_size``.
+that divides ``batch_size * world_size``. :class:`ResumableLoader` packages that order as a loader whose
+position Lightning saves in its checkpoints (what ``ToyDataModule`` and ``DigitsDataModule`` return).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 if TYPE_CHECKING:
     import lightning as L
 
-__all__ = ["ResumableBatchSampler"]
+__all__ = ["EpochCursor", "ResumableBatchSampler", "ResumableLoader"]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -89,15 +90,106 @@ class ResumableBatchSampler(Sampler[list[int]]):
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
         return int(progress.completed)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.trainer is not None:
-            self.epoch = self.trainer.current_epoch
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[int]]:
+        """This rank's index lists of ``epoch``, from its batch ``start`` on (a pure function of the arguments,
+        the seed and the sizes)."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             order = torch.randperm(self.num_samples, generator=generator)
         else:
             order = torch.arange(self.num_samples)
         g, rank, world = self._global_batch(), self.rank, self.world_size
-        for b in range(self._skip(), len(self)):
+        for b in range(start, len(self)):
             chunk = order[b * g : (b + 1) * g]
             yield chunk[rank::world].tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.trainer is not None:
+            self.epoch = self.trainer.current_epoch
+        yield from self.batches(self.epoch, self._skip())
+
+
+class EpochCursor:
+    """Where a resumable loader stands: (epoch, batches yielded in it), saved and restored by Lightning.
+
+    Lightning calls ``state_dict()`` when it writes a checkpoint and ``load_state_dict()`` before it iterates
+    again after a restore (``lightning.fabric.utilities.types._Stateful``). A loader with a length is not
+    prefetched from, so "batches yielded" equals "batches trained on" at save time. Subclasses call
+    :meth:`_begin_epoch` when an iteration draws its first batch (Lightning calls ``iter()`` once just to check
+    that the object is iterable: that must have no side effect) and advance ``_offset`` per yielded batch.
+    """
+
+    def __init__(self) -> None:
+        self._epoch = 0
+        self._offset = 0  # batches yielded in the current epoch
+        self._started = False  # whether any epoch has begun
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _begin_epoch(self) -> tuple[int, int]:
+        if self._resume is not None:
+            epoch, offset = self._resume
+            self._resume = None
+            if offset >= len(self):
+                epoch, offset = epoch + 1, 0
+        elif self._started:
+            epoch, offset = self._epoch + 1, 0
+        else:
+            epoch, offset = 0, 0
+        self._epoch, self._offset, self._started = epoch, offset, True
+        return epoch, offset
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "offset", "started"}``: where the next batch comes from."""
+        return {"epoch": self._epoch, "offset": self._offset, "started": int(self._started)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` at the next ``iter()`` (a fresh state with ``started = 0`` restarts)."""
+        if state.get("started", 1):
+            self._resume = (int(state["epoch"]), int(state["offset"]))
+            self._started = True
+
+
+class ResumableLoader(EpochCursor):
+    """Shuffled batches of a map-style dataset, deterministic by ``(seed, epoch)``, resumable mid-epoch.
+
+    A plain iterable with ``__len__`` (not a ``DataLoader``) whose position is saved in Lightning checkpoints
+    (:class:`EpochCursor`), so a run resumed from a mid-epoch checkpoint trains on exactly the batches the
+    uninterrupted run would have seen. The order is :class:`ResumableBatchSampler`'s; under DDP each rank
+    takes a strided share of every global batch (``batch_size`` is per process), and since this is no
+    ``DataLoader`` Lightning injects no ``DistributedSampler``. Samples are loaded and collated by a
+    ``DataLoader`` over the epoch's index lists (``num_workers`` applies).
+
+    Args:
+        dataset: map-style dataset (a tensor indexes its first dimension).
+        batch_size: samples per batch per process, >= 1.
+        seed: base seed of the permutations.
+        shuffle: new permutation every epoch (else sequential order).
+        drop_last: drop the last incomplete global batch.
+        rank, world_size: this process and the number of processes.
+        num_workers: ``DataLoader`` workers.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle,
+                                             drop_last=drop_last, rank=rank, world_size=world_size)
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        def generate() -> Iterator[Any]:
+            epoch, offset = self._begin_epoch()
+            index_lists = list(self.sampler.batches(epoch, offset))
+            loader = DataLoader(self.dataset, batch_sampler=index_lists, num_workers=self.num_workers)
+            for k, batch in enumerate(loader):
+                self._offset = offset + k + 1
+                yield batch
+
+        return generate()

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from lightning_tiger.data.resumable import ResumableLoader
+
 TOY_NAMES: tuple[str, ...] = ("moons", "8gaussians", "checkerboard", "spirals", "scurve", "gmm")
 
 
@@ -265,6 +267,7 @@ class ToyDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.data_shape: tuple[int, ...] = (2,)
         self._train: Tensor | None = None
+        self._train_loader: ResumableLoader | None = None
         self._val: Tensor | None = None
 
     def _sample(self, n: int, seed: int) -> Tensor:
@@ -276,11 +279,20 @@ class ToyDataModule(pl.LightningDataModule):
         if self._val is None:
             self._val = self._sample(self.num_val, self.seed + 1)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled training batches, deterministic by ``(seed, epoch)`` and resumable mid-epoch: the loader's
+        position is saved in Lightning checkpoints (:class:`~lightning_tiger.data.ResumableLoader`); under DDP
+        every process takes ``batch_size`` samples of each global batch."""
         self.setup()
-        return DataLoader(self._train, batch_size=min(self.batch_size, self.num_train), shuffle=True,
-                          drop_last=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        assert self._train is not None
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        loader = self._train_loader
+        if loader is None or (loader.rank, loader.world_size) != (rank, world):
+            loader = self._train_loader = ResumableLoader(
+                self._train, batch_size=min(self.batch_size, self.num_train // world), seed=self.seed,
+                rank=rank, world_size=world, num_workers=self.num_workers,
+            )
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

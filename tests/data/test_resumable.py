@@ -83,3 +83,70 @@ def test_without_rng_state_the_resume_differs(tmp_path: Path) -> None:
     torch.manual_seed(123)
     resumed = _fit(tmp_path / "b", 13, ckpt_path=str(tmp_path / "no_rng.ckpt"))
     assert any(not torch.equal(p, q) for p, q in zip(reference.parameters(), resumed.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ ResumableLoader
+def test_loader_state_resumes_mid_epoch_exactly_and_ranks_partition() -> None:
+    from lightning_tiger.data import ResumableLoader
+
+    data = torch.arange(40.0).unsqueeze(1)
+    ref = ResumableLoader(data, 4, seed=3)
+    reference = [b for _ in range(3) for b in ref]  # 3 epochs of 10 batches
+    assert len(ref) == 10 and len(reference) == 30
+    assert not torch.equal(reference[0], reference[10])  # a new permutation per epoch
+    run = ResumableLoader(data, 4, seed=3)
+    seen = list(run)
+    it = iter(run)
+    seen += [next(it) for _ in range(4)]  # 4 batches into epoch 1, then "checkpoint"
+    resumed = ResumableLoader(data, 4, seed=3)
+    resumed.load_state_dict(run.state_dict())
+    seen += list(resumed) + list(resumed)
+    assert len(seen) == 30 and all(torch.equal(a, b) for a, b in zip(seen, reference))
+    # two processes take disjoint halves of every global batch of 2 x 4
+    r0, r1 = (list(ResumableLoader(data, 4, seed=3, rank=r, world_size=2)) for r in (0, 1))
+    assert len(r0) == len(r1) == 5
+    for a, b in zip(r0, r1):
+        assert not set(a.flatten().tolist()) & set(b.flatten().tolist())
+
+
+class _Recorder(L.LightningModule):
+    """Records every training batch (weights never change: lr 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch.clone())
+        return self.layer(batch.flatten(1)[:, :1]).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("which", ["toy", "digits"])
+def test_toy_and_digits_resume_mid_epoch_with_the_uninterrupted_batches(tmp_path: Path, which: str) -> None:
+    from lightning_tiger.data import DigitsDataModule, ToyDataModule
+
+    def make() -> L.LightningDataModule:
+        return ToyDataModule("moons", num_train=80, num_val=10, batch_size=16, seed=4) if which == "toy" \
+            else DigitsDataModule(batch_size=256, seed=4)
+
+    def fit(root: Path, max_steps: int, ckpt: str | None = None, every: int | None = None) -> list[torch.Tensor]:
+        module = _Recorder()
+        callbacks = [ModelCheckpoint(dirpath=root, every_n_train_steps=every, save_top_k=-1)] if every else []
+        trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, callbacks=callbacks, enable_checkpointing=bool(every))
+        trainer.fit(module, datamodule=make(), ckpt_path=ckpt)
+        return module.seen
+
+    per_epoch = len(make().train_dataloader())
+    total, stop = 2 * per_epoch + 2, per_epoch + 2  # stop inside the second epoch
+    reference = fit(tmp_path / "ref", total)
+    first = fit(tmp_path / "a", stop, every=stop)
+    ckpt = next((tmp_path / "a").glob("*.ckpt"))
+    rest = fit(tmp_path / "b", total, ckpt=str(ckpt))
+    assert len(first) + len(rest) == len(reference) == total
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, reference))
