@@ -48,7 +48,10 @@ class _Batch:
 
 
 class Tiger(torch.optim.Optimizer):
-    r"""Tiger (Su 2023, kexue.fm/archives/9512; official TF code bojone/tiger ``tiger.py``), SPEC §1.2 exactly.
+    r"""Tiger (Su 2023, kexue.fm/archives/9512; official TF code bojone/tiger ``tiger.py``), SPEC §1.2.
+
+    Exact up to one documented deviation: the fused CPU kernels restore m and θ to within float rounding, not
+    bit for bit, on a non-finite step (see "Non-finite gradients"; ``exact_nonfinite=True`` removes it).
 
     Tiger is Lion with β1 = β2 = β: sign of a momentum, a per-tensor learning rate *relative* to the
     parameter's RMS, decoupled weight decay scaled by the same effective rate, and gradient accumulation
@@ -93,7 +96,7 @@ class Tiger(torch.optim.Optimizer):
     and the shrunk parameter then match the rule to within float rounding (a few ulp of ``|m| + |b2·g|`` and
     of ``|θ|``), not bit for bit; finite steps are bit-identical. Why: the exact rule must read a whole
     gradient before writing any of it, i.e. read every gradient twice from memory for tensors larger than the
-    caches (measured in ``benchmarks/optimizer_step.py``: 0.9× instead of 0.72× fused AdamW's step time).
+    caches (measured in ``benchmarks/optimizer_step.py``: 0.81× instead of 0.70× fused AdamW's step time).
     ``exact_nonfinite=True`` gives the bit-exact rule (the foreach and single-tensor paths always do, and so
     do the kernels on micro-steps with b1 < 0.5, i.e. ``beta < 0.5``, where inverting would amplify rounding).
 
@@ -313,24 +316,35 @@ class Tiger(torch.optim.Optimizer):
         # Groups that share this micro-step's coefficients are updated by ONE kernel call: one pass of the
         # thread pool over all tensors balances the threads better than one call per group.
         batches: dict[tuple[float, float, bool, float], _Batch] = {}
+        sparse: list[tuple[Tensor, dict[str, Any]]] = []
         for group in self.param_groups:
-            self._collect_group(group, batches)
+            self._collect_group(group, batches, sparse)
+        # choose every batch's path first: a refused step (fused=True, a tensor the kernels cannot take) raises
+        # before any tensor or counter moves
+        paths = [self._path(batch, fused_mod) for batch in batches.values()]
+        for p, group in sparse:
+            self._sparse_step(p, group)
+        for ((b1, b2, update, shrink), batch), path in zip(batches.items(), paths):
+            self._apply(batch, path, fused_mod, b1=b1, b2=b2, update=update, shrink_ratio=shrink)
+        for group in self.param_groups:
             group["micro_step"] += 1
-        for (b1, b2, update, shrink), batch in batches.items():
-            self._apply(batch, fused_mod, b1=b1, b2=b2, update=update, shrink_ratio=shrink)
         return loss
 
-    def _collect_group(self, group: dict[str, Any], batches: dict[tuple[float, float, bool, float], _Batch]) -> None:
+    @staticmethod
+    def _coefficients(group: dict[str, Any]) -> tuple[float, float, bool]:
+        """(b1, b2, update) of the group's current micro-step (SPEC §1.2 accumulation)."""
         t, k, beta = group["micro_step"], group["grad_accum_steps"], group["beta"]
-        b1 = beta if t % k == 0 else 1.0
-        b2 = (1.0 - beta) / k
-        update = (t + 1) % k == 0
+        return (beta if t % k == 0 else 1.0), (1.0 - beta) / k, (t + 1) % k == 0
+
+    def _collect_group(self, group: dict[str, Any], batches: dict[tuple[float, float, bool, float], _Batch],
+                       sparse: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        b1, b2, update = self._coefficients(group)
         batch = None
         for p in group["params"]:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
-                self._sparse_step(p, group, b1, b2, update, k)
+                sparse.append((p, group))
                 continue
             if batch is None:
                 batch = batches.setdefault((b1, b2, update, group["shrink_ratio"]), _Batch())
@@ -339,20 +353,27 @@ class Tiger(torch.optim.Optimizer):
             batch.moms.append(self._momentum(p))
             batch.settings.append(self._settings(p, group, group["lr"]))
 
-    def _apply(self, batch: _Batch, fused_mod: Any, **coefs: Any) -> None:
-        params, grads, moms = batch.params, batch.grads, batch.moms
-        modes, lrs, wds, centers, floors = (list(x) for x in zip(*batch.settings))
-        kwargs = dict(lr_modes=modes, lrs=lrs, weight_decays=wds, centers=centers, rms_floor=floors, **coefs)
-        if self.fused is not False and not self.foreach and F.fused_usable(fused_mod, params, grads, moms):
-            fused_mod.tiger_step_(params, grads, moms, exact=self.exact_nonfinite, rms_cache=self._rms_cache,
-                                  **kwargs)
-        elif self.fused:
+    def _path(self, batch: _Batch, fused_mod: Any) -> str:
+        """"fused", "foreach" or "single" for this batch; raises if ``fused=True`` cannot be honoured."""
+        if self.fused is not False and not self.foreach and F.fused_usable(fused_mod, batch.params, batch.grads,
+                                                                            batch.moms):
+            return "fused"
+        if self.fused:
             raise RuntimeError(
                 "fused=True but some tensors do not qualify for the fused kernels (they need dense, contiguous "
                 "CPU/CUDA tensors with one fp32/bf16/fp16 dtype for parameter, gradient and momentum); use "
                 "fused=None to fall back"
             )
-        elif self._use_foreach(params):
+        return "foreach" if self._use_foreach(batch.params) else "single"
+
+    def _apply(self, batch: _Batch, path: str, fused_mod: Any, **coefs: Any) -> None:
+        params, grads, moms = batch.params, batch.grads, batch.moms
+        modes, lrs, wds, centers, floors = (list(x) for x in zip(*batch.settings))
+        kwargs = dict(lr_modes=modes, lrs=lrs, weight_decays=wds, centers=centers, rms_floor=floors, **coefs)
+        if path == "fused":
+            fused_mod.tiger_step_(params, grads, moms, exact=self.exact_nonfinite, rms_cache=self._rms_cache,
+                                  **kwargs)
+        elif path == "foreach":
             F.tiger_step_foreach_(params, grads, moms, **kwargs)
         else:
             F.tiger_step_single_(params, grads, moms, **kwargs)
@@ -363,7 +384,9 @@ class Tiger(torch.optim.Optimizer):
         # Like torch.optim: foreach on accelerators; one tensor at a time on CPU (smallest transient memory).
         return all(p.device.type != "cpu" for p in params)
 
-    def _sparse_step(self, p: Tensor, group: dict[str, Any], b1: float, b2: float, update: bool, k: int) -> None:
+    def _sparse_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        b1, b2, update = self._coefficients(group)
+        k = group["grad_accum_steps"]
         if k != 1:
             raise RuntimeError(
                 "Tiger: sparse gradients need grad_accum_steps=1 (lazy row updates cannot fold a window whose "

@@ -372,6 +372,19 @@ def test_fused_true_unavailable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         Tiger([nn.Parameter(torch.ones(2))], fused=True)
 
 
+@pytest.mark.skipif(not fused_ok(), reason="fused kernels unavailable")
+def test_refused_fused_step_changes_nothing() -> None:
+    """fused=True with a tensor the kernels do not take raises at step(), before any state moves."""
+    good, bad = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(4, 4).t())  # bad: non-contiguous grad
+    opt = Tiger([{"params": [good]}, {"params": [bad], "beta": 0.5}], fused=True)
+    good.grad, bad.grad = torch.ones(3), torch.ones(4, 4).t()
+    before = [p.detach().clone() for p in (good, bad)]
+    with pytest.raises(RuntimeError, match="fused=True"):
+        opt.step()
+    assert [g["micro_step"] for g in opt.param_groups] == [0, 0]
+    assert all(torch.equal(p, q) for p, q in zip((good, bad), before))
+
+
 @settings(max_examples=60, deadline=None)
 @given(beta=st.floats(allow_nan=True, allow_infinity=True), s=st.floats(allow_nan=True, allow_infinity=True))
 def test_beta_and_shrink_ratio_ranges(beta: float, s: float) -> None:
