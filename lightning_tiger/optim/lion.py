@@ -98,26 +98,19 @@ class Lion(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fused_mod = F.load_fused() if self.fused is not False and not self.foreach else None
+        # Collect and choose every group's path first: a refused step (sparse gradient, fused=True on a tensor the
+        # kernels cannot take) raises before any parameter or momentum moves.
+        plans = []
         for group in self.param_groups:
-            params, grads, moms = [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype,
-                                                        memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                moms.append(state["exp_avg"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("Lion does not support sparse gradients (use Tiger, which updates rows lazily)")
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
-            kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+            grads = [p.grad for p in params]
+            moms = [self._momentum(p) for p in params]
             if self.fused is not False and not self.foreach and F.fused_usable(fused_mod, params, grads, moms):
-                fused_mod.lion_step_(params, grads, moms, **kwargs)
+                path = "fused"
             elif self.fused:
                 raise RuntimeError(
                     "fused=True but some tensors do not qualify for the fused kernels (they need dense, "
@@ -125,10 +118,27 @@ class Lion(torch.optim.Optimizer):
                     "momentum); use fused=None to fall back"
                 )
             elif self.foreach or (self.foreach is None and all(p.device.type != "cpu" for p in params)):
+                path = "foreach"
+            else:
+                path = "single"
+            plans.append((group, params, grads, moms, path))
+        for group, params, grads, moms, path in plans:
+            beta1, beta2 = group["betas"]
+            kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+            if path == "fused":
+                fused_mod.lion_step_(params, grads, moms, **kwargs)
+            elif path == "foreach":
                 F.lion_step_foreach_(params, grads, moms, **kwargs)
             else:
                 F.lion_step_single_(params, grads, moms, **kwargs)
         return loss
+
+    def _momentum(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype,
+                                                memory_format=torch.preserve_format)
+        return state["exp_avg"]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""

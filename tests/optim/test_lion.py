@@ -167,11 +167,14 @@ def test_invalid_hyperparameters(kwargs: dict, exc: type[Exception], match: str)
 def test_invalid_group_and_sparse() -> None:
     with pytest.raises(ValueError, match=r"lr \(param group 1\)"):
         Lion([{"params": [nn.Parameter(torch.ones(1))]}, {"params": [nn.Parameter(torch.ones(1))], "lr": -2.0}])
+    dense = nn.Parameter(torch.ones(3))
     emb = nn.Embedding(3, 2, sparse=True)
-    opt = Lion(emb.parameters())
+    opt = Lion([{"params": [dense]}, {"params": emb.parameters()}], lr=0.1)
+    dense.grad = torch.ones(3)
     emb(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+    assert torch.equal(dense, torch.ones(3))  # refused before the first group moved
 
 
 def test_fused_true_unavailable_raises(monkeypatch: pytest.MonkeyPatch) -> None:
