@@ -216,6 +216,7 @@ class Tiger(torch.optim.Optimizer):
         self._hooks = _Hooks()
         self._window: dict[Tensor, list[bool]] = {}  # param -> [folded a finite grad, saw a non-finite grad]
         self._param_group: dict[Tensor, dict[str, Any]] = {}
+        self._static: dict[int, tuple[tuple, tuple[int, bool, float, float]]] = {}  # id(param) -> see _settings
         super().__init__(params, defaults)
         if self.fused:
             all_params = [p for g in self.param_groups for p in g["params"]]
@@ -274,16 +275,30 @@ class Tiger(torch.optim.Optimizer):
         kind = self.state[p].get("kind") if p in self.state else None
         return ParamKind(kind) if kind is not None else ParamKind.from_ndim(p.ndim)
 
-    def _settings(self, p: Tensor, group: dict[str, Any], lr: float) -> tuple[int, float, float, float, float]:
+    def _settings(self, p: Tensor, group: dict[str, Any], lr: float,
+                  state: dict[str, Any] | None = None) -> tuple[int, float, float, float, float]:
         """(lr_mode, lr, weight_decay, centre, floor) of one parameter, from its kind (SPEC §1.2 table)."""
-        kind = self._kind(p, group)
-        floor = group["rms_floor"]
-        if floor is None:
-            floor = F.auto_rms_floor(p.shape)
-        if kind in _HALF_LR_KINDS:
-            return F.LR_CONSTANT, 0.5 * lr, 0.0, (1.0 if kind is ParamKind.NORM_SCALE else 0.0), floor
-        mode = F.LR_ROW_RMS if kind is ParamKind.EMBEDDING and p.ndim >= 2 else F.LR_RMS
-        return mode, lr, group["weight_decay"], 0.0, floor
+        # The kind-dependent part is memoised per parameter (this runs for every tensor on every step; keyed by
+        # id: Tensor.__hash__ is a Python function); the key holds everything it depends on, so assign_kinds,
+        # load_state_dict or editing a group's "kind" / "rms_floor" / the parameter's shape recompute it.
+        if state is None:
+            state = self.state.get(p)
+        key = (group.get("kind"), state.get("kind") if state else None, group["rms_floor"], p.shape)
+        cached = self._static.get(id(p))
+        if cached is None or cached[0] != key:
+            kind = self._kind(p, group)
+            floor = group["rms_floor"]
+            if floor is None:
+                floor = F.auto_rms_floor(p.shape)
+            if kind in _HALF_LR_KINDS:
+                static = (F.LR_CONSTANT, True, 1.0 if kind is ParamKind.NORM_SCALE else 0.0, floor)
+            else:
+                static = (F.LR_ROW_RMS if kind is ParamKind.EMBEDDING and p.ndim >= 2 else F.LR_RMS, False, 0.0, floor)
+            cached = self._static[id(p)] = (key, static)
+        mode, half, center, floor = cached[1]
+        if half:
+            return mode, 0.5 * lr, 0.0, center, floor
+        return mode, lr, group["weight_decay"], center, floor
 
     def _momentum(self, p: Tensor) -> Tensor:
         state = self.state[p]
@@ -348,10 +363,12 @@ class Tiger(torch.optim.Optimizer):
                 continue
             if batch is None:
                 batch = batches.setdefault((b1, b2, update, group["shrink_ratio"]), _Batch())
+            state = self.state[p]
+            m = state.get("momentum")
             batch.params.append(p)
             batch.grads.append(p.grad)
-            batch.moms.append(self._momentum(p))
-            batch.settings.append(self._settings(p, group, group["lr"]))
+            batch.moms.append(m if m is not None else self._momentum(p))
+            batch.settings.append(self._settings(p, group, group["lr"], state))
 
     def _path(self, batch: _Batch, fused_mod: Any) -> str:
         """"fused", "foreach" or "single" for this batch; raises if ``fused=True`` cannot be honoured."""
@@ -502,6 +519,7 @@ class Tiger(torch.optim.Optimizer):
                              ("fused", None), ("exact_nonfinite", False), ("rms_cache", True)):
             state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
+        self.__dict__.setdefault("_static", {})
         if "_rms_cache" not in self.__dict__:
             self._rms_cache = RMSCache() if self.rms_cache else None
         if "_hooks" not in self.__dict__:
