@@ -96,7 +96,7 @@ class Tiger(torch.optim.Optimizer):
     and the shrunk parameter then match the rule to within float rounding (a few ulp of ``|m| + |b2·g|`` and
     of ``|θ|``), not bit for bit; finite steps are bit-identical. Why: the exact rule must read a whole
     gradient before writing any of it, i.e. read every gradient twice from memory for tensors larger than the
-    caches (measured in ``benchmarks/optimizer_step.py``: 0.81× instead of 0.70× fused AdamW's step time).
+    caches (measured in ``benchmarks/optimizer_step.py``: 0.1–0.15× of fused AdamW's step time more).
     ``exact_nonfinite=True`` gives the bit-exact rule (the foreach and single-tensor paths always do, and so
     do the kernels on micro-steps with b1 < 0.5, i.e. ``beta < 0.5``, where inverting would amplify rounding).
 
