@@ -15,11 +15,13 @@ _EXPORTS = {
     "GaussianMixture": ".toy2d",
     "DigitsDataModule": ".digits",
     "CharCorpusDataModule": ".char_corpus",
+    "InMemoryDataModule": ".in_memory",
 }
 __all__ = [
     "CharCorpusDataModule",
     "DigitsDataModule",
     "GaussianMixture",
+    "InMemoryDataModule",
     "ReflowPairsDataModule",
     "ResumableBatchSampler",
     "ResumableLoader",
@@ -33,6 +35,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .char_corpus import CharCorpusDataModule
     from .digits import DigitsDataModule
+    from .in_memory import InMemoryDataModule
     from .reflow import ReflowPairsDataModule
     from .resumable import ResumableBatchSampler, ResumableLoader
     from .toy2d import GaussianMixture, ToyDataModule, analytic_toy, eight_gaussians, sample_toy

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lightning_tiger.data.resumable import ResumableLoader
+from lightning_tiger.data.in_memory import InMemoryDataModule
 
 
 def load_digits_images() -> Tensor:
@@ -19,7 +17,7 @@ def load_digits_images() -> Tensor:
     return torch.from_numpy(images / 8.0 - 1.0).unsqueeze(1)
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(InMemoryDataModule):
     """``sklearn.datasets.load_digits`` images ``[1, 8, 8]`` in [-1, 1], split by a seeded permutation.
 
     Batches are plain tensors ``[batch, 1, 8, 8]``. SPEC §6: a Fréchet distance on raw 64-d pixels separates the
@@ -34,7 +32,7 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 128, val_fraction: float = 0.5, seed: int = 0,
                  num_workers: int = 0) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         if not 0.0 < val_fraction < 1.0:
@@ -42,14 +40,8 @@ class DigitsDataModule(pl.LightningDataModule):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         self.save_hyperparameters()
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.seed = seed
-        self.num_workers = num_workers
         self.data_shape: tuple[int, ...] = (1, 8, 8)
-        self._train: Tensor | None = None
-        self._train_loader: ResumableLoader | None = None
-        self._val: Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
@@ -61,27 +53,3 @@ class DigitsDataModule(pl.LightningDataModule):
         self._val = images[perm[:num_val]].contiguous()
         self._train = images[perm[num_val:]].contiguous()
 
-    def train_dataloader(self) -> ResumableLoader:
-        """Shuffled training batches, deterministic by ``(seed, epoch)`` and resumable mid-epoch: the loader's
-        position is saved in Lightning checkpoints (:class:`~lightning_tiger.data.ResumableLoader`); under DDP
-        every process takes ``batch_size`` samples of each global batch."""
-        self.setup()
-        assert self._train is not None
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        loader = self._train_loader
-        if loader is None or (loader.rank, loader.world_size) != (rank, world):
-            loader = self._train_loader = ResumableLoader(
-                self._train, batch_size=min(self.batch_size, len(self._train) // world), seed=self.seed,
-                rank=rank, world_size=world, num_workers=self.num_workers,
-            )
-        return loader
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return DataLoader(self._val, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def val_reference(self) -> Tensor:
-        """The held-out images ``[num_val, 1, 8, 8]`` (deterministic from ``seed``)."""
-        self.setup()
-        assert self._val is not None
-        return self._val.clone()

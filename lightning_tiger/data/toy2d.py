@@ -25,13 +25,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lightning_tiger.data.resumable import ResumableLoader
+from lightning_tiger.data.in_memory import InMemoryDataModule
 
 TOY_NAMES: tuple[str, ...] = ("moons", "8gaussians", "checkerboard", "spirals", "scurve", "gmm")
 
@@ -232,7 +230,7 @@ def sample_toy(name: str, n: int, *, generator: torch.Generator | None = None,
     return out.float()
 
 
-class ToyDataModule(pl.LightningDataModule):
+class ToyDataModule(InMemoryDataModule):
     """A 2-D toy as a LightningDataModule: fixed train / validation samples drawn from ``seed``.
 
     Batches are plain tensors ``[batch_size, 2]`` (no labels, no tuples). Train, validation and nothing else
@@ -250,7 +248,7 @@ class ToyDataModule(pl.LightningDataModule):
 
     def __init__(self, name: str = "moons", num_train: int = 20000, num_val: int = 1000, batch_size: int = 256,
                  seed: int = 0, noise: float | None = None, num_workers: int = 0) -> None:
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers)
         if name not in TOY_NAMES:
             raise ValueError(f"name must be one of {TOY_NAMES}, got {name!r}")
         for pname, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1),
@@ -261,14 +259,8 @@ class ToyDataModule(pl.LightningDataModule):
         self.name = name
         self.num_train = num_train
         self.num_val = num_val
-        self.batch_size = batch_size
-        self.seed = seed
         self.noise = noise
-        self.num_workers = num_workers
         self.data_shape: tuple[int, ...] = (2,)
-        self._train: Tensor | None = None
-        self._train_loader: ResumableLoader | None = None
-        self._val: Tensor | None = None
 
     def _sample(self, n: int, seed: int) -> Tensor:
         return sample_toy(self.name, n, generator=torch.Generator().manual_seed(seed), noise=self.noise)
@@ -278,31 +270,6 @@ class ToyDataModule(pl.LightningDataModule):
             self._train = self._sample(self.num_train, self.seed)
         if self._val is None:
             self._val = self._sample(self.num_val, self.seed + 1)
-
-    def train_dataloader(self) -> ResumableLoader:
-        """Shuffled training batches, deterministic by ``(seed, epoch)`` and resumable mid-epoch: the loader's
-        position is saved in Lightning checkpoints (:class:`~lightning_tiger.data.ResumableLoader`); under DDP
-        every process takes ``batch_size`` samples of each global batch."""
-        self.setup()
-        assert self._train is not None
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        loader = self._train_loader
-        if loader is None or (loader.rank, loader.world_size) != (rank, world):
-            loader = self._train_loader = ResumableLoader(
-                self._train, batch_size=min(self.batch_size, self.num_train // world), seed=self.seed,
-                rank=rank, world_size=world, num_workers=self.num_workers,
-            )
-        return loader
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return DataLoader(self._val, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def val_reference(self) -> Tensor:
-        """The held-out sample ``[num_val, 2]`` (same every call, independent of the training data)."""
-        self.setup()
-        assert self._val is not None
-        return self._val.clone()
 
     def analytic_distribution(self) -> GaussianMixture | None:
         """The exact data law when it is a Gaussian mixture ("8gaussians", "gmm"), else ``None``."""
