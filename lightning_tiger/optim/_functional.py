@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -449,6 +449,25 @@ def check_flag(name: str, value: Any, allow_none: bool = True) -> bool | None:
     return value
 
 
+def momentum_of(state: dict[str, Any], key: str, p: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """``state[key]``, created as zeros like ``p`` in ``dtype`` (None: p's dtype) on first use."""
+    m = state.get(key)
+    if m is None:
+        m = state[key] = torch.zeros_like(p, dtype=dtype or p.dtype, memory_format=torch.preserve_format)
+    return m
+
+
+def cast_momenta(states: Iterable[dict[str, Any]], key: str, dtype: torch.dtype | None) -> None:
+    """After ``load_state_dict``: give every ``state[key]`` the optimizer's momentum dtype again (torch casts
+    loaded state to the parameter's dtype). No-op for ``dtype=None``."""
+    if dtype is None:
+        return
+    for state in states:
+        m = state.get(key)
+        if m is not None and m.dtype != dtype:
+            state[key] = m.to(dtype)
+
+
 def parse_dtype(name: str, value: Any) -> torch.dtype | None:
     """A floating ``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"torch.float16"``); None stays."""
     if value is None:
@@ -508,6 +527,33 @@ def fused_usable(fused_mod: ModuleType | None, params: Sequence[Tensor], grads: 
         return all(fused_mod.fused_available(d) for d in devices)
     except Exception:  # a broken toolchain must not break training: fall back to the pure-PyTorch path
         return False
+
+
+def step_path(fused: bool | None, foreach: bool | None, fused_mod: ModuleType | None, params: Sequence[Tensor],
+              grads: Sequence[Tensor], moms: Sequence[Tensor]) -> str:
+    """``"fused"``, ``"foreach"`` or ``"single"``: the path of one optimizer update over these tensors.
+
+    Fused kernels when allowed (``fused`` not False, ``foreach`` not True) and usable (:func:`fused_usable`);
+    ``fused=True`` that cannot be honoured raises ``RuntimeError`` (before anything is written). Otherwise
+    ``foreach`` as given, or by default — like torch.optim — foreach on accelerators and one tensor at a time on
+    CPU (smallest transient memory).
+    """
+    if fused is not False and not foreach and fused_usable(fused_mod, params, grads, moms):
+        return "fused"
+    if fused:
+        raise RuntimeError(
+            "fused=True but some tensors do not qualify for the fused kernels (they need dense, contiguous "
+            "CPU/CUDA tensors with one fp32/bf16/fp16 dtype for parameter, gradient and momentum); use "
+            "fused=None to fall back"
+        )
+    return "foreach" if use_foreach(foreach, params) else "single"
+
+
+def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
+    """``foreach`` as given, else True on accelerators and False on CPU (torch.optim's default)."""
+    if foreach is not None:
+        return foreach
+    return all(p.device.type != "cpu" for p in params)
 
 
 def fused_available_for(params: Sequence[Tensor]) -> bool:

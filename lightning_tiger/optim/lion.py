@@ -109,18 +109,7 @@ class Lion(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             moms = [self._momentum(p) for p in params]
-            if self.fused is not False and not self.foreach and F.fused_usable(fused_mod, params, grads, moms):
-                path = "fused"
-            elif self.fused:
-                raise RuntimeError(
-                    "fused=True but some tensors do not qualify for the fused kernels (they need dense, "
-                    "contiguous CPU/CUDA tensors with one fp32/bf16/fp16 dtype for parameter, gradient and "
-                    "momentum); use fused=None to fall back"
-                )
-            elif self.foreach or (self.foreach is None and all(p.device.type != "cpu" for p in params)):
-                path = "foreach"
-            else:
-                path = "single"
+            path = F.step_path(self.fused, self.foreach, fused_mod, params, grads, moms)
             plans.append((group, params, grads, moms, path))
         for group, params, grads, moms, path in plans:
             beta1, beta2 = group["betas"]
@@ -134,20 +123,12 @@ class Lion(torch.optim.Optimizer):
         return loss
 
     def _momentum(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, dtype=self.momentum_dtype or p.dtype,
-                                                memory_format=torch.preserve_format)
-        return state["exp_avg"]
+        return F.momentum_of(self.state[p], "exp_avg", p, self.momentum_dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
         super().load_state_dict(state_dict)
-        if self.momentum_dtype is not None:
-            for state in self.state.values():
-                m = state.get("exp_avg")
-                if m is not None and m.dtype != self.momentum_dtype:
-                    state["exp_avg"] = m.to(self.momentum_dtype)
+        F.cast_momenta(self.state.values(), "exp_avg", self.momentum_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

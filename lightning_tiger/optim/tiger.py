@@ -301,12 +301,7 @@ class Tiger(torch.optim.Optimizer):
         return mode, lr, group["weight_decay"], center, floor
 
     def _momentum(self, p: Tensor) -> Tensor:
-        state = self.state[p]
-        if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(
-                p, dtype=self.momentum_dtype or p.dtype, memory_format=torch.preserve_format
-            )
-        return state["momentum"]
+        return F.momentum_of(self.state[p], "momentum", p, self.momentum_dtype)
 
     # ------------------------------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -336,7 +331,7 @@ class Tiger(torch.optim.Optimizer):
             self._collect_group(group, batches, sparse)
         # choose every batch's path first: a refused step (fused=True, a tensor the kernels cannot take) raises
         # before any tensor or counter moves
-        paths = [self._path(batch, fused_mod) for batch in batches.values()]
+        paths = [F.step_path(self.fused, self.foreach, fused_mod, b.params, b.grads, b.moms) for b in batches.values()]
         for p, group in sparse:
             self._sparse_step(p, group)
         for ((b1, b2, update, shrink), batch), path in zip(batches.items(), paths):
@@ -364,24 +359,10 @@ class Tiger(torch.optim.Optimizer):
             if batch is None:
                 batch = batches.setdefault((b1, b2, update, group["shrink_ratio"]), _Batch())
             state = self.state[p]
-            m = state.get("momentum")
             batch.params.append(p)
             batch.grads.append(p.grad)
-            batch.moms.append(m if m is not None else self._momentum(p))
+            batch.moms.append(F.momentum_of(state, "momentum", p, self.momentum_dtype))
             batch.settings.append(self._settings(p, group, group["lr"], state))
-
-    def _path(self, batch: _Batch, fused_mod: Any) -> str:
-        """"fused", "foreach" or "single" for this batch; raises if ``fused=True`` cannot be honoured."""
-        if self.fused is not False and not self.foreach and F.fused_usable(fused_mod, batch.params, batch.grads,
-                                                                            batch.moms):
-            return "fused"
-        if self.fused:
-            raise RuntimeError(
-                "fused=True but some tensors do not qualify for the fused kernels (they need dense, contiguous "
-                "CPU/CUDA tensors with one fp32/bf16/fp16 dtype for parameter, gradient and momentum); use "
-                "fused=None to fall back"
-            )
-        return "foreach" if self._use_foreach(batch.params) else "single"
 
     def _apply(self, batch: _Batch, path: str, fused_mod: Any, **coefs: Any) -> None:
         params, grads, moms = batch.params, batch.grads, batch.moms
@@ -394,12 +375,6 @@ class Tiger(torch.optim.Optimizer):
             F.tiger_step_foreach_(params, grads, moms, **kwargs)
         else:
             F.tiger_step_single_(params, grads, moms, **kwargs)
-
-    def _use_foreach(self, params: list[Tensor]) -> bool:
-        if self.foreach is not None:
-            return self.foreach
-        # Like torch.optim: foreach on accelerators; one tensor at a time on CPU (smallest transient memory).
-        return all(p.device.type != "cpu" for p in params)
 
     def _sparse_step(self, p: Tensor, group: dict[str, Any]) -> None:
         b1, b2, update = self._coefficients(group)
@@ -465,7 +440,7 @@ class Tiger(torch.optim.Optimizer):
             if params:
                 modes, lrs, wds, floors = (list(x) for x in zip(*settings))
                 F.tiger_update_(params, moms, lr_modes=modes, lrs=lrs, weight_decays=wds, rms_floor=floors,
-                                foreach=self._use_foreach(params))
+                                foreach=F.use_foreach(self.foreach, params))
             group["micro_step"] += 1
         self._window.clear()
 
@@ -499,11 +474,7 @@ class Tiger(torch.optim.Optimizer):
         id_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for i, kind in kinds.items():
             self.state[id_to_param[i]]["kind"] = ParamKind.parse(kind, "state 'kind'").value
-        if self.momentum_dtype is not None:
-            for state in self.state.values():
-                m = state.get("momentum")
-                if m is not None and m.dtype != self.momentum_dtype:
-                    state["momentum"] = m.to(self.momentum_dtype)
+        F.cast_momenta(self.state.values(), "momentum", self.momentum_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
