@@ -1,0 +1,145 @@
+"""Counter-based stochastic rounding of fp32 values to bf16 / fp16.
+
+Stochastic rounding (Gupta et al., 2015, "Deep Learning with Limited Numerical Precision", eq. 2) rounds a value
+``x`` to one of its two neighbours ``lo <= x <= hi`` in the target format, choosing ``hi`` with probability
+``(x - lo) / (hi - lo)``, so that ``E[round(x)] = x``. An optimizer update far below half an ulp of the parameter
+(Tiger's relative step ``lr`` of ~1e-3 against bf16's 2**-9) then moves the parameter on average instead of
+rounding back to the old value every time (Zamirai et al., 2020, "Revisiting BFloat16 Training").
+
+The random bits come from a *counter-based* hash rather than a stateful generator: the bits of element ``i`` of a
+tensor at step ``t`` depend only on ``(stream, t, i)``. Hence every path (the fused C++ kernel, the foreach and
+the single-tensor PyTorch paths, any chunking, any thread count) draws the same bits and produces bit-identical
+results, and the whole generator state of a tensor is two integers kept in the optimizer state, so a resumed run
+continues bit for bit.
+
+Definitions (all arithmetic modulo 2**32):
+
+- ``hash32`` is the "lowbias32" integer hash (C. Wellons, "Prospecting for Hash Functions", 2018):
+  ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``. It is a bijection.
+- ``stream_of(seed, index) = hash32(fold(seed) + index * 0x9E3779B1)`` names the stream of the ``index``-th
+  parameter of an optimizer, ``fold(seed) = hash32(seed mod 2**32) ^ (seed >> 32 mod 2**32)``.
+- ``step_key(stream, t) = hash32(stream + t * 0x632BE5AB)`` is the key of step ``t``; the momentum of the same
+  tensor uses ``step_key(...) ^ MOMENTUM_SALT``.
+- ``bits_i = hash32(key + i * 0x9E3779B1)`` for the flat (row-major) index ``i``; distinct for ``i < 2**32``.
+- bf16: ``bits(x) + (bits_i >> 16)`` with the low 16 bits then cleared (finite ``x``; NaN/inf pass through).
+- fp16: ``u = (bits_i >> 8) * 2**-24``; round up iff ``u < (x - lo) / (hi - lo)``; magnitudes beyond fp16's
+  largest finite value round to nearest (that is, to inf).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MOMENTUM_SALT",
+    "hash32",
+    "random_bits",
+    "step_key",
+    "stochastic_round",
+    "stream_of",
+]
+
+MASK32 = 0xFFFFFFFF
+MOMENTUM_SALT = 0x5BD1E995
+_GOLDEN = 0x9E3779B1
+_STEP_MUL = 0x632BE5AB
+_M1 = 0x7FEB352D
+_M2 = 0x846CA68B
+
+
+def _mulmod32(x: Tensor, c: int) -> Tensor:
+    # x in [0, 2**32): split the constant in 16-bit halves so no int64 product overflows (2**48 at most).
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & MASK32
+
+
+def hash32(x: Tensor | int) -> Tensor | int:
+    """The lowbias32 hash of ``x mod 2**32``, elementwise for an int64 tensor (values in ``[0, 2**32)``)."""
+    if isinstance(x, int):
+        x &= MASK32
+        x ^= x >> 16
+        x = (x * _M1) & MASK32
+        x ^= x >> 15
+        x = (x * _M2) & MASK32
+        x ^= x >> 16
+        return x
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, _M1)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, _M2)
+    return x ^ (x >> 16)
+
+
+def stream_of(seed: int, index: int) -> int:
+    """The fixed stream id of the ``index``-th tensor of an optimizer seeded with ``seed`` (a Python int)."""
+    folded = hash32(seed & MASK32) ^ ((seed >> 32) & MASK32)
+    return hash32((folded + index * _GOLDEN) & MASK32)
+
+
+def step_key(stream: Tensor | int, step: Tensor | int) -> Tensor | int:
+    """The 32-bit key of step ``step`` of a stream; works on Python ints and on int64 tensors (no host sync)."""
+    if isinstance(stream, int) and isinstance(step, int):
+        return hash32((stream + (step & MASK32) * _STEP_MUL) & MASK32)
+    s = torch.as_tensor(step, dtype=torch.int64) & MASK32
+    return hash32((torch.as_tensor(stream, dtype=torch.int64) + _mulmod32(s, _STEP_MUL)) & MASK32)
+
+
+def random_bits(key: Tensor | int, numel: int, offset: int = 0, device: torch.device | str | None = None) -> Tensor:
+    """32 random bits (int64 in ``[0, 2**32)``) for flat indices ``offset .. offset + numel - 1`` under ``key``.
+
+    Args:
+        key: the step key (a Python int or an int64 0-d tensor, e.g. on the parameter's device).
+        numel: how many elements.
+        offset: flat index of the first element (for chunked processing).
+        device: where to create the bits (default: the key's device, else CPU).
+
+    Returns:
+        int64 tensor ``[numel]``.
+    """
+    if device is None:
+        device = key.device if isinstance(key, Tensor) else "cpu"
+    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) & MASK32
+    return hash32((_mulmod32(idx, _GOLDEN) + key) & MASK32)
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: int = 0) -> Tensor:
+    """Round ``x`` (float32, any shape) to ``dtype`` with the counter-based rounding defined in the module doc.
+
+    Args:
+        x: float32 values; the flat index of ``x.view(-1)[j]`` is ``offset + j``.
+        dtype: ``torch.bfloat16`` or ``torch.float16`` (``torch.float32`` returns ``x`` unchanged).
+        key: the step key, a Python int or an int64 0-d tensor.
+        offset: flat index of ``x``'s first element within the whole tensor.
+
+    Returns:
+        A tensor of ``dtype`` and ``x``'s shape whose expectation over keys is ``x`` (for finite ``x`` in range).
+
+    Raises:
+        ValueError: if ``x`` is not float32 or ``dtype`` is not one of the three floating types above.
+    """
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    if dtype == torch.float32:
+        return x
+    bits = random_bits(key, x.numel(), offset, x.device).view(x.shape)
+    if dtype == torch.bfloat16:
+        raw = x.view(torch.int32)
+        rounded = ((raw + (bits >> 16).to(torch.int32)) & -65536).view(torch.float32)
+        return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+    if dtype == torch.float16:
+        near = x.to(torch.float16)
+        near32 = near.float()
+        up = near32 > x
+        other = torch.nextafter(near, torch.where(up, -torch.inf, torch.inf).to(torch.float16))
+        lo = torch.where(up, other, near)
+        hi = torch.where(up, near, other)
+        lo32, hi32 = lo.float(), hi.float()
+        p = (x - lo32) / (hi32 - lo32)
+        u = (bits >> 8).to(torch.float32) * (2.0**-24)
+        out = torch.where(u < p, hi, lo)
+        keep = (near32 == x) | ~torch.isfinite(near32) | ~torch.isfinite(x)
+        return torch.where(keep, near, out)
+    raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
