@@ -47,8 +47,25 @@ decision is still OR-reduced with ``trainer.strategy.reduce_boolean_decision(...
 all-reduce per step) so that a rank-local non-finite value (or a sharded strategy) cannot make replicas
 diverge. Under FSDP the per-tensor shrink works on each rank's shard.
 
-Known interaction: ``EMAWeightAveraging`` updates its average whenever ``global_step`` advances, so a vetoed
-step still averages the (unchanged) weights once more.
+Group-level counters: some optimizers advance an int in the parameter group even when no parameter has a
+gradient (Tiger's ``micro_step``, the group ``step`` of many pytorch_optimizer classes). The guard saves them when it
+vetoes and puts them back in a step post-hook right after that ``step()`` returns. torch.optim runs an
+optimizer's post-hooks by iterating the ``OrderedDict`` that holds them, so a hook must not add or remove hooks
+(a one-shot hook that removed itself crashed every later hook's step, e.g. OptimizerMonitor's on logging steps,
+with "OrderedDict mutated during iteration"): the guard registers one post-hook per optimizer between steps (in
+``on_train_batch_start``), which only consumes its own pending entry, and removes them in ``teardown``.
+
+Weight averaging (Lightning's ``WeightAveraging``/``EMAWeightAveraging``): Lightning updates the average in
+``on_train_batch_end`` whenever ``global_step`` passed its last update and ``should_update(step_idx)`` agrees, so
+a vetoed step would average the unchanged weights once more. For the duration of ``fit`` the guard wraps the
+``should_update`` of every ``WeightAveraging`` callback in ``trainer.callbacks`` (an instance attribute, removed
+again at the end, like the ``lr_scheduler_step`` wrapper): it answers ``False`` for a batch whose step was vetoed
+(or that took no optimizer step), and otherwise asks the callback with the REAL step index (``step_idx`` minus the
+steps vetoed before it), so ``update_every_n_steps``/``update_starting_at_step`` count real steps like the
+schedule. The average and its ``n_averaged`` then equal those of a run that never saw the vetoed batches; only the
+averaging's ``latest_update_step``, a ``global_step`` value, still counts attempted steps. The veto is known in
+``on_before_optimizer_step``, before any callback's ``on_train_batch_end``, so the order of the callbacks does not
+matter. Epoch-end updates (``should_update(epoch_idx=...)``) are left alone.
 """
 
 from __future__ import annotations
@@ -60,9 +77,10 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +224,11 @@ class NonFiniteGuard(Callback):
         self._wrapped_module: pl.LightningModule | None = None
         self._had_instance_hook = False
         self._orig_hook: Callable[..., Any] | None = None
-        self._restore_hooks: list[Any] = []
+        # One step post-hook per optimizer (registered between steps, never removed during one) and the group
+        # counters it puts back after the step that was vetoed; see _veto.
+        self._restore_hooks: dict[int, RemovableHandle] = {}
+        self._pending_restore: dict[int, list[dict[str, int]]] = {}
+        self._wrapped_averaging: list[tuple[WeightAveraging, bool, Callable[..., bool]]] = []
         self._stashed_clip: tuple[pl.Trainer, float] | None = None
 
     # ------------------------------------------------------------------ checkpointing
@@ -239,15 +261,18 @@ class NonFiniteGuard(Callback):
         self._centres = None
         self._names = None
         self._wrap_scheduler_hook(pl_module)
+        self._wrap_averaging(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap_scheduler_hook()
+        self._unwrap_averaging()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unwrap_scheduler_hook()
+        self._unwrap_averaging()
         self._remove_restore_hooks()
         self._restore_clip()
 
@@ -289,14 +314,63 @@ class NonFiniteGuard(Callback):
                 return config.interval == "step" and id(optimizer) in self._vetoed_optimizers
         return False
 
+    def _wrap_averaging(self, trainer: pl.Trainer) -> None:
+        """Route every ``WeightAveraging`` callback's ``should_update`` through :meth:`_averaging_should_update`."""
+        if self._wrapped_averaging:
+            return
+        for callback in trainer.callbacks:
+            if not isinstance(callback, WeightAveraging):
+                continue
+            had_instance_attr = "should_update" in vars(callback)
+            orig = callback.should_update
+
+            def should_update(
+                step_idx: int | None = None, epoch_idx: int | None = None, _orig: Callable[..., bool] = orig
+            ) -> bool:
+                return self._averaging_should_update(_orig, step_idx, epoch_idx)
+
+            callback.should_update = should_update  # type: ignore[method-assign]
+            self._wrapped_averaging.append((callback, had_instance_attr, orig))
+
+    def _unwrap_averaging(self) -> None:
+        for callback, had_instance_attr, orig in self._wrapped_averaging:
+            if had_instance_attr:
+                callback.should_update = orig  # type: ignore[method-assign]
+            else:
+                vars(callback).pop("should_update", None)
+        self._wrapped_averaging.clear()
+
+    def _averaging_should_update(
+        self, orig: Callable[..., bool], step_idx: int | None, epoch_idx: int | None
+    ) -> bool:
+        """``WeightAveraging.should_update`` as a run that never saw the vetoed batches would answer it.
+
+        ``WeightAveraging.on_train_batch_end`` asks after every batch in which ``global_step`` passed its last
+        update; ``step_idx`` is ``global_step - 1``. A vetoed step is no optimizer step: no update, and the
+        question is asked again after the next real step, which happens in a later batch (a batch without an
+        optimizer step, e.g. inside an accumulation window, never updates either). The real step's index is
+        ``step_idx`` minus the steps vetoed before it, so ``update_every_n_steps``/``update_starting_at_step``
+        count real steps, like the learning-rate schedule. Epoch-end questions pass through unchanged.
+        """
+        if step_idx is None:
+            return orig(step_idx=step_idx, epoch_idx=epoch_idx)
+        if self._vetoed_optimizers or not self._stepped_this_batch:
+            return False
+        return orig(step_idx=step_idx - self.skipped, epoch_idx=epoch_idx)
+
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # The veto of the previous batch has been fully applied (schedulers included) by now.
         self._vetoed_optimizers.clear()
-        self._remove_restore_hooks()  # a GradScaler skipped step() itself: nothing to restore
+        self._pending_restore.clear()  # a GradScaler skipped step() itself: nothing to restore
         self._restore_clip()
+        # Register the counter-restoring post-hook here, between steps: torch.optim iterates an optimizer's
+        # post-hooks (an OrderedDict) while running them, so none may be added or removed during a step().
+        for optimizer in trainer.optimizers:
+            if id(optimizer) not in self._restore_hooks:
+                self._restore_hooks[id(optimizer)] = optimizer.register_step_post_hook(self._restore_counters)
         self._event_this_batch = False
         self._stepped_this_batch = False
 
@@ -312,6 +386,9 @@ class NonFiniteGuard(Callback):
     ) -> None:
         loss_bad, self._loss_bad = self._loss_bad, None
         self._stepped_this_batch = True
+        # A previous veto of this optimizer whose step() never ran (manual optimization under a GradScaler)
+        # must not be restored onto this step.
+        self._pending_restore.pop(id(optimizer), None)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         with_grad = [p for p in params if p.grad is not None]
 
@@ -442,20 +519,26 @@ class NonFiniteGuard(Callback):
             self._stashed_clip = (trainer, trainer.gradient_clip_val)
             trainer.gradient_clip_val = None
         # Some optimizers advance group-level counters even when no parameter has a gradient (Tiger's
-        # "micro_step", many pytorch_optimizer classes' group "step"): put them back right after this step()
-        # returns, so that a vetoed step changes no counter at all.
+        # "micro_step", many pytorch_optimizer classes' group "step"): _restore_counters puts them back right
+        # after this step() returns, so that a vetoed step changes no counter at all.
         saved = [
             {k: v for k, v in group.items() if k != "params" and type(v) is int} for group in optimizer.param_groups
         ]
         if any(saved):
-            self._remove_restore_hooks()
+            self._pending_restore[id(optimizer)] = saved
 
-            def restore(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-                for group, values in zip(opt.param_groups, saved):
-                    group.update(values)
-                self._remove_restore_hooks()
+    def _restore_counters(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Step post-hook (one per optimizer, for the whole fit): undo the counters of a vetoed step().
 
-            self._restore_hooks.append(optimizer.register_step_post_hook(restore))
+        It only reads and clears the guard's own pending entry: adding or removing a hook here would mutate the
+        ``OrderedDict`` that torch.optim is iterating and crash any post-hook registered after this one (e.g.
+        OptimizerMonitor's on a logging step).
+        """
+        saved = self._pending_restore.pop(id(optimizer), None)
+        if saved is None:
+            return
+        for group, values in zip(optimizer.param_groups, saved):
+            group.update(values)
 
     def _restore_clip(self) -> None:
         if self._stashed_clip is not None:
@@ -464,9 +547,10 @@ class NonFiniteGuard(Callback):
             self._stashed_clip = None
 
     def _remove_restore_hooks(self) -> None:
-        for handle in self._restore_hooks:
+        for handle in self._restore_hooks.values():
             handle.remove()
         self._restore_hooks.clear()
+        self._pending_restore.clear()
 
     def _centre_map(self, pl_module: pl.LightningModule) -> dict[int, float]:
         if self._centres is None:

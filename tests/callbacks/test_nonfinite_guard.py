@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -110,6 +110,22 @@ class AssertFinite(Callback):
                 for v in state.values():
                     if isinstance(v, torch.Tensor) and v.is_floating_point():
                         assert torch.isfinite(v).all()
+
+
+class RawWeights(Callback):
+    """The model's own weights at the end of the last epoch (EMAWeightAveraging overwrites them at train end)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def averaged_state(ema: EMAWeightAveraging) -> dict[str, torch.Tensor]:
+    """The AveragedModel's parameters, buffers and ``n_averaged`` (Lightning keeps no public accessor)."""
+    assert ema._average_model is not None
+    return {k: v.detach().clone() for k, v in ema._average_model.state_dict().items()}
 
 
 def make_trainer(
@@ -240,6 +256,56 @@ def test_skip_equals_run_without_bad_batches(tmp_path: Path, precision: str, opt
     # ... and the regular cadence (log_every_n_steps=3 -> steps 2, 5) is there as well.
     consecutive = {int(r["step"]): float(r["nonfinite/consecutive"]) for r in rows if r.get("nonfinite/consecutive")}
     assert consecutive[4] == 1.0 and consecutive[5] == 2.0 and consecutive[6] == 3.0
+
+
+def _clean_updates(real_steps: int, every: int, start: int | None) -> int:
+    """EMA updates of a clean run, from EMAWeightAveraging's documented rule (step index i, 0-based)."""
+    return sum(1 for i in range(real_steps) if (start is None or i >= start) and i % every == 0)
+
+
+@pytest.mark.parametrize(
+    ("precision", "every", "start", "ema_first"),
+    [
+        ("32-true", 1, None, False),
+        ("32-true", 1, None, True),
+        ("bf16-mixed", 2, None, False),
+        ("16-mixed-scaler", 1, 3, True),
+        ("32-true", 2, 1, True),
+    ],
+)
+def test_skip_equals_run_without_bad_batches_ema(
+    tmp_path: Path, precision: str, every: int, start: int | None, ema_first: bool
+) -> None:
+    """EMAWeightAveraging after a run with vetoed steps == after a run that never saw those batches.
+
+    "Never saw the batch", for counters: everything that counts optimizer steps equals the clean run, i.e. the
+    AveragedModel's ``n_averaged`` and the step index that ``should_update`` is asked about (so
+    ``update_every_n_steps`` / ``update_starting_at_step`` count real steps, like the lr schedule).
+    ``trainer.global_step`` counts attempted steps (as under a GradScaler), and so does what is stamped with
+    it: the averaging's ``latest_update_step`` is the clean run's plus the steps vetoed before it.
+    The order of the guard and the averaging callback in ``callbacks`` does not matter.
+    """
+    poison = {2: LOSS_NAN, 4: GRAD_INF, 5: GRAD_NAN, 6: LOSS_ADD_INF}
+
+    def run(root: Path, loader: DataLoader, guard: NonFiniteGuard | None) -> tuple[Any, ...]:
+        ema = EMAWeightAveraging(decay=0.5, update_every_n_steps=every, update_starting_at_step=start)
+        raw = RawWeights()
+        callbacks: list[Callback] = [ema] if guard is None else ([ema, guard] if ema_first else [guard, ema])
+        trainer, model = fit(root, precision, loader, [*callbacks, raw, AssertFinite()])
+        return trainer, model, ema, raw
+
+    guard = NonFiniteGuard(action="skip", check_loss=True)
+    t_bad, m_bad, ema_bad, raw_bad = run(tmp_path / "bad", make_data(9, poison), guard)
+    t_ref, m_ref, ema_ref, raw_ref = run(tmp_path / "ref", make_data(9, {}, drop=tuple(poison)), None)
+
+    assert guard.skipped == 4
+    assert_same(raw_bad.state, raw_ref.state, "raw weights")
+    assert_same_training_state(t_bad, m_bad, t_ref, m_ref)  # the module holds the average after train end
+    avg_bad, avg_ref = averaged_state(ema_bad), averaged_state(ema_ref)
+    assert_same(avg_bad, avg_ref, "averaged model")
+    assert int(avg_ref["n_averaged"]) == _clean_updates(9 - 4, every, start)
+    assert ema_bad.state_dict()["latest_update_step"] - guard.skipped == ema_ref.state_dict()["latest_update_step"]
+    assert "should_update" not in vars(ema_bad)  # the guard's wrapper is removed after fit
 
 
 @pytest.mark.parametrize("check_loss", [True, False])
