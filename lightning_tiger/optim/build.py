@@ -160,6 +160,15 @@ def build_timeout() -> float:
     return value
 
 
+def _timeout() -> float:
+    """:func:`build_timeout`, or the default with a warning: a typo in the variable must not stop training."""
+    try:
+        return build_timeout()
+    except ValueError as err:
+        _warn_once("timeout", f"{err}; using {DEFAULT_TIMEOUT_S:g} s")
+        return DEFAULT_TIMEOUT_S
+
+
 def cache_root() -> Path:
     """``$TORCH_EXTENSIONS_DIR/lightning_tiger`` (PyTorch's default root when the variable is unset)."""
     # Imported here because the module costs ~0.35 s and is needed only once the kernels are first requested.
@@ -464,7 +473,7 @@ def build_kernels(force: bool = False) -> BuildResult:
             loaded = _load_published(plan)
             if loaded is not None:
                 return loaded
-        lock = BuildLock(plan.root / f"{plan.name}.lock", build_timeout())
+        lock = BuildLock(plan.root / f"{plan.name}.lock", _timeout())
         if not lock.acquire():
             log.warning("lightning_tiger: waited %.0f s for another process's kernel build (%s); building in "
                         "parallel", lock.timeout, lock.owner)
@@ -594,7 +603,7 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
     with _lock:
         entry = _agreed.get(id(store))
         if entry is None:
-            timeout = build_timeout()
+            timeout = _timeout()
             ok = False
             prefix = f"lightning_tiger/fused/{len(_agreed)}/"  # a fresh namespace per process group
             try:
