@@ -469,6 +469,11 @@ def build_kernels(force: bool = False) -> BuildResult:
         if isinstance(plan, BuildResult):
             return plan
         plan.root.mkdir(parents=True, exist_ok=True)
+        if _kernels_registered():  # a second library cannot register the same operators in this process
+            if force:
+                return _fail("the kernels are already loaded in this process",
+                             "run `python -m lightning_tiger.optim.build --force` in a fresh process")
+            return _load_published(plan) or BuildResult(ok=True)
         if not force:
             loaded = _load_published(plan)
             if loaded is not None:
