@@ -250,3 +250,5 @@ def test_build_killed_mid_compile_does_not_hang_the_next_run(tmp_path: Path) -> 
     out = run_py(["-c", code], env, timeout=600)  # before the fix: TimeoutExpired (waits on the dead build)
     assert out.returncode == 0, out.stderr
     assert out.stderr.count(BUILDING) == 1, out.stderr
+    assert f"(its process {victim.pid} is dead)" in out.stderr  # its lock was recognised as stale
+    assert not list((ext / "lightning_tiger").glob(".*.tmp-*"))  # and its half-built folder removed
