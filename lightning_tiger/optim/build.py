@@ -131,7 +131,7 @@ class _Plan:
 
 _lock = threading.Lock()
 _local: BuildResult | None = None  # None: not tried yet in this process
-_agreed: dict[int, tuple[object, bool]] = {}  # id(store) -> (store, every rank ok); the store is kept alive
+_agreed: dict[int, tuple[object, bool]] = {}  # id(group) -> (group, every rank ok); the group is kept alive
 _warned: set[str] = set()
 
 _FIX_DISABLE = f"or set {DISABLE_ENV}=1 to use the PyTorch path without this warning"
@@ -512,15 +512,15 @@ def _fallback_message(result: BuildResult) -> str:
             f"path. Cause: {result.reason}. Fix: {result.fix}.")
 
 
-def _distributed_store() -> tuple[object, int, int] | None:
-    """(store, rank, world size) of the initialised default process group with several ranks, else None."""
+def _distributed_store() -> tuple[object, object, int] | None:
+    """(default group, its store, world size) when torch.distributed is initialised with several ranks."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size()
     if world <= 1:
         return None
     # The key-value store of the default group: non-collective operations with timeouts (see module docstring).
-    return dist.distributed_c10d._get_default_store(), dist.get_rank(), world
+    return dist.group.WORLD, dist.distributed_c10d._get_default_store(), world
 
 
 def _wait(store: object, key: str, timeout: float) -> bool:
@@ -604,9 +604,9 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
             return False
         with _lock:
             return _local_result().ok
-    store, _, world = group
+    pg, store, world = group
     with _lock:
-        entry = _agreed.get(id(store))
+        entry = _agreed.get(id(pg))
         if entry is None:
             timeout = _timeout()
             ok = False
@@ -627,7 +627,7 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
                 _warn_once("others", "lightning_tiger: the fused optimizer kernel is unavailable on another rank, "
                            "so every rank uses the PyTorch path (ranks stay identical); that rank's warning "
                            "names the cause")
-            entry = _agreed[id(store)] = (store, agreed)
+            entry = _agreed[id(pg)] = (pg, agreed)
     return entry[1] and not disabled
 
 
