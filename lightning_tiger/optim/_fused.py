@@ -59,28 +59,26 @@ float32 or the param dtype (:func:`fused_supports`). No CUDA kernel: on GPUs the
 
 Environment variables: ``LIGHTNING_TIGER_DISABLE_FUSED=1`` disables the kernels (``fused_available`` returns
 False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the per-tensor cache budget of the two-phase path
-(bytes). The build lives in PyTorch's extension cache
-(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), in a folder named after a hash of the
-sources, flags, compiler, torch version and CPU, so that a change of any of them triggers a rebuild.
+(bytes). Building, caching and loading the kernels (one build per machine and torch/compiler environment, a
+visible line while compiling, a warning naming the cause and the fix on fallback, ranks agreeing under
+``torch.distributed``, ``python -m lightning_tiger.optim.build`` to prebuild) live in
+:mod:`lightning_tiger.optim.build`; :func:`fused_available` is re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 import os
-import platform
-import shutil
-import threading
 import weakref
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lightning_tiger.optim.build import DISABLE_ENV, fused_available
+
 __all__ = [
+    "DISABLE_ENV",
     "RMSCache",
     "fused_available",
     "fused_supports",
@@ -89,17 +87,8 @@ __all__ = [
     "tiger_step_",
 ]
 
-log = logging.getLogger(__name__)
-
-DISABLE_ENV = "LIGHTNING_TIGER_DISABLE_FUSED"
 GROUP_BYTES_ENV = "LIGHTNING_TIGER_FUSED_GROUP_BYTES"
 _DEFAULT_GROUP_BYTES = 8 << 20
-_CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("fused_optim.cpp",)
-
-_lock = threading.Lock()
-_loaded: bool | None = None  # None: not tried yet
-_logged: set[str] = set()
 
 _SUPPORTED = {
     (torch.float32, torch.float32),
@@ -108,123 +97,6 @@ _SUPPORTED = {
     (torch.float16, torch.float32),
     (torch.float16, torch.float16),
 }
-
-
-def _log_once(key: str, msg: str, level: int = logging.INFO) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.log(level, msg)
-
-
-def _env_disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _cpu_signature() -> str:
-    """CPU model and ISA flags: the build uses -march=native, so another CPU must get its own build."""
-    sig = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features", "model name")):
-                    sig += line
-                if line.strip() == "":
-                    break
-    except OSError:
-        sig += platform.processor()
-    return sig
-
-
-def _flag_sets() -> list[tuple[list[str], list[str]]]:
-    """(cflags, ldflags) to try in order: native ISA + OpenMP, portable + OpenMP, portable serial."""
-    base = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing"]
-    omp = (["-fopenmp"], ["-fopenmp"])
-    native = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
-    return [
-        (base + native + omp[0], omp[1]),
-        (base + omp[0], omp[1]),
-        (base, []),
-    ]
-
-
-def _build() -> bool:
-    from torch.utils import cpp_extension
-
-    if platform.system() == "Windows":
-        _log_once("build", "lightning_tiger fused kernels: not built on Windows; using the foreach path")
-        return False
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None:
-        _log_once("build", f"lightning_tiger fused kernels: no C++ compiler ({cxx!r}); using the foreach path")
-        return False
-    if not cpp_extension.is_ninja_available():
-        _log_once("build", "lightning_tiger fused kernels: ninja is not available; using the foreach path")
-        return False
-    sources = [str(_CSRC / s) for s in _SOURCES]
-    digest = hashlib.sha256()
-    for s in sources:
-        digest.update(Path(s).read_bytes())
-    digest.update(torch.__version__.encode())
-    digest.update(cxx.encode())
-    digest.update(_cpu_signature().encode())
-    errors = []
-    for k, (cflags, ldflags) in enumerate(_flag_sets()):
-        h = digest.copy()
-        h.update(repr((cflags, ldflags)).encode())
-        name = f"lightning_tiger_fused_{h.hexdigest()[:16]}"
-        try:
-            cpp_extension.load(
-                name=name,
-                sources=sources,
-                extra_cflags=cflags,
-                extra_ldflags=ldflags,
-                is_python_module=False,
-                verbose=False,
-            )
-        except Exception as err:  # compiler errors, missing headers, lock problems: fall back, never raise
-            errors.append(f"flags {k}: {type(err).__name__}: {str(err)[-500:]}")
-            continue
-        if hasattr(torch.ops.lightning_tiger, "tiger_step_"):
-            _log_once("build", f"lightning_tiger fused kernels loaded ({name}, flags {cflags})", logging.DEBUG)
-            return True
-    _log_once("build", "lightning_tiger fused kernels could not be built; using the foreach path:\n"
-              + "\n".join(errors))
-    return False
-
-
-def fused_available(device: torch.device | str = "cpu") -> bool:
-    """Whether the fused kernels can run on ``device`` (builds and loads them once per process; never raises).
-
-    Args:
-        device: the device of the tensors to update. Only CPU has fused kernels.
-
-    Returns:
-        False on a non-CPU device, when ``LIGHTNING_TIGER_DISABLE_FUSED`` is set (checked on every call), or when
-        the extension cannot be built (no compiler, no ninja, compile error); the reason is logged once (INFO).
-    """
-    global _loaded
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        return False
-    if dev.type != "cpu":
-        _log_once(f"device:{dev.type}", f"lightning_tiger fused kernels: none for {dev.type}; using foreach")
-        return False
-    if _env_disabled():
-        _log_once("env", f"lightning_tiger fused kernels disabled by {DISABLE_ENV}")
-        return False
-    if _loaded is None:
-        with _lock:
-            if _loaded is None:
-                try:
-                    if hasattr(torch.ops, "lightning_tiger") and hasattr(torch.ops.lightning_tiger, "tiger_step_"):
-                        _loaded = True  # already registered in this process (e.g. module reloaded)
-                    else:
-                        _loaded = _build()
-                except Exception as err:  # pragma: no cover - defensive: fused_available never raises
-                    _log_once("build", f"lightning_tiger fused kernels unavailable: {err!r}")
-                    _loaded = False
-    return bool(_loaded)
 
 
 def fused_supports(param_dtype: torch.dtype, mom_dtype: torch.dtype) -> bool:
