@@ -35,6 +35,7 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -314,6 +315,16 @@ def explain_config_error(
         files = [where] if where else [name for name, _ in sources if name != COMMAND_LINE]
         message = f"{', '.join(files) or '<config>'}: {key}: required value missing (`???`); set it with --{key}=..."
         return ConfigError(message, key=key, files=files)
+    unrecognized = re.search(r"unrecognized arguments: (\S+)", text)
+    if unrecognized:  # argparse's own report; prefixes are off, so `--trainer.max_step` lands here
+        key = unrecognized.group(1).lstrip("-").split("=", 1)[0]
+        section, _, leaf = key.rpartition(".")
+        known = [p.name for p in _parameters_of(f"{Trainer.__module__}.{Trainer.__qualname__}")] \
+            if section == "trainer" else []
+        close = difflib.get_close_matches(leaf, known, n=1)
+        hint = f"; did you mean {section}.{close[0]}?" if close else ""
+        message = f"{COMMAND_LINE}: {key}: unknown option (prefixes of option names are not accepted){hint}"
+        return ConfigError(message, key=key, files=[COMMAND_LINE])
     keys = [re.sub(r"^(fit|validate|test|predict)\.", "", k) for k in re.findall(r'Parser key "([^"]+)"', text)]
     class_paths = re.findall(r"class_path '([^']+)'", text)
     unknown = re.search(r"(?:Option|Key) '([^']+)' is not accepted", text) or re.search(
