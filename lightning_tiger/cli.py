@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -61,6 +62,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from lightning_tiger import callbacks, data, modules, optim, plugins
+from lightning_tiger.optim import PiecewiseLinearLR
 from lightning_tiger.plugins import CorruptCheckpointError, verify_checkpoint
 
 __all__ = [
@@ -433,6 +435,43 @@ class TigerCLI(LightningCLI):
             # LightningCLI reads the checkpoint's hyperparameters with torch.load right after parsing, before any
             # CheckpointIO plugin sees it: verify first so that damage gets a clear report.
             verify_checkpoint(ckpt_path)
+            self._check_resumed_schedule(plain, str(ckpt_path), sources)
+
+    @staticmethod
+    def _check_resumed_schedule(config: dict[str, Any], ckpt_path: str, sources: list[tuple[str, dict[str, Any]]]
+                                ) -> None:
+        """Refuse a resume whose scheduler settings differ from the checkpoint's when they would be overwritten.
+
+        torch's schedulers restore every attribute from the checkpoint (``total_iters``, ``T_max``, ...), so a
+        ``total_iters: ${trainer.max_steps}`` resumed with a larger ``max_steps`` would silently keep the old
+        value while the saved config shows the new one. PiecewiseLinearLR keeps the new knots (and says so).
+        """
+        scheduler = config.get("lr_scheduler")
+        if not isinstance(scheduler, dict) or not scheduler.get("class_path"):
+            return
+        cls = _import_class(scheduler["class_path"])
+        if cls is None or issubclass(cls, PiecewiseLinearLR):
+            return
+        states = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or []
+        if len(states) != 1:
+            return
+        saved = states[0]
+        for name, value in (scheduler.get("init_args") or {}).items():
+            if name in ("last_epoch", "verbose", "optimizer") or name not in saved:
+                continue
+            old = saved[name]
+            if (list(old) if isinstance(old, (list, tuple)) else old) != (
+                list(value) if isinstance(value, (list, tuple)) else value
+            ):
+                where = _who_set(f"lr_scheduler.init_args.{name}", sources) or "<defaults>"
+                raise ConfigError(
+                    f"{where}: lr_scheduler.init_args.{name}: {value!r} now, {old!r} in the checkpoint {ckpt_path}; "
+                    f"{cls.__name__} restores it from the checkpoint, so the resumed run would silently keep "
+                    f"{old!r}. Resume with the same value (e.g. the same --trainer.max_steps), or use "
+                    f"lightning_tiger.optim.PiecewiseLinearLR, whose knots follow the config on resume.",
+                    key=f"lr_scheduler.init_args.{name}",
+                    files=[where],
+                )
 
     @staticmethod
     def _check_max_steps_interpolation(config: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> None:

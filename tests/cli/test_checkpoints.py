@@ -39,7 +39,7 @@ KEEP = TINY.replace(
   check_val_every_n_epoch: null
   num_sanity_val_steps: 0
   callbacks:
-    - class_path: LastCheckpoint
+    - class_path: lightning_tiger.plugins.LastCheckpoint
       init_args: {dirpath: CKPTS}
 """,
 )
@@ -100,7 +100,7 @@ def test_summary_does_not_claim_an_older_checkpoint(tmp_path: Path, capsys: pyte
     last = tmp_path / "ckpts" / "last.ckpt"
     capsys.readouterr()
     # a plain ModelCheckpoint that saves only every 100 steps: nothing during steps 3 -> 5
-    text = KEEP.replace("class_path: LastCheckpoint\n      init_args: {dirpath: CKPTS}",
+    text = KEEP.replace("class_path: lightning_tiger.plugins.LastCheckpoint\n      init_args: {dirpath: CKPTS}",
                         "class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                         "      init_args: {dirpath: CKPTS, every_n_train_steps: 100}")
     main(["fit", "--config", _config(tmp_path, text), f"--trainer.default_root_dir={tmp_path}",
@@ -155,3 +155,24 @@ def test_damaged_ckpt_path_is_refused_with_only_verified_alternatives(
     assert f"checkpoint {folder / 'last.ckpt'} is truncated or corrupted" in err, err
     suggested = err.split("newest first, each verified):")[1]
     assert str(good) in suggested and "empty.ckpt" not in suggested and "other-broken" not in suggested, err
+
+
+def test_resume_refuses_a_torch_schedule_that_would_keep_old_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LinearLR(total_iters=${trainer.max_steps}) restores total_iters from the checkpoint: refuse, don't ignore."""
+    text = TINY.replace("  enable_model_summary: false\n", "  enable_model_summary: false\n  callbacks:\n"
+                        "    - class_path: lightning_tiger.plugins.LastCheckpoint\n      init_args: {dirpath: CKPTS}\n")
+    config = _config(tmp_path, text)
+    main(["fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"])
+    last = tmp_path / "ckpts" / "last.ckpt"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=6",
+              f"--ckpt_path={last}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{config}: lr_scheduler.init_args.total_iters: 6 now, 3 in the checkpoint {last}" in err, err
+    assert "PiecewiseLinearLR" in err, err
+    cli = main(["fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3",
+                f"--ckpt_path={last}"])  # the same schedule resumes
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.total_iters == 3
