@@ -121,7 +121,10 @@ def library_classes() -> dict[str, list[type]]:
         classes = []
         for package in packages:
             for name in package.__all__:
-                obj = getattr(package, name)
+                try:
+                    obj = getattr(package, name)
+                except ImportError:  # a class whose optional dependency is absent: still usable by full path
+                    continue
                 if isinstance(obj, type) and issubclass(obj, base):
                     classes.append(obj)
         found[kind] = classes
