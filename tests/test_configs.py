@@ -45,6 +45,18 @@ def test_there_are_task_configs() -> None:
 
 
 @pytest.mark.parametrize("task", TASKS, ids=_id)
+def test_task_config_keeps_last_checkpoint(task: Path) -> None:
+    """Every task config keeps last.ckpt at train end and on Ctrl-C (LastCheckpoint; a plain ModelCheckpoint
+    only saves after validation, so a short run or a resume between validations would leave nothing)."""
+    callbacks = (yaml.safe_load(task.read_text()).get("trainer") or {}).get("callbacks") or []
+    names = ("lightning_tiger.plugins.LastCheckpoint", "LastCheckpoint")
+    keepers = [c for c in callbacks if c.get("class_path") in names]
+    assert len(keepers) == 1, callbacks
+    args = keepers[0].get("init_args") or {}
+    assert args.get("save_last", True) is True and args.get("save_on_exception", True) is True, args
+
+
+@pytest.mark.parametrize("task", TASKS, ids=_id)
 @pytest.mark.parametrize("optim", OPTIMIZERS, ids=_id)
 def test_task_config_parses_with_each_optimizer(task: Path, optim: Path, tmp_path: Path) -> None:
     filled = [f"--{key}={tmp_path / 'teacher.ckpt'}" for key in _mandatory(task)]

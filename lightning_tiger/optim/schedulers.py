@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from itertools import pairwise
 from typing import Any
@@ -77,7 +78,12 @@ class PiecewiseLinearLR(LRScheduler):
     YAML/jsonargparse friendly: the knots may also be a list of ``[step, multiplier]`` pairs (so that steps can
     be interpolated, e.g. ``["${trainer.max_steps}", 0.1]``); steps may be strings (``"40000": 1``) or
     integral floats; they are converted, must be >= 0 and distinct, and are sorted; values must be finite and
-    >= 0. ``state_dict()`` round-trips.
+    >= 0.
+
+    Resuming: ``load_state_dict`` restores the step count and base lrs but keeps the knots given to the
+    constructor, so a schedule derived from the run's length (``["${trainer.max_steps}", 0.1]``) follows the
+    resumed run's ``max_steps`` instead of the checkpoint's; when the knots differ it warns, naming both, and
+    sets each group's lr to the new schedule's value at the restored step.
 
     Args:
         optimizer: the wrapped optimizer.
@@ -111,6 +117,24 @@ class PiecewiseLinearLR(LRScheduler):
         return self.get_lr()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; knots saved as lists (e.g. through JSON/YAML) come back as tuples."""
+        """Restore the step count and base lrs; the knots stay those given to the constructor (see above).
+
+        Args:
+            state_dict: from :meth:`state_dict` (knots saved as lists, e.g. through JSON/YAML, are accepted).
+        """
+        knots = self.points
+        saved = [(int(t), float(x)) for t, x in state_dict.get("points", knots)]
         super().load_state_dict(state_dict)
-        self.points = [(int(t), float(x)) for t, x in self.points]
+        # The knots are configuration, not progress: a checkpoint's knots would silently undo a resumed run's
+        # new --trainer.max_steps while the saved config showed the new ones.
+        self.points = knots
+        if saved != knots:
+            warnings.warn(
+                f"PiecewiseLinearLR: resuming at step {self.last_epoch} with knots {knots} instead of the "
+                f"checkpoint's {saved}; the learning rate follows the new knots from this step on",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._last_lr = self.get_lr()
+            for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+                group["lr"] = lr

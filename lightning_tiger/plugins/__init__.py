@@ -1,4 +1,4 @@
-"""Trainer plugins: checkpoint I/O that detects truncated or corrupted checkpoints."""
+"""Checkpoint safety: I/O that detects truncated or corrupted checkpoints, and a ``last.ckpt`` kept at train end."""
 
 from typing import TYPE_CHECKING
 
@@ -7,12 +7,19 @@ from lightning_tiger._lazy import lazy_exports
 _EXPORTS = {
     "VerifiedCheckpointIO": ".checkpoint_io",
     "CorruptCheckpointError": ".checkpoint_io",
+    "verify_checkpoint": ".checkpoint_io",
+    "verified_checkpoints": ".checkpoint_io",
+    "LastCheckpoint": ".last_checkpoint",
 }
 __all__ = [
     "CorruptCheckpointError",
+    "LastCheckpoint",
     "VerifiedCheckpointIO",
+    "verified_checkpoints",
+    "verify_checkpoint",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint_io import CorruptCheckpointError, VerifiedCheckpointIO
+    from .checkpoint_io import CorruptCheckpointError, VerifiedCheckpointIO, verified_checkpoints, verify_checkpoint
+    from .last_checkpoint import LastCheckpoint

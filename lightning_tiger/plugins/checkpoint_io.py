@@ -6,7 +6,9 @@ saving leaves the previous file intact. What it lacks is *detection*: a checkpoi
 later (a full disk, a copy cut short, bit rot) fails deep inside ``torch.load`` with
 ``PytorchStreamReader failed reading zip archive``. :class:`VerifiedCheckpointIO` writes a SHA-256 sidecar
 (``<file>.sha256``) after each checkpoint and, on load, checks it (when present) and turns any read failure
-into a :class:`CorruptCheckpointError` that names the file and lists the other checkpoints beside it.
+into a :class:`CorruptCheckpointError` that names the file and lists the other checkpoints beside it that
+verify. :func:`verify_checkpoint` runs the same checks without unpickling anything (the ``lightning-tiger``
+command runs it on ``--ckpt_path`` before LightningCLI reads the checkpoint's hyperparameters).
 
 Example::
 
@@ -29,7 +31,7 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-__all__ = ["CorruptCheckpointError", "VerifiedCheckpointIO"]
+__all__ = ["CorruptCheckpointError", "VerifiedCheckpointIO", "verified_checkpoints", "verify_checkpoint"]
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -38,6 +40,77 @@ class CorruptCheckpointError(RuntimeError):
 
 def _sidecar(path: _PATH) -> Path:
     return Path(str(path) + ".sha256")
+
+
+def _damage(path: Path, data: bytes | None = None) -> str | None:
+    """Why ``path`` is not an intact checkpoint, or ``None`` when it is.
+
+    Checks, without unpickling: the SHA-256 sidecar when present; otherwise the zip container that ``torch.save``
+    has written since torch 1.6 (central directory present, every member's CRC-32 matches its bytes), which
+    catches truncation, 0-byte files and flipped bits in the stored data.
+    """
+    if data is None:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return f"unreadable: {exc}"
+    if not data:
+        return "empty file (0 bytes)"
+    sidecar = _sidecar(path)
+    if sidecar.is_file():
+        expected = sidecar.read_text().strip()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            return f"SHA-256 {actual[:12]}… != recorded {expected[:12]}…"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
+        return f"not a readable torch.save zip archive ({type(exc).__name__}: {exc})"
+    if bad is not None:
+        return f"CRC-32 mismatch in the archive member {bad!r}"
+    return None
+
+
+def verify_checkpoint(path: _PATH) -> None:
+    """Raise :class:`CorruptCheckpointError` when the checkpoint at ``path`` is truncated or damaged.
+
+    Args:
+        path: a checkpoint file written by ``torch.save`` (Lightning's ``.ckpt``), with or without the
+            ``<file>.sha256`` sidecar of :class:`VerifiedCheckpointIO`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: the file fails its checksum or its zip container is broken; the message names
+            the file and the checkpoints beside it that do verify.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint file not found: {path}")
+    reason = _damage(path)
+    if reason is not None:
+        raise CorruptCheckpointError(_explain(path, reason))
+
+
+def verified_checkpoints(folder: _PATH, exclude: _PATH | None = None) -> list[Path]:
+    """The ``*.ckpt`` files in ``folder`` that verify (see :func:`verify_checkpoint`), newest first.
+
+    Args:
+        folder: the directory to list.
+        exclude: a file to leave out (the damaged one being reported).
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found = [p for p in Path(folder).glob("*.ckpt") if p.is_file() and p.resolve() != skip]
+    return sorted((p for p in found if _damage(p) is None), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _explain(path: Path, reason: str) -> str:
+    intact = verified_checkpoints(path.parent, exclude=path)
+    listing = ", ".join(str(p) for p in intact[:5]) if intact else f"none that verify in {path.parent}"
+    return (
+        f"checkpoint {path} is truncated or corrupted ({reason}, {path.stat().st_size} bytes). "
+        f"Resume from an earlier checkpoint instead (newest first, each verified): {listing}"
+    )
 
 
 class VerifiedCheckpointIO(TorchCheckpointIO):
@@ -90,27 +163,16 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             actual = hashlib.sha256(data).hexdigest()
             if actual != expected:
                 reason = f"SHA-256 {actual[:12]}… != recorded {expected[:12]}…"
-                raise CorruptCheckpointError(self._explain(path, reason))
+                raise CorruptCheckpointError(_explain(path, reason))
         try:
             return pl_load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
         except pickle.UnpicklingError as exc:
             if "weights only load failed" in str(exc).lower():
                 raise  # an intact file holding non-tensor objects, refused by weights_only: not corruption
-            raise CorruptCheckpointError(self._explain(path, f"{type(exc).__name__}: {exc}")) from exc
+            raise CorruptCheckpointError(_explain(path, f"{type(exc).__name__}: {exc}")) from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-            raise CorruptCheckpointError(self._explain(path, f"{type(exc).__name__}: {exc}")) from exc
+            raise CorruptCheckpointError(_explain(path, f"{type(exc).__name__}: {exc}")) from exc
 
     def remove_checkpoint(self, path: _PATH) -> None:
         super().remove_checkpoint(path)
         _sidecar(path).unlink(missing_ok=True)
-
-    @staticmethod
-    def _explain(path: Path, reason: str) -> str:
-        others = sorted(
-            (p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True
-        )
-        listing = ", ".join(str(p) for p in others[:5]) or "none"
-        return (
-            f"checkpoint {path} is truncated or corrupted ({reason}, {path.stat().st_size} bytes). "
-            f"Resume from an earlier checkpoint instead (newest first): {listing}"
-        )

@@ -59,3 +59,18 @@ class TinyData(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.dataset, batch_size=self.batch_size)
+
+
+class InterruptAt(L.Callback):
+    """Raises KeyboardInterrupt after optimizer step ``step``, as Ctrl-C would.
+
+    Args:
+        step: the global step after which to interrupt.
+    """
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

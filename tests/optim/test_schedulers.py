@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -70,8 +71,10 @@ def test_state_dict_round_trip() -> None:
         sched.step()
     state = sched.state_dict()
     opt2 = _opt(1.0)
-    sched2 = PiecewiseLinearLR(opt2, {1: 1.0})  # different knots: the saved ones win
-    sched2.load_state_dict(state)
+    sched2 = PiecewiseLinearLR(opt2, {"10": 1, 20: "0.1"})  # the same knots, spelled as YAML would
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same knots: nothing to report
+        sched2.load_state_dict(state)
     for _ in range(10):
         opt.step()
         sched.step()
@@ -79,6 +82,27 @@ def test_state_dict_round_trip() -> None:
         sched2.step()
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_resume_follows_the_new_knots_and_says_so() -> None:
+    """A run resumed with a longer max_steps: the knots come from the new config, not from the checkpoint."""
+    old, new = {3: 1.0, 10: 0.1}, {3: 1.0, 20: 0.1}
+    opt = _opt(1.0)
+    sched = PiecewiseLinearLR(opt, old)
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    opt2 = _opt(1.0)
+    opt2.load_state_dict(opt.state_dict())  # Lightning restores the optimizer first, then the scheduler
+    sched2 = PiecewiseLinearLR(opt2, new)
+    with pytest.warns(UserWarning, match=r"step 7 with knots \[\(0, 0\.0\), \(3, 1\.0\), \(20, 0\.1\)\].*"
+                      r"checkpoint's \[\(0, 0\.0\), \(3, 1\.0\), \(10, 0\.1\)\]"):
+        sched2.load_state_dict(sched.state_dict())
+    assert sched2.points == [(0, 0.0), (3, 1.0), (20, 0.1)]
+    for t in range(7, 25):
+        assert opt2.param_groups[0]["lr"] == pytest.approx(reference_piecewise_linear(t, new), rel=1e-12), t
+        opt2.step()
+        sched2.step()
 
 
 def test_tiger_lr_schedule_counts_micro_steps() -> None:

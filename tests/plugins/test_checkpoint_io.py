@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_tiger.plugins import CorruptCheckpointError, VerifiedCheckpointIO
+from lightning_tiger.plugins import CorruptCheckpointError, VerifiedCheckpointIO, verify_checkpoint
 from tests.cli.tiny import TinyData, TinyRegression
 
 
@@ -46,8 +46,32 @@ def test_damaged_checkpoint_is_named_and_previous_one_loads(tmp_path: Path, dama
         flipped = bytearray(data)
         flipped[len(flipped) // 3] ^= 0xFF
         last.write_bytes(bytes(flipped))
-    with pytest.raises(CorruptCheckpointError, match=r"step=4\.ckpt is truncated or corrupted.*step=2\.ckpt"):
+    # other damaged files beside it must not be offered as alternatives
+    (tmp_path / "ckpts" / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "ckpts" / "cut.ckpt").write_bytes(data[:200])
+    with pytest.raises(CorruptCheckpointError, match=r"step=4\.ckpt is truncated or corrupted") as info:
         _trainer(tmp_path, 6).fit(TinyRegression(), TinyData(), ckpt_path=last)
+    suggested = str(info.value).split("each verified):")[1]
+    assert suggested.strip() == str(first), str(info.value)
     trainer = _trainer(tmp_path, 6)
     trainer.fit(TinyRegression(), TinyData(), ckpt_path=first)
     assert trainer.global_step == 6
+
+
+def test_verify_checkpoint_without_sidecar(tmp_path: Path) -> None:
+    """Plain torch.save files (no sidecar): the zip container's CRC-32s catch truncation and flipped data bits."""
+    good = tmp_path / "good.ckpt"
+    torch.save({"w": torch.arange(4096.0)}, good)
+    verify_checkpoint(good)  # intact: no error
+    data = good.read_bytes()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) - 200])
+    flipped = bytearray(data)
+    flipped[data.index(torch.arange(4096.0)[1000:1001].numpy().tobytes())] ^= 0x01  # a bit inside the tensor
+    (tmp_path / "flip.ckpt").write_bytes(bytes(flipped))
+    for name, reason in [("empty", "empty file"), ("cut", "not a readable"), ("flip", "CRC-32 mismatch")]:
+        with pytest.raises(CorruptCheckpointError, match=rf"{name}\.ckpt is truncated or corrupted \({reason}.*"
+                                                         rf"each verified\): {good}$"):
+            verify_checkpoint(tmp_path / f"{name}.ckpt")
+    with pytest.raises(FileNotFoundError):
+        verify_checkpoint(tmp_path / "missing.ckpt")
