@@ -103,6 +103,8 @@ _logged: set[str] = set()
 
 _SUPPORTED = {
     (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
     (torch.bfloat16, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float32),
@@ -307,6 +309,21 @@ def _check_lengths(n: int, **lists: Sequence) -> None:
             raise ValueError(f"{name} must have one entry per parameter ({n}), got {len(lst)}")
 
 
+def _sr_key_list(sr_keys: Sequence[int] | None, n: int) -> list[int]:
+    """``sr_keys`` as the op's ``int[]`` (empty: round to nearest), validated: one int in [0, 2**32) per tensor."""
+    if sr_keys is None:
+        return []
+    _check_lengths(n, sr_keys=sr_keys)
+    keys = []
+    for i, key in enumerate(sr_keys):
+        if isinstance(key, Tensor):
+            key = key.item()  # a 0-d int64 tensor (e.g. built by step_key from optimizer state)
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**32:
+            raise ValueError(f"sr_keys[{i}] must be an int in [0, 2**32), got {key!r}")
+        keys.append(key)
+    return keys
+
+
 def tiger_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -323,6 +340,8 @@ def tiger_step_(
     shrink_ratio: float,
     exact: bool = False,
     rms_cache: RMSCache | None = None,
+    sr_keys: Sequence[int] | None = None,
+    momentum_sr: bool = True,
 ) -> list[bool]:
     """One fused Tiger micro-step over all tensors, in place (contract in the module docstring).
 
@@ -339,6 +358,12 @@ def tiger_step_(
         exact: bit-exact non-finite rule (read g before writing); default: one pass with a rollback (module
             docstring).
         rms_cache: a cache from :func:`new_rms_cache` (read and updated), or None to recompute every RMS.
+        sr_keys: per tensor, the stochastic-rounding key of this call (an int in ``[0, 2**32)``, e.g.
+            ``stochastic_rounding.step_key(stream, step)``); None rounds to nearest everywhere. Applies to every
+            write of a bf16/fp16 θ_i (update and non-finite shrink), bit-identical to
+            ``stochastic_round(fp32 result, dtype, key)`` (module docstring, "Stochastic rounding").
+        momentum_sr: with ``sr_keys``, also round a bf16/fp16 m_i stochastically, with key ``sr_keys[i] ^
+            MOMENTUM_SALT``; False rounds it to nearest.
 
     Returns:
         Per tensor, whether its gradient held a NaN or ±inf (then m_i was kept, bit for bit with ``exact``, to
@@ -347,6 +372,7 @@ def tiger_step_(
     n = len(params)
     _check_lengths(n, grads=grads, moms=moms, lr_modes=lr_modes, lrs=lrs, weight_decays=weight_decays,
                    centers=centers, rms_floor=rms_floor)
+    keys = _sr_key_list(sr_keys, n)
     if n == 0:
         return []
     _require_loaded()
@@ -367,7 +393,7 @@ def tiger_step_(
             params, grads, moms, [int(x) for x in lr_modes], [float(x) for x in lrs],
             [float(x) for x in weight_decays], [float(x) for x in centers], [float(x) for x in rms_floor],
             float(b1), float(b2), bool(update), float(shrink_ratio), bool(exact), flags, sumsq, fprints,
-            rms_cache is not None, _group_bytes(),
+            rms_cache is not None, _group_bytes(), keys, bool(momentum_sr),
         )
     if rms_cache is not None:
         for i, (v, fp) in enumerate(zip(sumsq.tolist(), fprints.tolist())):
@@ -393,6 +419,8 @@ def lion_step_(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    sr_keys: Sequence[int] | None = None,
+    momentum_sr: bool = True,
 ) -> None:
     """One fused Lion step over all tensors, in place (SPEC §1.1, the paper's order of operations).
 
@@ -401,13 +429,16 @@ def lion_step_(
     Args:
         params, grads, moms: as for :func:`tiger_step_`.
         lr: η; beta1, beta2: β1, β2; weight_decay: λ (decoupled, multiplied by lr).
+        sr_keys, momentum_sr: stochastic rounding of bf16/fp16 θ_i and m_i, as for :func:`tiger_step_`.
     """
     n = len(params)
     _check_lengths(n, grads=grads, moms=moms)
+    keys = _sr_key_list(sr_keys, n)
     if n == 0:
         return
     _require_loaded()
     with torch.no_grad():
         torch.ops.lightning_tiger.lion_step_(
-            params, grads, moms, float(lr), float(beta1), float(beta2), float(weight_decay)
+            params, grads, moms, float(lr), float(beta1), float(beta2), float(weight_decay), keys,
+            bool(momentum_sr),
         )
