@@ -75,13 +75,14 @@ struct BF16 {
     std::memcpy(&f, &u, 4);
     return f;
   }
-  // Round to nearest even, NaN -> 0x7FC0: the same as c10::BFloat16 (torch's .to(torch.bfloat16)).
+  // Round to nearest even, NaN -> 0x7FC0: the same as c10::BFloat16 (torch's .to(torch.bfloat16)). Written
+  // with masks, not a branch or a ?: on the result, so that GCC vectorizes the loops that call it.
   static inline S st(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t nan = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
     const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return nan ? static_cast<S>(0x7fc0u) : static_cast<S>(r);
+    return static_cast<S>((r & ~nan) | (0x7fc0u & nan));
   }
   static inline bool nonfinite(S x) { return (x & 0x7f80u) == 0x7f80u; }
 };
@@ -125,15 +126,32 @@ inline uint32_t hash32(uint32_t x) {
   return x;
 }
 
-inline uint32_t sr_bits(uint32_t key, int64_t j) { return hash32(key + static_cast<uint32_t>(j) * kGolden); }
+// The bits of the element whose flat index j gives jg = j * kGolden mod 2^32 (callers step jg by kGolden).
+inline uint32_t sr_bits(uint32_t key, uint32_t jg) { return hash32(key + jg); }
+
+// The top 16 bits of sr_bits(key, jg), all that bf16 rounding uses: hash32's last step (x ^= x >> 16) leaves
+// them unchanged, so it is skipped.
+inline uint32_t sr_bits_hi16(uint32_t key, uint32_t jg) {
+  uint32_t x = key + jg;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x >> 16;
+}
 
 // Stochastic rounding of a float to bf16 (Gupta et al., 2015, eq. 2): add 16 random bits below the kept ones and
 // truncate, i.e. round away from zero with probability (|x| - |lo|)/ulp. NaN/inf as round-to-nearest.
-inline uint16_t bf16_sr(float x, uint32_t bits) {
+// Branch-free and in 32-bit lanes throughout (calling BF16::st here, a 16-bit value, stops GCC's vectorizer).
+// hi16: the top 16 bits of the element's random bits.
+inline uint16_t bf16_sr(float x, uint32_t hi16) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  if ((u & 0x7f800000u) == 0x7f800000u) return BF16::st(x);
-  return static_cast<uint16_t>((u + (bits >> 16)) >> 16);
+  const uint32_t special = 0u - static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);  // inf or NaN
+  const uint32_t nan = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
+  const uint32_t sr = (u + hi16) >> 16;
+  const uint32_t nearest = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0x7fc0u & nan);  // = BF16::st
+  return static_cast<uint16_t>((sr & ~special) | (nearest & special));
 }
 
 // fp16 neighbour of a finite fp16 value h toward +inf (up) or -inf (like std::nextafter on the fp16 grid).
@@ -164,17 +182,18 @@ template <class B, bool SR>
 struct Sto : B {
   static constexpr bool kSR = SR;
   static_assert(!SR || !std::is_same_v<B, F32>, "no stochastic rounding to float32");
-  // x rounded to the storage type; j: the element's flat index in its tensor, key: the tensor's key
-  static inline typename B::S put(float x, uint32_t key, int64_t j) {
+  // x rounded to the storage type; jg = (the element's flat index in its tensor) * kGolden mod 2^32, key: the
+  // tensor's key
+  static inline typename B::S put(float x, uint32_t key, uint32_t jg) {
     if constexpr (SR) {
       if constexpr (std::is_same_v<B, BF16>) {
-        return bf16_sr(x, sr_bits(key, j));
+        return bf16_sr(x, sr_bits_hi16(key, jg));
       } else {
-        return f16_sr(x, sr_bits(key, j));
+        return f16_sr(x, sr_bits(key, jg));
       }
     } else {
       (void)key;
-      (void)j;
+      (void)jg;
       return B::st(x);
     }
   }
@@ -186,6 +205,20 @@ struct Keys {
 };
 
 // ---------------------------------------------------------------------------------------------- kernels
+// Calls one(i, lane, jg) for i in [0, n) with lane = i % 16 and jg = (base + i) * kGolden mod 2^32 (from the
+// element's flat index, for the random bits). Groups of 16 with an int lane loop and 32-bit values: GCC
+// vectorizes that loop (a 64-bit index computed in its body stops the vectorizer); jg of the lanes is a
+// constant vector added to the group's, not a multiplication per element.
+template <class F>
+inline void for_lanes(int64_t n, int64_t base, F&& one) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const uint32_t jg0 = static_cast<uint32_t>(base + i) * kGolden;
+    for (int l = 0; l < kLanes; ++l) one(i + l, l, jg0 + static_cast<uint32_t>(l) * kGolden);
+  }
+  for (; i < n; ++i) one(i, static_cast<int>(i % kLanes), static_cast<uint32_t>(base + i) * kGolden);
+}
+
 inline float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
 
 inline double combine(const float* acc) {
@@ -273,23 +306,19 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
                       int64_t base) {
   float acc[kLanes];  // a local copy keeps the lanes in registers; same accumulation order as one long pass
   std::memcpy(acc, acc_io, sizeof(acc));
-  auto one = [&](int64_t i, int lane) {
+  const uint32_t kp = k.p, km = k.m;  // locals, not members of a by-reference capture: keeps it vectorizable
+  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
     const float mn = b1 * M::ld(m[i]) + b2 * P::ld(g[i]);
-    const typename M::S ms = M::put(mn, k.m, base + i);
+    const typename M::S ms = M::put(mn, km, jg);
     m[i] = ms;
     const float s = sign_of(M::ld(ms));  // sign of the momentum as stored (identical to mn for fp32 momentum)
-    const typename P::S ts = P::put(P::ld(th[i]) * decay - eta * s, k.p, base + i);
+    const typename P::S ts = P::put(P::ld(th[i]) * decay - eta * s, kp, jg);
     th[i] = ts;
     if (WantSS) {
       const float v = P::ld(ts);
       acc[lane] += v * v;
     }
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) one(i + l, l);
-  }
-  for (; i < n; ++i) one(i, static_cast<int>(i % kLanes));
+  });
   if (WantSS) std::memcpy(acc_io, acc, sizeof(acc));
 }
 
@@ -297,7 +326,8 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
 template <class P, class M>
 void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2,
                     Keys k, int64_t base) {
-  for (int64_t i = 0; i < n; ++i) m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), k.m, base + i);
+  const uint32_t km = k.m;  // locals, not members of a by-reference capture: keeps the loop vectorizable
+  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
 }
 
 // The optimistic path checks g piece by piece (kCheckPiece elements: 2 KiB of fp32, still in L1 when the update
@@ -362,8 +392,9 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
       ms = m[i];
     } else {
       if (P::nonfinite(g[i])) continue;
-      ms = M::put(b1 * M::ld(m[i]) + b2 * gi, k.m, base + i);
-      if (update) ts = P::put(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)), k.p, base + i);
+      const uint32_t jg = static_cast<uint32_t>(base + i) * kGolden;
+      ms = M::put(b1 * M::ld(m[i]) + b2 * gi, k.m, jg);
+      if (update) ts = P::put(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)), k.p, jg);
     }
     const float mn = M::ld(ms);
     if (update && decay != 0.f) th[i] = P::st((P::ld(ts) + eta * sign_of(mn)) / decay);
@@ -376,19 +407,14 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
 template <class P, bool WantSS>
 double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, uint32_t key, int64_t base) {
   float acc[kLanes] = {0.f};
-  auto one = [&](int64_t i, int lane) {
-    const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, key, base + i);
+  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
+    const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, key, jg);
     th[i] = ts;
     if (WantSS) {
       const float v = P::ld(ts);
       acc[lane] += v * v;
     }
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) one(i + l, l);
-  }
-  for (; i < n; ++i) one(i, static_cast<int>(i % kLanes));
+  });
   return WantSS ? combine(acc) : 0.0;
 }
 
@@ -396,13 +422,14 @@ double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, u
 template <class P, class M>
 void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
                  int64_t n, float b1, float c1, float b2, float c2, float lr, float decay, Keys k, int64_t base) {
-  for (int64_t i = 0; i < n; ++i) {
+  const uint32_t kp = k.p, km = k.m;
+  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) {
     const float mo = M::ld(m[i]);
     const float gi = P::ld(g[i]);
     const float c = b1 * mo + c1 * gi;
-    th[i] = P::put(P::ld(th[i]) * decay - lr * sign_of(c), k.p, base + i);
-    m[i] = M::put(b2 * mo + c2 * gi, k.m, base + i);
-  }
+    th[i] = P::put(P::ld(th[i]) * decay - lr * sign_of(c), kp, jg);
+    m[i] = M::put(b2 * mo + c2 * gi, km, jg);
+  });
 }
 
 // Fingerprint of a tensor's bytes at 8 evenly spaced runs of 16 elements (FNV-1a over the raw bytes, numel
