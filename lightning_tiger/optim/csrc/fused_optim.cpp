@@ -141,40 +141,38 @@ inline uint32_t sr_bits_hi16(uint32_t key, uint32_t jg) {
 }
 
 // Stochastic rounding of a float to bf16 (Gupta et al., 2015, eq. 2): add 16 random bits below the kept ones and
-// truncate, i.e. round away from zero with probability (|x| - |lo|)/ulp. NaN/inf as round-to-nearest.
-// Branch-free and in 32-bit lanes throughout (calling BF16::st here, a 16-bit value, stops GCC's vectorizer).
+// truncate, i.e. round away from zero with probability (|x| - |lo|)/ulp. ±inf stay (their low bits are 0, the
+// sum does not carry) and finite values may overflow to ±inf, as in stochastic_round(); NaN -> 0x7FC0 as in
+// round to nearest. Branch-free and in 32-bit lanes throughout, so that GCC vectorizes the loops calling it.
 // hi16: the top 16 bits of the element's random bits.
 inline uint16_t bf16_sr(float x, uint32_t hi16) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  const uint32_t special = 0u - static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);  // inf or NaN
   const uint32_t nan = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
-  const uint32_t sr = (u + hi16) >> 16;
-  const uint32_t nearest = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (0x7fc0u & nan);  // = BF16::st
-  return static_cast<uint16_t>((sr & ~special) | (nearest & special));
-}
-
-// fp16 neighbour of a finite fp16 value h toward +inf (up) or -inf (like std::nextafter on the fp16 grid).
-inline uint16_t f16_next(uint16_t h, bool up) {
-  if ((h & 0x7fffu) == 0) return up ? 0x0001u : 0x8001u;
-  const bool neg = (h & 0x8000u) != 0;
-  return static_cast<uint16_t>(neg != up ? h + 1 : h - 1);
+  return static_cast<uint16_t>((((u + hi16) >> 16) & ~nan) | (0x7fc0u & nan));
 }
 
 // Stochastic rounding of a float to fp16: between the two fp16 neighbours lo <= x <= hi, hi iff
 // u < (x - lo)/(hi - lo) with u = (bits >> 8) * 2^-24; exact values, NaN/inf and magnitudes beyond the largest
-// finite fp16 (65504) round to nearest. Same operations, in the same order, as stochastic_round().
+// finite fp16 (65504) round to nearest. Same operations, in the same order, as stochastic_round(). The other
+// neighbour is the next fp16 value away from x (as std::nextafter on the fp16 grid: +-0 steps to +-2^-24).
+// Selects on 32-bit values, no branches: GCC vectorizes it.
 inline uint16_t f16_sr(float x, uint32_t bits) {
   const uint16_t near = F16::st(x);
   const float near32 = F16::ld(near);
-  if (near32 == x || F16::nonfinite(near) || !std::isfinite(x) || std::fabs(x) > 65504.f) return near;
-  const bool up = near32 > x;
-  const uint16_t other = f16_next(near, !up);
-  const uint16_t lo = up ? other : near, hi = up ? near : other;
-  const float lo32 = F16::ld(lo), hi32 = F16::ld(hi);
+  const uint32_t nb = near;
+  const bool up = near32 > x;  // near is above x: the other neighbour is below (toward -inf)
+  const bool zero = (nb & 0x7fffu) == 0;
+  const bool neg = (nb & 0x8000u) != 0;
+  const uint32_t step = (neg == up) ? nb + 1u : nb - 1u;  // away from zero if near's sign points toward x's side
+  const uint32_t other = zero ? (up ? 0x8001u : 0x0001u) : step;
+  const uint32_t lo = up ? other : nb, hi = up ? nb : other;
+  const float lo32 = F16::ld(static_cast<uint16_t>(lo)), hi32 = F16::ld(static_cast<uint16_t>(hi));
   const float p = (x - lo32) / (hi32 - lo32);
   const float u = static_cast<float>(bits >> 8) * 0x1p-24f;
-  return u < p ? hi : lo;
+  const uint32_t res = u < p ? hi : lo;
+  const bool keep = near32 == x || F16::nonfinite(near) || !(std::fabs(x) <= 65504.f);  // (NaN fails <=)
+  return static_cast<uint16_t>(keep ? nb : res);
 }
 
 // A storage type with its rounding: SR = stochastic (bf16/fp16 only), else round to nearest even.
