@@ -42,6 +42,26 @@ Design (measured by ``benchmarks/optimizer_step.py``):
   depend on the instruction set either.
 - **No transient allocation** beyond O(number of blocks) bookkeeping (and one float per embedding row for a
   rollback): everything is updated in place.
+- **Stochastic rounding** (``sr_keys``; Gupta et al., 2015, "Deep Learning with Limited Numerical Precision",
+  eq. 2): every write of a bf16/fp16 θ_i (update and non-finite shrink) rounds the fp32 result up or down at
+  random with the probability that makes it unbiased, so an update below half an ulp of θ (Tiger's relative
+  step of ~1e-3 against bf16's 2⁻⁹) still moves θ on average; with ``momentum_sr`` a bf16/fp16 momentum too,
+  with key ``sr_keys[i] ^ MOMENTUM_SALT``. The bits are the counter-based ones of
+  :mod:`lightning_tiger.optim.stochastic_rounding`, indexed by the element's flat index within its tensor:
+  results are bit-identical to ``stochastic_round(fp32 result, dtype, key)`` (tested), hence to the
+  pure-PyTorch paths, and independent of the thread count, the schedule and the block size. Cost: one
+  32-bit hash per rounded element (two for bf16 θ with a bf16 momentum), vectorized;
+  ``benchmarks/optimizer_step.py`` measures it against round to nearest.
+- **Non-finite rollback with stochastic rounding.** The one-pass path keeps its rollback: the round trip of an
+  unwritten element draws exactly the bits the pass would have drawn (they depend on the index only), so the
+  result stays reproducible and thread-count independent; the inverse is rounded to nearest. As the
+  stochastically rounded forward step is off by less than one ulp (instead of half a one), the restored θ is
+  within about one ulp of its dtype of the old θ and m within about 1/b1 ulp (b1 ≥ 0.5 on this path) — the
+  same "to within rounding" guarantee as without stochastic rounding, with the rounding of the storage dtype.
+  ``exact=True`` keeps the rule bit-exact (m untouched, θ ← SR((θ − c)·s + c) with the call's key), also with
+  stochastic rounding. Chosen over sending every stochastically rounded low-precision tensor through the exact
+  path because that would read the gradient twice (+20% bytes for an all-bf16 step) on every step to make the
+  rare non-finite step bit-exact, which ``exact=True`` offers to whoever needs it.
 
 Contract (shared with the pure-PyTorch paths of ``_functional.py``, which the classes fall back to):
 ``tiger_step_`` per tensor i: ``nonfinite_i = not all(isfinite(g_i))``; if nonfinite: m_i unchanged (to within
@@ -54,8 +74,11 @@ momentum as stored (its dtype may be bf16/fp16). ``lion_step_`` (SPEC §1.1, the
 ``c = β1·m + (1−β1)·g; θ ← θ·(1 − η·λ) − η·sign(c); m ← β2·m + (1−β2)·g``.
 
 Supported: dense contiguous CPU tensors; params float32/bfloat16/float16, grads of the param dtype, momenta
-float32 or the param dtype (:func:`fused_supports`). No CUDA kernel: on GPUs the ``foreach`` path of
-``_functional.py`` is used (``fused_available("cuda")`` is False).
+float32 or the param dtype, and float32 params with a bfloat16/float16 momentum (:func:`fused_supports`).
+bf16 loads, stores and stochastic rounding are vectorized; fp16 conversions are not (GCC 12 does not vectorize
+them here), so fp16 tensors run several times slower than bf16 ones (still one pass, no allocation).
+No CUDA kernel: on GPUs the ``foreach`` path of ``_functional.py`` is used (``fused_available("cuda")`` is
+False).
 
 Environment variables: ``LIGHTNING_TIGER_DISABLE_FUSED=1`` disables the kernels (``fused_available`` returns
 False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the per-tensor cache budget of the two-phase path
@@ -230,7 +253,10 @@ def fused_available(device: torch.device | str = "cpu") -> bool:
 
 
 def fused_supports(param_dtype: torch.dtype, mom_dtype: torch.dtype) -> bool:
-    """Whether the kernels handle this (parameter, momentum) dtype pair (grads must have the param dtype)."""
+    """Whether the kernels handle this (parameter, momentum) dtype pair (grads must have the param dtype).
+
+    Pairs: (fp32, fp32), (fp32, bf16), (fp32, fp16), (bf16, bf16), (bf16, fp32), (fp16, fp16), (fp16, fp32).
+    """
     return (param_dtype, mom_dtype) in _SUPPORTED
 
 
