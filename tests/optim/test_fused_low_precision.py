@@ -323,3 +323,15 @@ def test_bad_sr_keys_raise() -> None:
     with pytest.raises(ValueError, match=r"sr_keys\[0\]"):
         _fused.lion_step_([p], [g], [m], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, sr_keys=[-1])
     _fused.tiger_step_([p], [g], [m], **args, sr_keys=[torch.tensor(2**32 - 1)])  # 0-d int64 tensor accepted
+
+
+def test_fp16_beyond_largest_finite_rounds_to_nearest_on_both_sides() -> None:
+    """stochastic_round's documented rule for |x| > 65504 (round to nearest), which the kernel follows: the
+    negative side used to give -inf ((x - lo)/(hi - lo) = inf/inf picked the -inf neighbour)."""
+    x = torch.tensor([65510.0, -65510.0, 65519.0, -65519.0, 70000.0, -70000.0])
+    want = torch.tensor([65504.0, -65504.0, 65504.0, -65504.0, math.inf, -math.inf])
+    for key in range(8):
+        assert torch.equal(stochastic_round(x, F16, key).float(), want)
+        p, m = torch.zeros(6), torch.zeros(6, dtype=F16)
+        _fused.lion_step_([p], [x], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0, sr_keys=[key])
+        assert torch.equal(m.float(), want)
