@@ -1,4 +1,4 @@
-"""Optimizer step time, side by side, on GPT-2-like fp32 parameter shapes (issue #2, SPEC §1.3).
+"""Optimizer step time, side by side, on GPT-2-like fp32 parameter shapes (issues #2 and #13, SPEC §1.3).
 
 Usage: ``python benchmarks/optimizer_step.py [--quick] [--rounds N] [--threads T]``
 
@@ -17,6 +17,14 @@ it) and reads the same fixed gradients, so the memory traffic of each step is th
 is also timed with ``exact_nonfinite=True`` (the bit-exact non-finite rule, which reads every gradient before
 writing; no target applies to it).
 
+Low precision (issue #13): Tiger with a bf16 momentum on the fp32 parameters (16 bytes per parameter: θ and g
+4 each, m 2, read and write), and Tiger on a bf16 copy of the model with bf16 gradients and momentum (10 bytes),
+both against fused AdamW on the fp32 parameters (the baseline of the targets), plus fused AdamW on the bf16
+copy for reference. The cost of stochastic rounding is the median per-round ratio of the bf16 Tiger step with
+stochastic rounding to the same step rounding to nearest, both through ``Tiger`` when it has the
+``stochastic_rounding`` option, else (a tree without it) through the fused kernel called as Tiger calls it
+(``lightning_tiger.optim._fused.tiger_step_`` with per-tensor keys from ``stochastic_rounding.step_key``).
+
 Reported per optimizer: ms per step, ratio to ``torch.optim.AdamW(fused=True)``, and the multiple of its
 bandwidth bound = (bytes it must move per step) / (in-place bandwidth ``a.add_(b)`` measured in the same run,
 12 bytes per element: read a, b; write a). Bytes per fp32 parameter: AdamW 28 (read θ, g, m, v; write θ, m, v),
@@ -34,6 +42,7 @@ Writes ``benchmarks/results/optimizer_step.json``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -46,6 +55,9 @@ import torch
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results" / "optimizer_step.json"
+ROW_BF16_MOM = "ours Tiger, bf16 momentum (fp32 θ)"
+ROW_BF16_SR = "ours Tiger, bf16 θ+m+g, stochastic rounding"
+ROW_BF16_RN = "ours Tiger, bf16 θ+m+g, round to nearest"
 _BEFORE: dict[Callable[[], None], Callable[[], None]] = {}  # timed fn -> untimed preparation before each call
 
 
@@ -101,6 +113,45 @@ def _copy(model: nn.Module) -> nn.Module:
     return twin
 
 
+def _bf16_copy(model: nn.Module) -> nn.Module:
+    """A bf16 copy of ``model`` whose gradients are bf16 copies of the original's (as under ``bf16-true``)."""
+    import copy
+
+    twin = copy.deepcopy(model).to(torch.bfloat16)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.to(torch.bfloat16)
+    return twin
+
+
+def _kernel_tiger_step(model: nn.Module, stochastic: bool) -> Callable[[], None]:
+    """A bf16 Tiger step through the fused kernel, called the way ``Tiger`` calls it (for a tree whose ``Tiger``
+    has no ``stochastic_rounding`` option yet): RMS-scaled rate for matrices, half rate and no decay for
+    vectors, an RMS cache, and per-tensor keys ``step_key(stream_of(seed, i), step)``."""
+    from lightning_tiger.optim import _fused
+    from lightning_tiger.optim.stochastic_rounding import step_key, stream_of
+
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    moms = [torch.zeros_like(p) for p in params]
+    modes = [1 if p.ndim >= 2 else 0 for p in params]
+    lrs = [1e-3 if m else 0.5e-3 for m in modes]
+    wds = [0.01 if m else 0.0 for m in modes]
+    floors = [0.1 / (p[0].numel() ** 0.5) if p.ndim >= 2 else 0.0 for p in params]
+    streams = [stream_of(0, i) for i in range(len(params))]
+    cache = _fused.new_rms_cache()
+    counter = [0]
+
+    def step() -> None:
+        t = counter[0]
+        counter[0] += 1
+        keys = [step_key(s, t) for s in streams] if stochastic else None
+        _fused.tiger_step_(params, grads, moms, lr_modes=modes, lrs=lrs, weight_decays=wds, centers=[0.0] * len(params),
+                           rms_floor=floors, b1=0.965, b2=0.035, update=True, shrink_ratio=0.99, rms_cache=cache,
+                           sr_keys=keys)
+
+    return step
+
+
 def build_optimizers(model: nn.Module, skipped: dict[str, str]) -> dict[str, tuple[Callable[[], None], int]]:
     """name -> (one timed step, bytes moved per parameter); each optimizer on its own copy of the parameters."""
     from lightning_tiger.optim import Lion, Tiger, tiger_param_groups
@@ -123,6 +174,20 @@ def build_optimizers(model: nn.Module, skipped: dict[str, str]) -> dict[str, tup
         _BEFORE[step] = before_nonfinal
     lion = Lion(_copy(model).parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1)
     opts["ours Lion"] = (lion.step, 20)
+    # issue #13: low-precision rows (bytes per parameter: θ and g in their dtype, m in bf16, read and write)
+    tiger_bm = Tiger(tiger_param_groups(_copy(model), weight_decay=0.01), lr=1e-3, beta=0.965,
+                     momentum_dtype=torch.bfloat16)
+    opts[ROW_BF16_MOM] = (tiger_bm.step, 16)
+    has_sr = "stochastic_rounding" in inspect.signature(Tiger).parameters
+    for row, stochastic in ((ROW_BF16_SR, True), (ROW_BF16_RN, False)):
+        if has_sr:
+            opt = Tiger(tiger_param_groups(_bf16_copy(model), weight_decay=0.01), lr=1e-3, beta=0.965,
+                        stochastic_rounding=stochastic)
+            opts[row] = (opt.step, 10)
+        else:
+            opts[row + " [kernel]"] = (_kernel_tiger_step(_bf16_copy(model), stochastic), 10)
+    adam_bf16 = torch.optim.AdamW(_bf16_copy(model).parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    opts["torch AdamW fused, bf16 θ+m+v+g"] = (adam_bf16.step, 14)
     for flavour, kw in (("single-tensor", dict(foreach=False)), ("foreach", dict(foreach=True)),
                         ("fused", dict(fused=True))):
         adam = torch.optim.AdamW(_copy(model).parameters(), lr=1e-3, weight_decay=0.01, **kw)
@@ -202,12 +267,18 @@ def main(argv: list[str] | None = None) -> dict:
                 peaks[name] / largest if name in peaks else None),
         ))
     by = {r["optimizer"]: r for r in rows}
+    sr_row = next(k for k in by if k.startswith(ROW_BF16_SR))
+    rn_row = next(k for k in by if k.startswith(ROW_BF16_RN))
+    sr_cost = statistics.median(a / b for a, b in zip(times[sr_row], times[rn_row]))
     targets = {}
     if adam_fused:
         for ours in ("ours Tiger (k=1)", "ours Lion"):
             targets[f"{ours} <= 0.8x AdamW fused"] = by[ours]["ratio_to_fused_adamw"] <= 0.8
         targets["ours Tiger non-final <= 0.5x AdamW fused"] = by["ours Tiger non-final (k=4)"][
             "ratio_to_fused_adamw"] <= 0.5
+        targets[f"{ROW_BF16_MOM} <= 0.65x AdamW fused"] = by[ROW_BF16_MOM]["ratio_to_fused_adamw"] <= 0.65
+        targets[f"{sr_row} <= 0.45x AdamW fused (fp32)"] = by[sr_row]["ratio_to_fused_adamw"] <= 0.45
+    targets["stochastic rounding <= 1.10x round to nearest (bf16 Tiger step)"] = sr_cost <= 1.10
     for ours, peer in (("ours Lion", "pytorch_optimizer Lion"), ("ours Tiger (k=1)", "pytorch_optimizer Tiger")):
         if peer in by:
             targets[f"{ours} >= 2x faster than {peer}"] = by[peer]["ms"] >= 2 * by[ours]["ms"]
@@ -226,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         pk_s = f"{pk / 2**20:.1f} MiB" if pk is not None else "-"
         print(f"{r['optimizer']:42s} {r['ms']:9.2f} {ratio:>13s} {r['bytes_per_param']:8d} {r['x_bound']:8.2f} "
               f"{pk_s:>15s}")
+    print(f"stochastic rounding / round to nearest (bf16 Tiger step, median of per-round ratios): {sr_cost:.3f}")
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
     for t, ok in targets.items():
@@ -237,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         machine=dict(threads=torch.get_num_threads(), torch=torch.__version__, python=sys.version.split()[0],
                      platform=platform.platform(), processor=platform.processor()),
         fused_kernels=fused_ok, bandwidth_GBps=bw / 1e9, bandwidth_ms=med["bandwidth a.add_(b)"],
-        results=rows, skipped=skipped, targets=targets,
+        results=rows, stochastic_over_nearest=sr_cost, skipped=skipped, targets=targets,
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))

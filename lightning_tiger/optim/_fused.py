@@ -42,6 +42,26 @@ Design (measured by ``benchmarks/optimizer_step.py``):
   depend on the instruction set either.
 - **No transient allocation** beyond O(number of blocks) bookkeeping (and one float per embedding row for a
   rollback): everything is updated in place.
+- **Stochastic rounding** (``sr_keys``; Gupta et al., 2015, "Deep Learning with Limited Numerical Precision",
+  eq. 2): every write of a bf16/fp16 θ_i (update and non-finite shrink) rounds the fp32 result up or down at
+  random with the probability that makes it unbiased, so an update below half an ulp of θ (Tiger's relative
+  step of ~1e-3 against bf16's 2⁻⁹) still moves θ on average; with ``momentum_sr`` a bf16/fp16 momentum too,
+  with key ``sr_keys[i] ^ MOMENTUM_SALT``. The bits are the counter-based ones of
+  :mod:`lightning_tiger.optim.stochastic_rounding`, indexed by the element's flat index within its tensor:
+  results are bit-identical to ``stochastic_round(fp32 result, dtype, key)`` (tested), hence to the
+  pure-PyTorch paths, and independent of the thread count, the schedule and the block size. Cost: one
+  32-bit hash per rounded element (two for bf16 θ with a bf16 momentum), vectorized;
+  ``benchmarks/optimizer_step.py`` measures it against round to nearest.
+- **Non-finite rollback with stochastic rounding.** The one-pass path keeps its rollback: the round trip of an
+  unwritten element draws exactly the bits the pass would have drawn (they depend on the index only), so the
+  result stays reproducible and thread-count independent; the inverse is rounded to nearest. As the
+  stochastically rounded forward step is off by less than one ulp (instead of half a one), the restored θ is
+  within about one ulp of its dtype of the old θ and m within about 1/b1 ulp (b1 ≥ 0.5 on this path) — the
+  same "to within rounding" guarantee as without stochastic rounding, with the rounding of the storage dtype.
+  ``exact=True`` keeps the rule bit-exact (m untouched, θ ← SR((θ − c)·s + c) with the call's key), also with
+  stochastic rounding. Chosen over sending every stochastically rounded low-precision tensor through the exact
+  path because that would read the gradient twice (+20% bytes for an all-bf16 step) on every step to make the
+  rare non-finite step bit-exact, which ``exact=True`` offers to whoever needs it.
 
 Contract (shared with the pure-PyTorch paths of ``_functional.py``, which the classes fall back to):
 ``tiger_step_`` per tensor i: ``nonfinite_i = not all(isfinite(g_i))``; if nonfinite: m_i unchanged (to within
@@ -54,8 +74,11 @@ momentum as stored (its dtype may be bf16/fp16). ``lion_step_`` (SPEC §1.1, the
 ``c = β1·m + (1−β1)·g; θ ← θ·(1 − η·λ) − η·sign(c); m ← β2·m + (1−β2)·g``.
 
 Supported: dense contiguous CPU tensors; params float32/bfloat16/float16, grads of the param dtype, momenta
-float32 or the param dtype (:func:`fused_supports`). No CUDA kernel: on GPUs the ``foreach`` path of
-``_functional.py`` is used (``fused_available("cuda")`` is False).
+float32 or the param dtype, and float32 params with a bfloat16/float16 momentum (:func:`fused_supports`).
+bf16 loads, stores and stochastic rounding are vectorized; fp16 conversions are not (GCC 12 does not vectorize
+them here), so fp16 tensors run several times slower than bf16 ones (still one pass, no allocation).
+No CUDA kernel: on GPUs the ``foreach`` path of ``_functional.py`` is used (``fused_available("cuda")`` is
+False).
 
 Environment variables: ``LIGHTNING_TIGER_DISABLE_FUSED=1`` disables the kernels (``fused_available`` returns
 False); ``LIGHTNING_TIGER_FUSED_GROUP_BYTES`` overrides the per-tensor cache budget of the two-phase path
@@ -92,6 +115,8 @@ _DEFAULT_GROUP_BYTES = 8 << 20
 
 _SUPPORTED = {
     (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
     (torch.bfloat16, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float32),
@@ -100,7 +125,10 @@ _SUPPORTED = {
 
 
 def fused_supports(param_dtype: torch.dtype, mom_dtype: torch.dtype) -> bool:
-    """Whether the kernels handle this (parameter, momentum) dtype pair (grads must have the param dtype)."""
+    """Whether the kernels handle this (parameter, momentum) dtype pair (grads must have the param dtype).
+
+    Pairs: (fp32, fp32), (fp32, bf16), (fp32, fp16), (bf16, bf16), (bf16, fp32), (fp16, fp16), (fp16, fp32).
+    """
     return (param_dtype, mom_dtype) in _SUPPORTED
 
 
@@ -179,6 +207,21 @@ def _check_lengths(n: int, **lists: Sequence) -> None:
             raise ValueError(f"{name} must have one entry per parameter ({n}), got {len(lst)}")
 
 
+def _sr_key_list(sr_keys: Sequence[int] | None, n: int) -> list[int]:
+    """``sr_keys`` as the op's ``int[]`` (empty: round to nearest), validated: one int in [0, 2**32) per tensor."""
+    if sr_keys is None:
+        return []
+    _check_lengths(n, sr_keys=sr_keys)
+    keys = []
+    for i, key in enumerate(sr_keys):
+        if isinstance(key, Tensor):
+            key = key.item()  # a 0-d int64 tensor (e.g. built by step_key from optimizer state)
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**32:
+            raise ValueError(f"sr_keys[{i}] must be an int in [0, 2**32), got {key!r}")
+        keys.append(key)
+    return keys
+
+
 def tiger_step_(
     params: list[Tensor],
     grads: list[Tensor],
@@ -195,6 +238,8 @@ def tiger_step_(
     shrink_ratio: float,
     exact: bool = False,
     rms_cache: RMSCache | None = None,
+    sr_keys: Sequence[int] | None = None,
+    momentum_sr: bool = True,
 ) -> list[bool]:
     """One fused Tiger micro-step over all tensors, in place (contract in the module docstring).
 
@@ -211,6 +256,12 @@ def tiger_step_(
         exact: bit-exact non-finite rule (read g before writing); default: one pass with a rollback (module
             docstring).
         rms_cache: a cache from :func:`new_rms_cache` (read and updated), or None to recompute every RMS.
+        sr_keys: per tensor, the stochastic-rounding key of this call (an int in ``[0, 2**32)``, e.g.
+            ``stochastic_rounding.step_key(stream, step)``); None rounds to nearest everywhere. Applies to every
+            write of a bf16/fp16 θ_i (update and non-finite shrink), bit-identical to
+            ``stochastic_round(fp32 result, dtype, key)`` (module docstring, "Stochastic rounding").
+        momentum_sr: with ``sr_keys``, also round a bf16/fp16 m_i stochastically, with key ``sr_keys[i] ^
+            MOMENTUM_SALT``; False rounds it to nearest.
 
     Returns:
         Per tensor, whether its gradient held a NaN or ±inf (then m_i was kept, bit for bit with ``exact``, to
@@ -219,6 +270,7 @@ def tiger_step_(
     n = len(params)
     _check_lengths(n, grads=grads, moms=moms, lr_modes=lr_modes, lrs=lrs, weight_decays=weight_decays,
                    centers=centers, rms_floor=rms_floor)
+    keys = _sr_key_list(sr_keys, n)
     if n == 0:
         return []
     _require_loaded()
@@ -239,7 +291,7 @@ def tiger_step_(
             params, grads, moms, [int(x) for x in lr_modes], [float(x) for x in lrs],
             [float(x) for x in weight_decays], [float(x) for x in centers], [float(x) for x in rms_floor],
             float(b1), float(b2), bool(update), float(shrink_ratio), bool(exact), flags, sumsq, fprints,
-            rms_cache is not None, _group_bytes(),
+            rms_cache is not None, _group_bytes(), keys, bool(momentum_sr),
         )
     if rms_cache is not None:
         for i, (v, fp) in enumerate(zip(sumsq.tolist(), fprints.tolist())):
@@ -265,6 +317,8 @@ def lion_step_(
     beta1: float,
     beta2: float,
     weight_decay: float,
+    sr_keys: Sequence[int] | None = None,
+    momentum_sr: bool = True,
 ) -> None:
     """One fused Lion step over all tensors, in place (SPEC §1.1, the paper's order of operations).
 
@@ -273,13 +327,16 @@ def lion_step_(
     Args:
         params, grads, moms: as for :func:`tiger_step_`.
         lr: η; beta1, beta2: β1, β2; weight_decay: λ (decoupled, multiplied by lr).
+        sr_keys, momentum_sr: stochastic rounding of bf16/fp16 θ_i and m_i, as for :func:`tiger_step_`.
     """
     n = len(params)
     _check_lengths(n, grads=grads, moms=moms)
+    keys = _sr_key_list(sr_keys, n)
     if n == 0:
         return
     _require_loaded()
     with torch.no_grad():
         torch.ops.lightning_tiger.lion_step_(
-            params, grads, moms, float(lr), float(beta1), float(beta2), float(weight_decay)
+            params, grads, moms, float(lr), float(beta1), float(beta2), float(weight_decay), keys,
+            bool(momentum_sr),
         )

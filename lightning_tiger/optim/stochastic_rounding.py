@@ -140,6 +140,8 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: i
         p = (x - lo32) / (hi32 - lo32)
         u = (bits >> 8).to(torch.float32) * (2.0**-24)
         out = torch.where(u < p, hi, lo)
-        keep = (near32 == x) | ~torch.isfinite(near32) | ~torch.isfinite(x)
+        # beyond fp16's largest finite value: round to nearest (the neighbour past it is ±inf, and on the
+        # negative side (x - lo) / (hi - lo) = inf/inf would be NaN and pick -inf)
+        keep = (near32 == x) | ~torch.isfinite(near32) | ~torch.isfinite(x) | (x.abs() > 65504.0)
         return torch.where(keep, near, out)
     raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")

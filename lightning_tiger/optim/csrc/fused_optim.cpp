@@ -47,6 +47,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -74,13 +75,14 @@ struct BF16 {
     std::memcpy(&f, &u, 4);
     return f;
   }
-  // Round to nearest even, NaN -> 0x7FC0: the same as c10::BFloat16 (torch's .to(torch.bfloat16)).
+  // Round to nearest even, NaN -> 0x7FC0: the same as c10::BFloat16 (torch's .to(torch.bfloat16)). Written
+  // with masks, not a branch or a ?: on the result, so that GCC vectorizes the loops that call it.
   static inline S st(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t nan = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
     const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return nan ? static_cast<S>(0x7fc0u) : static_cast<S>(r);
+    return static_cast<S>((r & ~nan) | (0x7fc0u & nan));
   }
   static inline bool nonfinite(S x) { return (x & 0x7f80u) == 0x7f80u; }
 };
@@ -107,7 +109,114 @@ struct F16 {
   static inline bool nonfinite(S x) { return (x & 0x7c00u) == 0x7c00u; }
 };
 
+// ---------------------------------------------------------------------------------------------- stochastic rounding
+// Counter-based random bits, defined in lightning_tiger/optim/stochastic_rounding.py (bit for bit the same):
+// bits of flat element index j under a key = hash32(key + j * 0x9E3779B1) with the "lowbias32" hash
+// (C. Wellons, "Prospecting for Hash Functions", 2018). They depend on (key, j) only, so results do not depend
+// on the thread count, the schedule or how a tensor is cut into items.
+constexpr uint32_t kGolden = 0x9E3779B1u;
+constexpr uint32_t kMomentumSalt = 0x5BD1E995u;  // MOMENTUM_SALT: key of a low-precision momentum = key ^ salt
+
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The bits of the element whose flat index j gives jg = j * kGolden mod 2^32 (callers step jg by kGolden).
+inline uint32_t sr_bits(uint32_t key, uint32_t jg) { return hash32(key + jg); }
+
+// The top 16 bits of sr_bits(key, jg), all that bf16 rounding uses: hash32's last step (x ^= x >> 16) leaves
+// them unchanged, so it is skipped.
+inline uint32_t sr_bits_hi16(uint32_t key, uint32_t jg) {
+  uint32_t x = key + jg;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x >> 16;
+}
+
+// Stochastic rounding of a float to bf16 (Gupta et al., 2015, eq. 2): add 16 random bits below the kept ones and
+// truncate, i.e. round away from zero with probability (|x| - |lo|)/ulp. ±inf stay (their low bits are 0, the
+// sum does not carry) and finite values may overflow to ±inf, as in stochastic_round(); NaN -> 0x7FC0 as in
+// round to nearest. Branch-free and in 32-bit lanes throughout, so that GCC vectorizes the loops calling it.
+// hi16: the top 16 bits of the element's random bits.
+inline uint16_t bf16_sr(float x, uint32_t hi16) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t nan = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
+  return static_cast<uint16_t>((((u + hi16) >> 16) & ~nan) | (0x7fc0u & nan));
+}
+
+// Stochastic rounding of a float to fp16: between the two fp16 neighbours lo <= x <= hi, hi iff
+// u < (x - lo)/(hi - lo) with u = (bits >> 8) * 2^-24; exact values, NaN/inf and magnitudes beyond the largest
+// finite fp16 (65504) round to nearest. Same operations, in the same order, as stochastic_round(). The other
+// neighbour is the next fp16 value away from x (as std::nextafter on the fp16 grid: +-0 steps to +-2^-24).
+// Selects on 32-bit values, no branches: GCC vectorizes it.
+inline uint16_t f16_sr(float x, uint32_t bits) {
+  const uint16_t near = F16::st(x);
+  const float near32 = F16::ld(near);
+  const uint32_t nb = near;
+  const bool up = near32 > x;  // near is above x: the other neighbour is below (toward -inf)
+  const bool zero = (nb & 0x7fffu) == 0;
+  const bool neg = (nb & 0x8000u) != 0;
+  const uint32_t step = (neg == up) ? nb + 1u : nb - 1u;  // away from zero if near's sign points toward x's side
+  const uint32_t other = zero ? (up ? 0x8001u : 0x0001u) : step;
+  const uint32_t lo = up ? other : nb, hi = up ? nb : other;
+  const float lo32 = F16::ld(static_cast<uint16_t>(lo)), hi32 = F16::ld(static_cast<uint16_t>(hi));
+  const float p = (x - lo32) / (hi32 - lo32);
+  const float u = static_cast<float>(bits >> 8) * 0x1p-24f;
+  const uint32_t res = u < p ? hi : lo;
+  const bool keep = near32 == x || F16::nonfinite(near) || !(std::fabs(x) <= 65504.f);  // (NaN fails <=)
+  return static_cast<uint16_t>(keep ? nb : res);
+}
+
+// A storage type with its rounding: SR = stochastic (bf16/fp16 only), else round to nearest even.
+template <class B, bool SR>
+struct Sto : B {
+  static constexpr bool kSR = SR;
+  static_assert(!SR || !std::is_same_v<B, F32>, "no stochastic rounding to float32");
+  // x rounded to the storage type; jg = (the element's flat index in its tensor) * kGolden mod 2^32, key: the
+  // tensor's key
+  static inline typename B::S put(float x, uint32_t key, uint32_t jg) {
+    if constexpr (SR) {
+      if constexpr (std::is_same_v<B, BF16>) {
+        return bf16_sr(x, sr_bits_hi16(key, jg));
+      } else {
+        return f16_sr(x, sr_bits(key, jg));
+      }
+    } else {
+      (void)key;
+      (void)jg;
+      return B::st(x);
+    }
+  }
+};
+
+// Per-tensor keys of a call: theta's and the momentum's (only read where the type rounds stochastically).
+struct Keys {
+  uint32_t p = 0, m = 0;
+};
+
 // ---------------------------------------------------------------------------------------------- kernels
+// Calls one(i, lane, jg) for i in [0, n) with lane = i % 16 and jg = (base + i) * kGolden mod 2^32 (from the
+// element's flat index, for the random bits). Groups of 16 with an int lane loop and 32-bit values: GCC
+// vectorizes that loop (a 64-bit index computed in its body stops the vectorizer); jg of the lanes is a
+// constant vector added to the group's, not a multiplication per element.
+template <class F>
+inline void for_lanes(int64_t n, int64_t base, F&& one) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const uint32_t jg0 = static_cast<uint32_t>(base + i) * kGolden;
+    for (int l = 0; l < kLanes; ++l) one(i + l, l, jg0 + static_cast<uint32_t>(l) * kGolden);
+  }
+  for (; i < n; ++i) one(i, static_cast<int>(i % kLanes), static_cast<uint32_t>(base + i) * kGolden);
+}
+
 inline float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
 
 inline double combine(const float* acc) {
@@ -188,35 +297,35 @@ double scan_g_theta(const typename P::S* __restrict g, const typename P::S* __re
 //   m <- b1*m + b2*g;  theta <- theta*(1 - eta*wd) - eta*sign(m)   (= theta - eta*(sign(m) + wd*theta))
 // When WantSS, adds the squares of the stored new theta to the 16 lanes `acc` (lane = index % 16 from x[0] of
 // the item: callers keep `acc` across the pieces of one item, so the sum matches sumsq() bit for bit).
+// `base`: flat index of element 0 in its tensor (the random bits of stochastic rounding depend on it).
 template <class P, class M, bool WantSS>
 void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
-                      int64_t n, float b1, float b2, float eta, float decay, float* __restrict acc_io) {
+                      int64_t n, float b1, float b2, float eta, float decay, float* __restrict acc_io, Keys k,
+                      int64_t base) {
   float acc[kLanes];  // a local copy keeps the lanes in registers; same accumulation order as one long pass
   std::memcpy(acc, acc_io, sizeof(acc));
-  auto one = [&](int64_t i, int lane) {
+  const uint32_t kp = k.p, km = k.m;  // locals, not members of a by-reference capture: keeps it vectorizable
+  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
     const float mn = b1 * M::ld(m[i]) + b2 * P::ld(g[i]);
-    const typename M::S ms = M::st(mn);
+    const typename M::S ms = M::put(mn, km, jg);
     m[i] = ms;
     const float s = sign_of(M::ld(ms));  // sign of the momentum as stored (identical to mn for fp32 momentum)
-    const typename P::S ts = P::st(P::ld(th[i]) * decay - eta * s);
+    const typename P::S ts = P::put(P::ld(th[i]) * decay - eta * s, kp, jg);
     th[i] = ts;
     if (WantSS) {
       const float v = P::ld(ts);
       acc[lane] += v * v;
     }
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) one(i + l, l);
-  }
-  for (; i < n; ++i) one(i, static_cast<int>(i % kLanes));
+  });
   if (WantSS) std::memcpy(acc_io, acc, sizeof(acc));
 }
 
 // Non-final micro-step: m <- b1*m + b2*g (theta untouched: 12 bytes per fp32 parameter).
 template <class P, class M>
-void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2) {
-  for (int64_t i = 0; i < n; ++i) m[i] = M::st(b1 * M::ld(m[i]) + b2 * P::ld(g[i]));
+void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2,
+                    Keys k, int64_t base) {
+  const uint32_t km = k.m;  // locals, not members of a by-reference capture: keeps the loop vectorizable
+  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
 }
 
 // The optimistic path checks g piece by piece (kCheckPiece elements: 2 KiB of fp32, still in L1 when the update
@@ -227,31 +336,32 @@ constexpr int64_t kCheckPiece = 512;
 
 template <class P, class M, bool WantSS, bool Checked>
 int64_t tiger_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
-                     int64_t n, float b1, float b2, float eta, float decay, double* ss) {
+                     int64_t n, float b1, float b2, float eta, float decay, double* ss, Keys k, int64_t base) {
   float acc[kLanes] = {0.f};
   if (Checked) {
     for (int64_t b = 0; b < n; b += kCheckPiece) {
       const int64_t len = std::min(kCheckPiece, n - b);
       if (any_nonfinite<P>(g + b, len)) return b;
-      tiger_update_run<P, M, WantSS>(th + b, g + b, m + b, len, b1, b2, eta, decay, acc);
+      tiger_update_run<P, M, WantSS>(th + b, g + b, m + b, len, b1, b2, eta, decay, acc, k, base + b);
     }
   } else {
-    tiger_update_run<P, M, WantSS>(th, g, m, n, b1, b2, eta, decay, acc);
+    tiger_update_run<P, M, WantSS>(th, g, m, n, b1, b2, eta, decay, acc, k, base);
   }
   if (WantSS) *ss = combine(acc);
   return n;
 }
 
 template <class P, class M, bool Checked>
-int64_t tiger_fold(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2) {
+int64_t tiger_fold(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2,
+                   Keys k, int64_t base) {
   if (!Checked) {
-    tiger_fold_run<P, M>(g, m, n, b1, b2);
+    tiger_fold_run<P, M>(g, m, n, b1, b2, k, base);
     return n;
   }
   for (int64_t b = 0; b < n; b += kCheckPiece) {
     const int64_t len = std::min(kCheckPiece, n - b);
     if (any_nonfinite<P>(g + b, len)) return b;
-    tiger_fold_run<P, M>(g + b, m + b, len, b1, b2);
+    tiger_fold_run<P, M>(g + b, m + b, len, b1, b2, k, base + b);
   }
   return n;
 }
@@ -264,10 +374,13 @@ int64_t tiger_fold(const typename P::S* __restrict g, typename M::S* __restrict 
 // written when the non-finite value was found, i.e. reproducible (used for tensors of several blocks; a
 // one-block tensor is processed by one thread in order, so its written prefix is already deterministic and
 // the rest stays exact). Restored values equal the old ones to within float rounding, not bit for bit.
+// Stochastic rounding: the forward of the round trip draws the bits the pass drew (they depend on the index
+// only); the inverse rounds to nearest. The forward's error is then below one ulp of the stored value instead
+// of half a one, so the restored m and theta are within about one ulp (m: 1/b1 ulp) of the old ones.
 template <class P, class M>
 void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
                     int64_t n, int64_t written, bool round_trip_rest, float b1, float b2, bool update, float eta,
-                    float decay) {
+                    float decay, Keys k, int64_t base) {
   const int64_t end = round_trip_rest ? n : written;
   for (int64_t i = 0; i < end; ++i) {
     const float gi = P::ld(g[i]);
@@ -277,8 +390,9 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
       ms = m[i];
     } else {
       if (P::nonfinite(g[i])) continue;
-      ms = M::st(b1 * M::ld(m[i]) + b2 * gi);
-      if (update) ts = P::st(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)));
+      const uint32_t jg = static_cast<uint32_t>(base + i) * kGolden;
+      ms = M::put(b1 * M::ld(m[i]) + b2 * gi, k.m, jg);
+      if (update) ts = P::put(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)), k.p, jg);
     }
     const float mn = M::ld(ms);
     if (update && decay != 0.f) th[i] = P::st((P::ld(ts) + eta * sign_of(mn)) / decay);
@@ -287,36 +401,33 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
 }
 
 // Non-finite rule: theta <- (theta - c)*s + c. Returns the sum of squares of the new theta when WantSS.
+// Stochastic rounding of theta uses the key of the call, like the update it replaces.
 template <class P, bool WantSS>
-double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s) {
+double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, uint32_t key, int64_t base) {
   float acc[kLanes] = {0.f};
-  auto one = [&](int64_t i, int lane) {
-    const typename P::S ts = P::st((P::ld(th[i]) - c) * s + c);
+  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
+    const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, key, jg);
     th[i] = ts;
     if (WantSS) {
       const float v = P::ld(ts);
       acc[lane] += v * v;
     }
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) one(i + l, l);
-  }
-  for (; i < n; ++i) one(i, static_cast<int>(i % kLanes));
+  });
   return WantSS ? combine(acc) : 0.0;
 }
 
 // Lion (paper order): c = b1*m + (1-b1)*g; theta <- theta*(1 - lr*wd) - lr*sign(c); m <- b2*m + (1-b2)*g.
 template <class P, class M>
 void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
-                 int64_t n, float b1, float c1, float b2, float c2, float lr, float decay) {
-  for (int64_t i = 0; i < n; ++i) {
+                 int64_t n, float b1, float c1, float b2, float c2, float lr, float decay, Keys k, int64_t base) {
+  const uint32_t kp = k.p, km = k.m;
+  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) {
     const float mo = M::ld(m[i]);
     const float gi = P::ld(g[i]);
     const float c = b1 * mo + c1 * gi;
-    th[i] = P::st(P::ld(th[i]) * decay - lr * sign_of(c));
-    m[i] = M::st(b2 * mo + c2 * gi);
-  }
+    th[i] = P::put(P::ld(th[i]) * decay - lr * sign_of(c), kp, jg);
+    m[i] = M::put(b2 * mo + c2 * gi, km, jg);
+  });
 }
 
 // Fingerprint of a tensor's bytes at 8 evenly spaced runs of 16 elements (FNV-1a over the raw bytes, numel
@@ -340,30 +451,77 @@ uint64_t fingerprint(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------- dispatch
-enum class Kind : int { F32F32 = 0, BF16F32, BF16BF16, F16F32, F16F16 };
+enum class Kind : int { F32F32 = 0, F32BF16, F32F16, BF16F32, BF16BF16, F16F32, F16F16 };
 
 Kind kind_of(const at::Tensor& p, const at::Tensor& m, int64_t i) {
   const auto pd = p.scalar_type(), md = m.scalar_type();
   if (pd == at::kFloat && md == at::kFloat) return Kind::F32F32;
+  if (pd == at::kFloat && md == at::kBFloat16) return Kind::F32BF16;
+  if (pd == at::kFloat && md == at::kHalf) return Kind::F32F16;
   if (pd == at::kBFloat16 && md == at::kFloat) return Kind::BF16F32;
   if (pd == at::kBFloat16 && md == at::kBFloat16) return Kind::BF16BF16;
   if (pd == at::kHalf && md == at::kFloat) return Kind::F16F32;
   if (pd == at::kHalf && md == at::kHalf) return Kind::F16F16;
   TORCH_CHECK_TYPE(false, "fused Tiger/Lion: tensor ", i, " has param dtype ", pd, " and momentum dtype ", md,
-                   "; supported: param in {float32, bfloat16, float16}, momentum float32 or the param dtype");
+                   "; supported: param in {float32, bfloat16, float16}, momentum float32 or the param dtype, "
+                   "or float32 params with bfloat16/float16 momentum");
   return Kind::F32F32;  // unreachable
 }
 
-// Calls f.template operator()<P, M>() for the tensor's (param, momentum) storage types.
+// Calls f.template operator()<P, M>() for the tensor's (param, momentum) storage types and roundings: sr_p =
+// stochastic rounding of a low-precision theta, sr_m = of a low-precision momentum (ignored for float32).
 template <class F>
-decltype(auto) dispatch(Kind k, F&& f) {
+decltype(auto) dispatch(Kind k, bool sr_p, bool sr_m, F&& f) {
+  using P32 = Sto<F32, false>;
   switch (k) {
-    case Kind::F32F32: return f.template operator()<F32, F32>();
-    case Kind::BF16F32: return f.template operator()<BF16, F32>();
-    case Kind::BF16BF16: return f.template operator()<BF16, BF16>();
-    case Kind::F16F32: return f.template operator()<F16, F32>();
-    default: return f.template operator()<F16, F16>();
+    case Kind::F32F32: return f.template operator()<P32, P32>();
+    case Kind::F32BF16:
+      if (sr_m) return f.template operator()<P32, Sto<BF16, true>>();
+      return f.template operator()<P32, Sto<BF16, false>>();
+    case Kind::F32F16:
+      if (sr_m) return f.template operator()<P32, Sto<F16, true>>();
+      return f.template operator()<P32, Sto<F16, false>>();
+    case Kind::BF16F32:
+      if (sr_p) return f.template operator()<Sto<BF16, true>, P32>();
+      return f.template operator()<Sto<BF16, false>, P32>();
+    case Kind::BF16BF16:
+      if (sr_p && sr_m) return f.template operator()<Sto<BF16, true>, Sto<BF16, true>>();
+      if (sr_p) return f.template operator()<Sto<BF16, true>, Sto<BF16, false>>();
+      return f.template operator()<Sto<BF16, false>, Sto<BF16, false>>();  // (sr_m without sr_p: not offered)
+    case Kind::F16F32:
+      if (sr_p) return f.template operator()<Sto<F16, true>, P32>();
+      return f.template operator()<Sto<F16, false>, P32>();
+    default:
+      if (sr_p && sr_m) return f.template operator()<Sto<F16, true>, Sto<F16, true>>();
+      if (sr_p) return f.template operator()<Sto<F16, true>, Sto<F16, false>>();
+      return f.template operator()<Sto<F16, false>, Sto<F16, false>>();
   }
+}
+
+// Per-tensor stochastic-rounding settings of a call: sr_keys empty = round to nearest everywhere.
+struct SRPlan {
+  std::vector<Keys> keys;
+  std::vector<uint8_t> sr_p, sr_m;
+};
+
+SRPlan sr_plan(const std::vector<Kind>& kinds, at::IntArrayRef sr_keys, bool momentum_sr) {
+  const auto n = kinds.size();
+  TORCH_CHECK_VALUE(sr_keys.empty() || sr_keys.size() == n, "fused Tiger/Lion: sr_keys must be empty or have one ",
+                    "entry per tensor (", n, "), got ", sr_keys.size());
+  SRPlan plan{std::vector<Keys>(n), std::vector<uint8_t>(n, 0), std::vector<uint8_t>(n, 0)};
+  if (sr_keys.empty()) return plan;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t key = sr_keys[i];
+    TORCH_CHECK_VALUE(key >= 0 && key <= 0xFFFFFFFFll, "fused Tiger/Lion: sr_keys[", i, "] must be in [0, 2**32), got ",
+                      key);
+    plan.keys[i].p = static_cast<uint32_t>(key);
+    plan.keys[i].m = static_cast<uint32_t>(key) ^ kMomentumSalt;
+    const Kind k = kinds[i];
+    plan.sr_p[i] = k != Kind::F32F32 && k != Kind::F32BF16 && k != Kind::F32F16;
+    plan.sr_m[i] = momentum_sr && (k == Kind::F32BF16 || k == Kind::F32F16 || k == Kind::BF16BF16 ||
+                                   k == Kind::F16F16);
+  }
+  return plan;
 }
 
 void check_lists(const at::TensorList& params, const at::TensorList& grads, const at::TensorList& moms,
@@ -485,9 +643,10 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                 at::ArrayRef<double> lrs, at::ArrayRef<double> wds, at::ArrayRef<double> centers,
                 at::ArrayRef<double> floors, double b1d, double b2d, bool update, double shrink, bool exact,
                 const at::Tensor& flags_t, const at::Tensor& sumsq_t, const at::Tensor& fprints_t, bool want_sumsq,
-                int64_t group_bytes) {
+                int64_t group_bytes, at::IntArrayRef sr_keys, bool momentum_sr) {
   std::vector<Kind> kinds;
   check_lists(params, grads, moms, kinds);
+  const SRPlan sr = sr_plan(kinds, sr_keys, momentum_sr);
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(lr_modes.size()) == n && static_cast<int64_t>(lrs.size()) == n &&
                         static_cast<int64_t>(wds.size()) == n && static_cast<int64_t>(centers.size()) == n &&
@@ -613,7 +772,7 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const Item& it = items[j];
     const int64_t i = it.tensor, len = it.end - it.begin;
     if (bad[i].load(std::memory_order_relaxed)) return;  // theta will only shrink: nothing else to learn
-    dispatch(kinds[i], [&]<class P, class M>() {
+    dispatch(kinds[i], false, false, [&]<class P, class M>() {
       const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
       if (need_rms[i]) {
         const auto* th = static_cast<const typename P::S*>(params[i].data_ptr()) + it.begin;
@@ -630,13 +789,14 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const Item& it = items[j];
     const int64_t i = it.tensor, len = it.end - it.begin;
     const bool want = want_sumsq && mode[i] == 1;
-    dispatch(kinds[i], [&]<class P, class M>() {
+    const Keys k = sr.keys[i];
+    dispatch(kinds[i], sr.sr_p[i], sr.sr_m[i], [&]<class P, class M>() {
       auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
       const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
       auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
       int64_t w = len;
       if (!update) {
-        w = tiger_fold<P, M, Checked>(g, m, len, b1, b2);
+        w = tiger_fold<P, M, Checked>(g, m, len, b1, b2, k, it.begin);
       } else if (mode[i] == 2) {
         const int64_t c = cols[i];
         const float wd = static_cast<float>(wds[i]);
@@ -645,16 +805,16 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
           const float e = row_eta_of(i, static_cast<float>(rms));
           if (Checked) row_eta[row_off[i] + (it.begin + r) / c] = e;
           const int64_t wr = tiger_update<P, M, false, Checked>(th + r, g + r, m + r, c, b1, b2, e, 1.f - e * wd,
-                                                               nullptr);
+                                                               nullptr, k, it.begin + r);
           if (Checked && wr < c) {
             w = r + wr;
             break;
           }
         }
       } else if (want) {
-        w = tiger_update<P, M, true, Checked>(th, g, m, len, b1, b2, eta[i], decay[i], &partial2[j]);
+        w = tiger_update<P, M, true, Checked>(th, g, m, len, b1, b2, eta[i], decay[i], &partial2[j], k, it.begin);
       } else {
-        w = tiger_update<P, M, false, Checked>(th, g, m, len, b1, b2, eta[i], decay[i], nullptr);
+        w = tiger_update<P, M, false, Checked>(th, g, m, len, b1, b2, eta[i], decay[i], nullptr, k, it.begin);
       }
       if (Checked) {
         written[j] = w;
@@ -667,7 +827,8 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const Item& it = items[j];
     const int64_t i = it.tensor, len = it.end - it.begin;
     const bool want = want_sumsq && mode[i] == 1;
-    dispatch(kinds[i], [&]<class P, class M>() {
+    const Keys k = sr.keys[i];
+    dispatch(kinds[i], sr.sr_p[i], sr.sr_m[i], [&]<class P, class M>() {
       auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
       if (rollback) {
         const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
@@ -684,14 +845,15 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
               const double rms = std::sqrt(sumsq_blocks<P>(th + r, c) / static_cast<double>(c));
               e = row_eta_of(i, static_cast<float>(rms));
             }
-            tiger_rollback<P, M>(th + r, g + r, m + r, c, w, rest, b1, b2, true, e, 1.f - e * wd);
+            tiger_rollback<P, M>(th + r, g + r, m + r, c, w, rest, b1, b2, true, e, 1.f - e * wd, k, it.begin + r);
           }
         } else {
-          tiger_rollback<P, M>(th, g, m, len, written[j], rest, b1, b2, update, eta[i], decay[i]);
+          tiger_rollback<P, M>(th, g, m, len, written[j], rest, b1, b2, update, eta[i], decay[i], k, it.begin);
         }
       }
       const float c = static_cast<float>(centers[i]);
-      partial2[j] = want ? tiger_shrink<P, true>(th, len, c, s) : tiger_shrink<P, false>(th, len, c, s);
+      partial2[j] = want ? tiger_shrink<P, true>(th, len, c, s, k.p, it.begin)
+                         : tiger_shrink<P, false>(th, len, c, s, k.p, it.begin);
     });
   };
   // two-phase path, phase B of one item
@@ -795,9 +957,10 @@ void tiger_step(at::TensorList params, at::TensorList grads, at::TensorList moms
 
 // ---------------------------------------------------------------------------------------------- Lion
 void lion_step(at::TensorList params, at::TensorList grads, at::TensorList moms, double lr, double beta1,
-               double beta2, double wd) {
+               double beta2, double wd, at::IntArrayRef sr_keys, bool momentum_sr) {
   std::vector<Kind> kinds;
   check_lists(params, grads, moms, kinds);
+  const SRPlan sr = sr_plan(kinds, sr_keys, momentum_sr);
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<Item> items;
   int64_t total = 0;
@@ -816,11 +979,11 @@ void lion_step(at::TensorList params, at::TensorList grads, at::TensorList moms,
     for (int64_t j; (j = queue.next(t)) >= 0;) {
       const Item& it = items[j];
       const int64_t i = it.tensor, len = it.end - it.begin;
-      dispatch(kinds[i], [&]<class P, class M>() {
+      dispatch(kinds[i], sr.sr_p[i], sr.sr_m[i], [&]<class P, class M>() {
         auto* th = static_cast<typename P::S*>(params[i].data_ptr()) + it.begin;
         const auto* g = static_cast<const typename P::S*>(grads[i].data_ptr()) + it.begin;
         auto* m = static_cast<typename M::S*>(moms[i].data_ptr()) + it.begin;
-        lion_update<P, M>(th, g, m, len, b1, c1, b2, c2, flr, decay);
+        lion_update<P, M>(th, g, m, len, b1, c1, b2, c2, flr, decay, sr.keys[i], it.begin);
       });
     }
   });
@@ -835,10 +998,10 @@ TORCH_LIBRARY(lightning_tiger, m) {
       "tiger_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, int[] lr_modes, float[] lrs, "
       "float[] weight_decays, float[] centers, float[] rms_floor, float b1, float b2, bool update, "
       "float shrink_ratio, bool exact, Tensor(c!) flags, Tensor(d!) sumsq, Tensor(e!) fprints, bool want_sumsq, "
-      "int group_bytes) -> ()");
+      "int group_bytes, int[] sr_keys, bool momentum_sr) -> ()");
   m.def(
       "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, float lr, float beta1, float beta2, "
-      "float weight_decay) -> ()");
+      "float weight_decay, int[] sr_keys, bool momentum_sr) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lightning_tiger, CPU, m) {
