@@ -518,7 +518,8 @@ class Attention(nn.Module):
 
         return rerope_attention(
             q, k, v, self.rotary, offset, self.rerope_window, self.rerope_leak, self.causal,  # type: ignore[arg-type]
-            visibility=visibility, logn=self._logn_factor if self.logn != "none" else None,
+            visibility=visibility if window is not None else None,  # plain causality is handled in the band
+            logn=self._logn_factor if self.logn != "none" else None,
             block_size=self.rerope_block,
         )
 

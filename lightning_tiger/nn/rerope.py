@@ -14,17 +14,27 @@ RoPE scores depend on ``r`` through rotations, so the clipped scores need a seco
   ``⟨R_{(i − w(k−1))/k} q_i, R_{j/k} k_j⟩`` (relative position ``−w + (r + w)/k``).
 
 The softmax runs over the merged scores. This is not one fused SDPA call. :func:`rerope_attention` computes
-it in query blocks of ``block_size`` rows, so nothing of size ``[L, S]`` is ever built, let alone two: for
-the block of queries ``[a, b)`` the far scores are one matmul of the block's far-rotated queries with the
-keys ``[0, b − w)`` (and ``[a + w, S)`` when bidirectional), the near scores one matmul with the key band
-``[a − w + 1, b + w − 1)`` only (``block + 2w`` keys), and the band entries with ``|r| < w`` replace the far
-ones. Memory is ``O(block · S)``; work is one matmul pair per block, about plain (unfused) attention plus the
-band. Log-n (SPEC §3.3, kexue.fm/archives/8823) composes: it scales each query row before both branches.
+it in query blocks of ``block_size`` rows, so no ``[L, S]`` score matrix is ever built, let alone two. What
+each block ``[a, b)`` computes (causal; ``k_hi = b``):
+
+1. the far scores against every key ``[0, b)`` — one matmul of the block's far-rotated queries with the far
+   keys (raw for ReRoPE, rotated at ``j/k`` for Leaky); this is the bulk of the work, as in plain attention;
+2. the near scores against the key band ``[a − w + 1, b)`` only (``block + w − 1`` keys, the only keys within
+   ``w`` of some query of the block) with plain RoPE, and, on that band, ``where(|r| < w, near, far)`` plus the
+   causal ``−inf`` — so the band is the only place where the two scores coexist;
+3. softmax and the value product.
+
+Bidirectional attention adds the keys ``[a + w, S)`` with the ``−w`` rotation (``where(r < 0, ...)`` where a
+block longer than ``2w`` has keys behind some queries and ahead of others). Queries and band keys are rotated
+once per call, not per block. Memory is ``O(block · S)``; with a window or sinks active a per-block visibility
+mask is applied as well. Log-n (SPEC §3.3, kexue.fm/archives/8823) composes: it scales each query row in both
+branches. Cost at 8L (``benchmarks/rerope.py``): about 1.7–2.2× plain fused RoPE attention per layer.
 
 KV cache: a ReRoPE layer caches its keys *unrotated* (:class:`~lightning_tiger.nn.KVCache` keeps them in the
 layer's slot and refuses to mix them with rotated ones). Each call rotates only the key band of its queries
 at their positions (``≤ L + w`` keys) for the near scores; the far scores use the raw keys (ReRoPE) or all
-keys rotated at ``j/k`` (Leaky: ``O(S·d)`` per call, the same order as the scores themselves).
+keys rotated at ``j/k`` (Leaky: ``O(S·d)`` per call, the same order as the scores themselves). (Caching keys
+at a fixed position would not help: the near branch needs each key at its own position, the far one unrotated.)
 """
 
 from __future__ import annotations
@@ -98,7 +108,7 @@ def rerope_attention(
     Returns:
         ``[B, H, L, d_v]`` in ``q``'s dtype.
     """
-    B, H, L, D = q.shape
+    _, H, L, D = q.shape
     S = k.shape[2]
     if offset + L != S:
         raise ValueError(f"k must hold offset + L = {offset + L} keys, got {S}")
@@ -109,59 +119,55 @@ def rerope_attention(
     rep = H // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    dev = q.device
-    w = window
-    kf = k.float()
+    dev, w = q.device, window
+    f64 = dict(device=dev, dtype=torch.float64)
     vf = v.float()
-    if leak is not None:  # far keys at j/k (all of them: each call, O(S·d))
-        k_far = _rotate(rotary, kf, torch.arange(S, device=dev, dtype=torch.float64) / leak)
-    else:  # far keys unrotated
-        k_far = kf
-    scale = 1.0 / math.sqrt(D)
+    qf = q.float() * (1.0 / math.sqrt(D))
+    # Everything rotated once per call: near queries at i; near keys only where some query's band reaches
+    # (indices >= offset − w + 1: the whole sequence for a full forward, the last w − 1 + L when decoding).
+    i_all = torch.arange(offset, S, **f64)
+    q_near = _rotate(rotary, qf, i_all)
+    band_lo = max(0, offset - w + 1)
+    k_near = _rotate(rotary, k[:, :, band_lo:].float(), torch.arange(band_lo, S, **f64))
+    if leak is None:  # far: queries at ±w, keys unrotated
+        k_far = k.float()
+        q_left = _rotate(rotary, qf, torch.full((1,), float(w), **f64))
+        q_right = _rotate(rotary, qf, torch.full((1,), float(-w), **f64)) if not causal else None
+    else:  # far: queries at (i ± w(k − 1))/k, keys at j/k
+        k_far = _rotate(rotary, k.float(), torch.arange(S, **f64) / leak)
+        q_left = _rotate(rotary, qf, (i_all + w * (leak - 1)) / leak)
+        q_right = _rotate(rotary, qf, (i_all - w * (leak - 1)) / leak) if not causal else None
     outs = []
     for a in range(0, L, block_size):
         b = min(L, a + block_size)
         qa, qb = offset + a, offset + b  # absolute query indices
         k_hi = qb if causal else S
-        if visibility is not None:
-            vis, counts = visibility(qa, qb, k_hi)
-        else:
-            vis = None
-            idx = torch.arange(qa, qb, device=dev)
-            counts = (idx + 1).float() if causal else torch.full((b - a,), float(S), device=dev)
-            if causal and b - a > 1:
-                vis = torch.arange(k_hi, device=dev)[None] <= idx[:, None]
-        qblk = q[:, :, a:b].float() * scale
-        if logn is not None:
-            qblk = qblk * logn(counts).view(-1, 1)
-        i = torch.arange(qa, qb, device=dev, dtype=torch.float64)
-        scores = torch.empty(B, H, b - a, k_hi, device=dev, dtype=torch.float32)
-        # far keys behind (r >= w): [0, qb − w)
-        n_left = max(0, qb - w)
-        if n_left:
-            pos = (i + w * (leak - 1)) / leak if leak is not None else torch.full((1,), float(w), device=dev)
-            scores[..., :n_left] = _rotate(rotary, qblk, pos) @ k_far[:, :, :n_left].transpose(-1, -2)
-        # far keys ahead (r <= −w, bidirectional): [qa + w, S)
-        n_right = min(k_hi, qa + w)
-        if not causal and n_right < k_hi:
-            pos = (i - w * (leak - 1)) / leak if leak is not None else torch.full((1,), float(-w), device=dev)
-            right = _rotate(rotary, qblk, pos) @ k_far[:, :, n_right:k_hi].transpose(-1, -2)
-            overlap = n_left - n_right  # blocks longer than 2w: keys behind some queries, ahead of others
-            if overlap > 0:
-                r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(n_right, n_left, device=dev)[None]
-                scores[..., n_right:n_left] = torch.where(r > 0, scores[..., n_right:n_left], right[..., :overlap])
-                scores[..., n_left:] = right[..., overlap:]
-            else:
-                scores[..., n_right:] = right
-        # the band |r| < w with plain RoPE (only keys [lo, hi) can be that close to a query of the block)
+        vis, counts = visibility(qa, qb, k_hi) if visibility is not None else (None, None)
+        ql, qn = q_left[:, :, a:b], q_near[:, :, a:b]
+        qr = q_right[:, :, a:b] if q_right is not None else None
+        if logn is not None:  # log-n scales each query row, in both branches (rotations are linear)
+            if counts is None:
+                idx = torch.arange(qa, qb, device=dev)
+                counts = (idx + 1).float() if causal else torch.full((b - a,), float(S), device=dev)
+            c = logn(counts).view(-1, 1)
+            ql, qn, qr = ql * c, qn * c, (qr * c if qr is not None else None)
+        # far scores (r >= w) for every key up to k_hi — one matmul, the bulk of the work; the band and the
+        # keys ahead are patched in place below
+        scores = ql @ k_far[:, :, :k_hi].transpose(-1, -2)  # [B, H, Lb, k_hi]
+        n_right = min(k_hi, qa + w)  # bidirectional: keys >= qa + w can be w or more ahead
+        if qr is not None and n_right < k_hi:
+            right = qr @ k_far[:, :, n_right:k_hi].transpose(-1, -2)
+            r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(n_right, k_hi, device=dev)[None]
+            scores[..., n_right:] = torch.where(r < 0, right, scores[..., n_right:])
+        # the band: only keys [lo, hi) can be within w of a query of the block; |r| < w there gets plain RoPE
         lo, hi = max(0, qa - w + 1), min(k_hi, qb + w - 1)
-        q_near = _rotate(rotary, qblk, i)
-        k_near = _rotate(rotary, kf[:, :, lo:hi], torch.arange(lo, hi, device=dev, dtype=torch.float64))
-        near_scores = q_near @ k_near.transpose(-1, -2)
+        near = qn @ k_near[:, :, lo - band_lo : hi - band_lo].transpose(-1, -2)
         r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(lo, hi, device=dev)[None]
-        # band entries not covered by a far range are all |r| < w, so `where` never reads uninitialised ones
-        scores[..., lo:hi] = torch.where(r.abs() < w, near_scores, scores[..., lo:hi])
+        band = torch.where(r.abs() < w, near, scores[..., lo:hi])
+        if causal and visibility is None:  # the only hidden keys of plain causal attention lie in the band
+            band = band.masked_fill(r < 0, float("-inf"))
+        scores[..., lo:hi] = band
         if vis is not None:
-            scores.masked_fill_(~vis, float("-inf"))
-        outs.append(scores.softmax(-1) @ vf[:, :, :k_hi])
+            scores = scores.masked_fill(~vis, float("-inf"))
+        outs.append(torch.softmax(scores, dim=-1) @ vf[:, :, :k_hi])
     return torch.cat(outs, dim=2).to(q.dtype)
