@@ -327,7 +327,7 @@ class Attention(nn.Module):
     #: run long windowed attention as query blocks over their key band (linear memory); see above.
     chunk_windows: bool = True
     #: query rows per block of the ReRoPE path (its memory is O(rerope_block · S)).
-    rerope_block: int = 64
+    rerope_block: int = 32
 
     def __init__(
         self,

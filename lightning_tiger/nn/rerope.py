@@ -26,9 +26,10 @@ each block ``[a, b)`` computes (causal; ``k_hi = b``):
 
 Bidirectional attention adds the keys ``[a + w, S)`` with the ``−w`` rotation (``where(r < 0, ...)`` where a
 block longer than ``2w`` has keys behind some queries and ahead of others). Queries and band keys are rotated
-once per call, not per block. Memory is ``O(block · S)``; with a window or sinks active a per-block visibility
-mask is applied as well. Log-n (SPEC §3.3, kexue.fm/archives/8823) composes: it scales each query row in both
-branches. Cost at 8L (``benchmarks/rerope.py``): about 1.7–2.2× plain fused RoPE attention per layer.
+once per call, not per block. Blocks are further split into batch chunks of about ``TILE_SCORES`` scores, so
+each tile's scores, softmax and value product stay in cache. Memory is ``O(max(TILE_SCORES, H · block · S))``;
+with a window or sinks active a per-block visibility mask is applied as well. Log-n (SPEC §3.3,
+kexue.fm/archives/8823) composes: it scales each query row in both branches.
 
 KV cache: a ReRoPE layer caches its keys *unrotated* (:class:`~lightning_tiger.nn.KVCache` keeps them in the
 layer's slot and refuses to mix them with rotated ones). Each call rotates only the key band of its queries
@@ -48,6 +49,9 @@ from torch import Tensor
 from .rotary import RotaryEmbedding
 
 __all__ = ["rerope_attention", "rerope_relative_position"]
+
+#: scores per tile (batch chunk × query block × keys) of :func:`rerope_attention`: 2^19 fp32 = 2 MiB.
+TILE_SCORES = 1 << 19
 
 
 def rerope_relative_position(r: Tensor, window: int, leak: float | None = None) -> Tensor:
@@ -70,9 +74,10 @@ def rerope_relative_position(r: Tensor, window: int, leak: float | None = None) 
 
 
 def _rotate(rotary: RotaryEmbedding, x: Tensor, positions: Tensor) -> Tensor:
-    """Rotate ``x [B, H, T, d]`` (SDPA layout) at ``positions [T]`` or ``[1]`` (broadcast); fp32 result."""
+    """Rotate ``x [B, H, T, d]`` (SDPA layout) at ``positions [T]`` or ``[1]`` (broadcast); contiguous fp32."""
     cos, sin = rotary.cos_sin(positions)
-    return rotary.rotate(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    # contiguous once here, or every per-block matmul of a slice copies it again
+    return rotary.rotate(x.transpose(1, 2), cos, sin).transpose(1, 2).contiguous()
 
 
 def rerope_attention(
@@ -86,7 +91,7 @@ def rerope_attention(
     causal: bool = True,
     visibility: Callable[[int, int, int], tuple[Tensor | None, Tensor]] | None = None,
     logn: Callable[[Tensor], Tensor] | None = None,
-    block_size: int = 64,
+    block_size: int = 32,
 ) -> Tensor:
     """Attention with ReRoPE / Leaky ReRoPE scores (see the module docstring), in query blocks.
 
@@ -103,7 +108,8 @@ def rerope_attention(
             keys ``0 … k_hi − 1`` (``None``: all visible; causality must be included) and the fp32 number of
             visible keys per query. Default: causal or full visibility.
         logn: ``counts -> factor`` per query row (log-n scaling), or ``None``.
-        block_size: query rows per block (memory ``O(block_size · S)``).
+        block_size: query rows per block; batch rows are processed in chunks so that a tile of scores holds
+            about ``TILE_SCORES`` entries (memory ``O(max(TILE_SCORES, H · block_size · S))``).
 
     Returns:
         ``[B, H, L, d_v]`` in ``q``'s dtype.
@@ -121,7 +127,7 @@ def rerope_attention(
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     dev, w = q.device, window
     f64 = dict(device=dev, dtype=torch.float64)
-    vf = v.float()
+    vf = v.float().contiguous()
     qf = q.float() * (1.0 / math.sqrt(D))
     # Everything rotated once per call: near queries at i; near keys only where some query's band reaches
     # (indices >= offset − w + 1: the whole sequence for a full forward, the last w − 1 + L when decoding).
@@ -130,44 +136,52 @@ def rerope_attention(
     band_lo = max(0, offset - w + 1)
     k_near = _rotate(rotary, k[:, :, band_lo:].float(), torch.arange(band_lo, S, **f64))
     if leak is None:  # far: queries at ±w, keys unrotated
-        k_far = k.float()
+        k_far = k.float().contiguous()
         q_left = _rotate(rotary, qf, torch.full((1,), float(w), **f64))
         q_right = _rotate(rotary, qf, torch.full((1,), float(-w), **f64)) if not causal else None
     else:  # far: queries at (i ± w(k − 1))/k, keys at j/k
         k_far = _rotate(rotary, k.float(), torch.arange(S, **f64) / leak)
         q_left = _rotate(rotary, qf, (i_all + w * (leak - 1)) / leak)
         q_right = _rotate(rotary, qf, (i_all - w * (leak - 1)) / leak) if not causal else None
-    outs = []
-    for a in range(0, L, block_size):
-        b = min(L, a + block_size)
-        qa, qb = offset + a, offset + b  # absolute query indices
-        k_hi = qb if causal else S
-        vis, counts = visibility(qa, qb, k_hi) if visibility is not None else (None, None)
-        ql, qn = q_left[:, :, a:b], q_near[:, :, a:b]
-        qr = q_right[:, :, a:b] if q_right is not None else None
-        if logn is not None:  # log-n scales each query row, in both branches (rotations are linear)
-            if counts is None:
-                idx = torch.arange(qa, qb, device=dev)
-                counts = (idx + 1).float() if causal else torch.full((b - a,), float(S), device=dev)
-            c = logn(counts).view(-1, 1)
-            ql, qn, qr = ql * c, qn * c, (qr * c if qr is not None else None)
-        # far scores (r >= w) for every key up to k_hi — one matmul, the bulk of the work; the band and the
-        # keys ahead are patched in place below
-        scores = ql @ k_far[:, :, :k_hi].transpose(-1, -2)  # [B, H, Lb, k_hi]
-        n_right = min(k_hi, qa + w)  # bidirectional: keys >= qa + w can be w or more ahead
-        if qr is not None and n_right < k_hi:
-            right = qr @ k_far[:, :, n_right:k_hi].transpose(-1, -2)
-            r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(n_right, k_hi, device=dev)[None]
-            scores[..., n_right:] = torch.where(r < 0, right, scores[..., n_right:])
-        # the band: only keys [lo, hi) can be within w of a query of the block; |r| < w there gets plain RoPE
-        lo, hi = max(0, qa - w + 1), min(k_hi, qb + w - 1)
-        near = qn @ k_near[:, :, lo - band_lo : hi - band_lo].transpose(-1, -2)
-        r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(lo, hi, device=dev)[None]
-        band = torch.where(r.abs() < w, near, scores[..., lo:hi])
-        if causal and visibility is None:  # the only hidden keys of plain causal attention lie in the band
-            band = band.masked_fill(r < 0, float("-inf"))
-        scores[..., lo:hi] = band
-        if vis is not None:
-            scores = scores.masked_fill(~vis, float("-inf"))
-        outs.append(torch.softmax(scores, dim=-1) @ vf[:, :, :k_hi])
-    return torch.cat(outs, dim=2).to(q.dtype)
+    # Tiles of about 2^19 scores (2 MiB): a batch chunk × a query block whose scores, softmax and value product
+    # stay in cache. Streaming all batch rows per block through memory made this path 1.3–1.5× slower on a
+    # loaded machine (benchmarks/rerope.py); the loop costs a few dozen iterations at 8L.
+    n_batch = q.shape[0]
+    chunk = max(1, min(n_batch, TILE_SCORES // (H * block_size * S)))
+    chunks = []
+    for c0 in range(0, n_batch, chunk):
+        c1 = min(n_batch, c0 + chunk)
+        outs = []
+        for a in range(0, L, block_size):
+            b = min(L, a + block_size)
+            qa, qb = offset + a, offset + b  # absolute query indices
+            k_hi = qb if causal else S
+            vis, counts = visibility(qa, qb, k_hi) if visibility is not None else (None, None)
+            ql, qn = q_left[c0:c1, :, a:b], q_near[c0:c1, :, a:b]
+            qr = q_right[c0:c1, :, a:b] if q_right is not None else None
+            if logn is not None:  # log-n scales each query row, in both branches (rotations are linear)
+                if counts is None:
+                    idx = torch.arange(qa, qb, device=dev)
+                    counts = (idx + 1).float() if causal else torch.full((b - a,), float(S), device=dev)
+                c = logn(counts).view(-1, 1)
+                ql, qn, qr = ql * c, qn * c, (qr * c if qr is not None else None)
+            # far scores (r >= w) for every key up to k_hi — one matmul, the bulk of the work; the band and the
+            # keys ahead are patched in place below
+            scores = ql @ k_far[c0:c1, :, :k_hi].transpose(-1, -2)  # [Bc, H, Lb, k_hi]
+            n_right = min(k_hi, qa + w)  # bidirectional: keys >= qa + w can be w or more ahead
+            if qr is not None and n_right < k_hi:
+                right = qr @ k_far[c0:c1, :, n_right:k_hi].transpose(-1, -2)
+                r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(n_right, k_hi, device=dev)[None]
+                scores[..., n_right:] = torch.where(r < 0, right, scores[..., n_right:])
+            # the band: only keys [lo, hi) can be within w of a query of the block; |r| < w there gets plain RoPE
+            lo, hi = max(0, qa - w + 1), min(k_hi, qb + w - 1)
+            near = qn @ k_near[c0:c1, :, lo - band_lo : hi - band_lo].transpose(-1, -2)
+            r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(lo, hi, device=dev)[None]
+            if causal and visibility is None:  # the only hidden keys of plain causal attention lie in the band
+                near.masked_fill_(r < 0, float("-inf"))
+            scores[..., lo:hi] = torch.where(r < w if causal else r.abs() < w, near, scores[..., lo:hi])
+            if vis is not None:
+                scores = scores.masked_fill(~vis, float("-inf"))
+            outs.append(torch.softmax(scores, dim=-1) @ vf[c0:c1, :, :k_hi])
+        chunks.append(torch.cat(outs, dim=2))
+    return torch.cat(chunks, dim=0).to(q.dtype)
