@@ -44,7 +44,9 @@ RUNTIME_OPTIONS = (
 class KVCache:
     """Key/value cache for incremental decoding, one slot per attention layer.
 
-    Holds the *rotated* keys (RoPE is applied once, at the token's absolute position) and the values in
+    Holds the *rotated* keys (RoPE is applied once, at the token's absolute position; a ReRoPE layer at
+    inference stores its keys unrotated instead, flagged in ``raw_keys``; XPOS layers store them unscaled) and
+    the values in
     SDPA layout ``[batch, kv_heads, seq, head_dim]``, plus, for ALiBi layers, the key positions
     ``[batch or 1, seq]`` (fp32). By default every token is kept (a window only masks), memory O(seq) per layer.
 

@@ -87,6 +87,19 @@ def test_matches_explicit_reference(leak, causal, logn, block):
     torch.testing.assert_close(out.double(), ref_rerope(attn, x), atol=2e-5, rtol=1e-4)
 
 
+def test_batch_chunked_tiles_match_reference(monkeypatch):
+    import lightning_tiger.nn.rerope as rerope
+
+    monkeypatch.setattr(rerope, "TILE_SCORES", 1)  # one batch row per tile
+    torch.manual_seed(5)
+    attn = Attention(16, 4, num_kv_heads=2, rerope_window=4, rerope_leak=3.0).eval()
+    attn.rerope_block = 6
+    x = torch.randn(3, 17, 16)
+    with torch.no_grad():
+        out = attn(x)
+    torch.testing.assert_close(out.double(), ref_rerope(attn, x), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("sinks", [0, 2])
 def test_composes_with_window_and_sinks(sinks):
     torch.manual_seed(1)
