@@ -46,9 +46,9 @@ class KVCache:
 
     Holds the *rotated* keys (RoPE is applied once, at the token's absolute position; a ReRoPE layer at
     inference stores its keys unrotated instead, flagged in ``raw_keys``; XPOS layers store them unscaled) and
-    the values in
-    SDPA layout ``[batch, kv_heads, seq, head_dim]``, plus, for ALiBi layers, the key positions
-    ``[batch or 1, seq]`` (fp32). By default every token is kept (a window only masks), memory O(seq) per layer.
+    the values in SDPA layout ``[batch, kv_heads, seq, head_dim]``, plus, for ALiBi / KERPLE / Sandwich / XPOS
+    layers, the key positions ``[batch or 1, seq]`` (fp32). By default every token is kept (a window only
+    masks), memory O(seq) per layer.
 
     With ``trim_to_window=True`` a causal layer whose window is active drops, after each call, the keys no
     future query can see: it keeps the ``sink_tokens`` first keys and the last ``window − 1`` ones, so
