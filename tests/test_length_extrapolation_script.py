@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "configs" / "lm"
 ROWS = ["rope", "rope_logn", "rope_window", "rope_window_logn", "alibi", "rope_random_pos", "nope", "hwfa",
-        "rope_ntk", "rope_pi"]
+        "rope_ntk", "rope_pi", "rerope_w", "rerope_w_logn", "leaky_rerope", "kerple_log", "sandwich", "xpos"]
 # What each row may change relative to rope.yaml (model.init_args keys; "model.<k>" = TransformerLM argument).
 ALLOWED = {
     "rope": set(),
@@ -30,6 +30,12 @@ ALLOWED = {
     "hwfa": {"model.window", "model.logn_base", "model.layer_overrides"},
     "rope_ntk": {"eval_options"},
     "rope_pi": {"eval_options"},
+    "rerope_w": {"eval_options"},
+    "rerope_w_logn": {"model.logn", "model.logn_base", "eval_options"},
+    "leaky_rerope": {"eval_options"},
+    "kerple_log": {"model.position"},
+    "sandwich": {"model.position"},
+    "xpos": {"model.position"},
 }
 
 
@@ -70,15 +76,22 @@ def test_row_configs_exist_and_differ_from_the_baseline_only_where_documented() 
     seq_len = base["data"]["init_args"]["seq_len"]
     window = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "rope_window.yaml"), resolve=True)
     assert window["model"]["init_args"]["eval_options"] == {"window": seq_len}
+    # ReRoPE rows: w = L/2 (the notes' w = 256 at L = 512); Leaky keeps every relative position < L up to 16L
+    for row in ("rerope_w", "rerope_w_logn", "leaky_rerope"):
+        opts = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{row}.yaml"), resolve=True)
+        assert opts["model"]["init_args"]["eval_options"]["rerope_window"] == seq_len // 2, row
+    leak = OmegaConf.load(CONFIG_DIR / "leaky_rerope.yaml").model.init_args.eval_options.rerope_leak
+    assert seq_len // 2 + (16 * seq_len - 1 - seq_len // 2) / leak < seq_len
 
 
 def test_rows_that_differ_only_in_eval_options_share_one_training_run() -> None:
     script = _script()
     keys = {row: script.training_key(script.load_row_config(CONFIG_DIR / f"{row}.yaml", [])[0], 100) for row in ROWS}
-    assert keys["rope"] == keys["rope_window"] == keys["rope_ntk"] == keys["rope_pi"]
-    assert keys["rope_logn"] == keys["rope_window_logn"]
-    distinct = {keys[r] for r in ("rope", "rope_logn", "alibi", "rope_random_pos", "nope", "hwfa")}
-    assert len(distinct) == 6
+    assert keys["rope"] == keys["rope_window"] == keys["rope_ntk"] == keys["rope_pi"] == keys["rerope_w"]
+    assert keys["rope"] == keys["leaky_rerope"]
+    assert keys["rope_logn"] == keys["rope_window_logn"] == keys["rerope_w_logn"]
+    trained = ("rope", "rope_logn", "alibi", "rope_random_pos", "nope", "hwfa", "kerple_log", "sandwich", "xpos")
+    assert len({keys[r] for r in trained}) == len(trained)
     seeded = script.load_row_config(CONFIG_DIR / "rope.yaml", ["seed_everything=1"])[0]
     assert script.training_key(seeded, 100) != keys["rope"]
     assert script.training_key(script.load_row_config(CONFIG_DIR / "rope.yaml", [])[0], 101) != keys["rope"]
@@ -96,6 +109,13 @@ def test_every_row_instantiates_through_lightningcli(rows: list[str]) -> None:
     attns = [b.attn for b in hwfa.model.blocks]
     assert [a.position for a in attns] == ["rope", "rope", "rope", "none"]
     assert [a.window for a in attns] == [16, 16, 16, None] and attns[-1].logn == "trained"
+    # ReRoPE is an evaluation option: on during validation, off again afterwards
+    rr, _ = script.instantiate(script.load_row_config(CONFIG_DIR / "rerope_w_logn.yaml", [])[0])
+    rr._apply_eval_options(512)
+    assert [b.attn.rerope_window for b in rr.model.blocks] == [32] * 4
+    rr._restore_options()
+    assert [b.attn.rerope_window for b in rr.model.blocks] == [None] * 4
+    assert [b.attn.logn for b in rr.model.blocks] == ["trained"] * 4
 
 
 def _corpus(root: Path) -> Path:
@@ -111,14 +131,14 @@ def test_tiny_run_writes_table_json_plot_and_skips_finished_rows(tmp_path: Path,
     script = _script()
     corpus = _corpus(tmp_path / "corpus")
     out, work = tmp_path / "out", tmp_path / "work"
-    argv = ["--quick", "--rows", "rope,rope_window,alibi", "--seeds", "0", "1", "--multi-seed-rows", "rope",
+    argv = ["--quick", "--rows", "rope,rope_window,rerope_w,alibi", "--seeds", "0", "1", "--multi-seed-rows", "rope",
             "--steps", "3", "--out", str(out), "--work-dir", str(work), "--no-progress",
             "--set", f"data.init_args.source={corpus}", "--set", "data.init_args.seq_len=16",
             "--set", "data.init_args.eval_lengths=[16,32,64,128,256]", "--set", "data.init_args.val_fraction=0.3"]
     summary = script.main(argv)
-    assert set(summary) == {"rope", "rope_window", "alibi"}
+    assert set(summary) == {"rope", "rope_window", "rerope_w", "alibi"}
     assert summary["rope"]["seeds"] == [0, 1] and summary["alibi"]["seeds"] == [0]
-    # rope and rope_window share their training runs: 2 seeds of rope + 1 alibi = 3 runs
+    # rope, rope_window and rerope_w share their training runs: 2 seeds of rope + 1 alibi = 3 runs
     assert len(list((work / "train").iterdir())) == 3
     for name in ("table.md", "results.json", "accuracy_vs_length.png"):
         assert (out / name).stat().st_size > 0
@@ -129,13 +149,16 @@ def test_tiny_run_writes_table_json_plot_and_skips_finished_rows(tmp_path: Path,
     assert set(acc) == {"16", "32", "64", "128", "256", "64_rep", "128_rep", "256_rep"}
     # the window equals L, so at the training length window and baseline see the same keys
     assert data["rows"]["rope_window"]["acc"]["16"]["values"] == pytest.approx(acc["16"]["values"][:1])
+    # ReRoPE's w = 32 >= every relative position of a 16- or 32-character window: exactly RoPE there
+    rerope = data["rows"]["rerope_w"]["acc"]
+    assert [rerope[t]["values"] for t in ("16", "32")] == [acc[t]["values"][:1] for t in ("16", "32")]
     info = json.loads(next((work / "train").iterdir()).joinpath("train_info.json").read_text())
     assert info["steps"] == 3
     # a second invocation trains nothing and reproduces the table
     capsys.readouterr()
     again = script.main(argv)
     logs = capsys.readouterr().out
-    assert "[train]" not in logs and logs.count("[skip]") == 4
+    assert "[train]" not in logs and logs.count("[skip]") == 5
     assert again["rope"]["acc"] == summary["rope"]["acc"]
 
 

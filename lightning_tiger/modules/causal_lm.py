@@ -31,7 +31,10 @@ from torch import Tensor, nn
 __all__ = ["CausalLMModule"]
 
 _TRAIN_POSITIONS = ("contiguous", "random_int", "random_float")
-_EVAL_KEYS = ("window", "window_at", "sink_tokens", "logn", "logn_base", "rope_scaling", "layers")
+_EVAL_KEYS = (
+    "window", "window_at", "sink_tokens", "logn", "logn_base", "rope_scaling", "rerope_window", "rerope_leak",
+    "layers",
+)
 
 
 class CausalLMModule(L.LightningModule):
@@ -49,7 +52,8 @@ class CausalLMModule(L.LightningModule):
 
     Evaluation-time options (``eval_options``; applied when validation/test starts, the training values are
     restored afterwards, nothing is retrained): any of ``window``, ``window_at``, ``sink_tokens``, ``logn``,
-    ``logn_base``, ``rope_scaling`` (see :meth:`TransformerLM.set_attention_options`), plus ``layers`` (list
+    ``logn_base``, ``rope_scaling``, ``rerope_window``, ``rerope_leak`` (ReRoPE, SPEC §3.3; see
+    :meth:`TransformerLM.set_attention_options`), plus ``layers`` (list
     of layer indices; default all). Two values depend on the test length ``T`` of each dataloader:
     ``rope_scaling["factor"] = "auto"`` means ``T / L_train`` (plain RoPE when ``T <= L_train``, the way
     NTK-RoPE is evaluated by Su), and ``logn_base = "auto"`` means ``L_train``; ``L_train`` is
@@ -201,7 +205,8 @@ class CausalLMModule(L.LightningModule):
     def _snapshot_options(self) -> list[dict[str, Any]]:
         snaps = []
         for attn in self._attention_layers():
-            snap = {k: getattr(attn, k) for k in ("window", "window_at", "sink_tokens", "logn", "logn_base")}
+            snap = {k: getattr(attn, k) for k in ("window", "window_at", "sink_tokens", "logn", "logn_base",
+                                                  "rerope_window", "rerope_leak")}
             rotary = getattr(attn, "rotary", None)
             if rotary is not None:
                 snap["rope_scaling"] = copy.deepcopy(rotary.scaling)

@@ -1,5 +1,5 @@
-"""Layers: rotary / ALiBi position encodings, attention with length-extrapolation options, a decoder LM,
-and the default networks of the diffusion modules."""
+"""Layers: rotary / ALiBi / KERPLE / Sandwich / XPOS position encodings, ReRoPE, attention with
+length-extrapolation options, a decoder LM, and the default networks of the diffusion modules."""
 
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,11 @@ _EXPORTS = {
     "Attention": ".attention",
     "KVCache": ".attention",
     "random_positions": ".random_positions",
+    "KERPLE": ".kerple",
+    "Sandwich": ".sandwich",
+    "XPOS": ".xpos",
+    "rerope_attention": ".rerope",
+    "rerope_relative_position": ".rerope",
     "TransformerBlock": ".transformer",
     "TransformerLM": ".transformer",
     "TimeEmbedding": ".time_embedding",
@@ -20,11 +25,14 @@ _EXPORTS = {
     "SmallUNet": ".small_unet",
 }
 __all__ = [
+    "KERPLE",
+    "XPOS",
     "ALiBi",
     "Attention",
     "GeneralRotaryEmbedding",
     "KVCache",
     "RotaryEmbedding",
+    "Sandwich",
     "SmallUNet",
     "TimeEmbedding",
     "TimeMLP",
@@ -32,6 +40,8 @@ __all__ = [
     "TransformerLM",
     "alibi_slopes",
     "random_positions",
+    "rerope_attention",
+    "rerope_relative_position",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -43,9 +53,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .alibi import ALiBi, alibi_slopes
     from .attention import Attention, KVCache
     from .general_rotary import GeneralRotaryEmbedding
+    from .kerple import KERPLE
     from .random_positions import random_positions
+    from .rerope import rerope_attention, rerope_relative_position
     from .rotary import RotaryEmbedding
+    from .sandwich import Sandwich
     from .small_unet import SmallUNet
     from .time_embedding import TimeEmbedding
     from .time_mlp import TimeMLP
     from .transformer import TransformerBlock, TransformerLM
+    from .xpos import XPOS

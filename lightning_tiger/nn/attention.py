@@ -20,24 +20,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .alibi import ALiBi
+from .kerple import KERPLE
+from .rerope import rerope_attention
 from .rotary import RotaryEmbedding
+from .sandwich import Sandwich
+from .xpos import XPOS
 
 __all__ = ["Attention", "KVCache"]
 
-_POSITIONS = ("rope", "alibi", "none")
+_POSITIONS = ("rope", "alibi", "none", "kerple_log", "kerple_power", "sandwich", "xpos")
+# Positions whose encoding is a score bias computed from (cached) positions: one module each.
+_BIASES = {"kerple_log": lambda h: KERPLE(h, "log"), "kerple_power": lambda h: KERPLE(h, "power"),
+           "sandwich": lambda h: Sandwich(h)}
 _WINDOW_AT = ("both", "train", "inference")
 _LOGN = ("none", "trained", "posthoc")
 _BACKENDS = ("auto", "sdpa", "flex", "math")
 # Options that `Attention.set_options` may change after construction (evaluation-time tools).
-RUNTIME_OPTIONS = ("window", "window_at", "sink_tokens", "logn", "logn_base", "rope_scaling")
+RUNTIME_OPTIONS = (
+    "window", "window_at", "sink_tokens", "logn", "logn_base", "rope_scaling", "rerope_window", "rerope_leak"
+)
 
 
 class KVCache:
     """Key/value cache for incremental decoding, one slot per attention layer.
 
-    Holds the *rotated* keys (RoPE is applied once, at the token's absolute position) and the values in
-    SDPA layout ``[batch, kv_heads, seq, head_dim]``, plus, for ALiBi layers, the key positions
-    ``[batch or 1, seq]`` (fp32). By default every token is kept (a window only masks), memory O(seq) per layer.
+    Holds the *rotated* keys (RoPE is applied once, at the token's absolute position; a ReRoPE layer at
+    inference stores its keys unrotated instead, flagged in ``raw_keys``; XPOS layers store them unscaled) and
+    the values in SDPA layout ``[batch, kv_heads, seq, head_dim]``, plus, for ALiBi / KERPLE / Sandwich / XPOS
+    layers, the key positions ``[batch or 1, seq]`` (fp32). By default every token is kept (a window only
+    masks), memory O(seq) per layer.
 
     With ``trim_to_window=True`` a causal layer whose window is active drops, after each call, the keys no
     future query can see: it keeps the ``sink_tokens`` first keys and the last ``window − 1`` ones, so
@@ -63,6 +74,9 @@ class KVCache:
         self.values: list[Tensor | None] = [None] * num_layers
         self.positions: list[Tensor | None] = [None] * num_layers
         self.custom_positions: list[bool] = [False] * num_layers
+        # Whether a layer's keys are stored unrotated (ReRoPE layers at inference) or RoPE-rotated; fixed by
+        # the first update, because the two cannot be mixed in one slot.
+        self.raw_keys: list[bool | None] = [None] * num_layers
         # The stored keys of a layer have token indices [0, front) ∪ [start, total): `front` leading (sink) keys
         # kept apart once the cache was trimmed, then a contiguous run. Untrimmed: front = start = 0.
         self.front: list[int] = [0] * num_layers
@@ -104,10 +118,19 @@ class KVCache:
         self.start[layer] = new_start
 
     def update(
-        self, layer: int, k: Tensor, v: Tensor, positions: Tensor | None = None, custom: bool = False
+        self, layer: int, k: Tensor, v: Tensor, positions: Tensor | None = None, custom: bool = False,
+        raw_keys: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Append ``k, v [B, H_kv, L, D]`` (and ``positions [B|1, L]``) and return everything cached so far."""
+        """Append ``k, v [B, H_kv, L, D]`` (and ``positions [B|1, L]``) and return everything cached so far.
+
+        ``raw_keys``: the keys are unrotated (a ReRoPE layer, :mod:`~lightning_tiger.nn.rerope`); a slot never
+        mixes unrotated and rotated keys (ValueError: switch ReRoPE on or off only with a fresh cache).
+        """
         self._check(layer)
+        if self.raw_keys[layer] is not None and self.raw_keys[layer] != raw_keys:
+            held = "unrotated (ReRoPE)" if self.raw_keys[layer] else "RoPE-rotated"
+            raise ValueError(f"KV cache layer {layer} holds {held} keys; ReRoPE was switched: use a fresh KVCache")
+        self.raw_keys[layer] = raw_keys
         old_k = self.keys[layer]
         if old_k is not None and (old_k.shape[0] != k.shape[0] or old_k.shape[1:2] != k.shape[1:2]):
             raise ValueError(
@@ -246,6 +269,15 @@ class Attention(nn.Module):
       ``min(i+1, w)`` plus visible sinks with a window; bidirectional ``S`` or the band size), ``base =
       logn_base`` (the training length). ``c_i`` is folded into ``q_i`` so SDPA's fused kernel stays usable.
     * RoPE rotates ``q_i`` and ``k_j`` at their positions before caching (:class:`RotaryEmbedding`).
+    * other encodings (``position``): ``"kerple_log"`` / ``"kerple_power"`` (:class:`~lightning_tiger.nn.KERPLE`,
+      learnable per-head bias) and ``"sandwich"`` (:class:`~lightning_tiger.nn.Sandwich`) add ``b_ij`` like
+      ALiBi, from the token positions (cached with the keys); ``"xpos"`` is RoPE plus the decay of
+      :class:`~lightning_tiger.nn.XPOS` (causal only; the cache keeps rotated, unscaled keys).
+    * ReRoPE / Leaky ReRoPE (``rerope_window = w``, ``rerope_leak = k``; RoPE layers, inference only — training
+      stays plain RoPE): relative positions ``|i − j| >= w`` are clipped to ``w`` or continue with slope
+      ``1/k`` (:func:`~lightning_tiger.nn.rerope_attention`, banded two-score computation in query blocks). The
+      cache then keeps the layer's keys unrotated. Composes with log n, windows and sinks; not with
+      ``rope_scaling``, explicit ``positions`` or a trimmed cache (ValueError).
 
     Kernels (``backend``; SPEC §3.5):
 
@@ -270,7 +302,8 @@ class Attention(nn.Module):
         dim: model width.
         num_heads: query heads ``H``; ``dim`` must be divisible by it unless ``head_dim`` is given.
         num_kv_heads: key/value heads for grouped-query attention (divides ``num_heads``; default ``H``).
-        position: ``"rope"`` (default), ``"alibi"`` or ``"none"`` (NoPE).
+        position: ``"rope"`` (default), ``"alibi"``, ``"none"`` (NoPE), ``"kerple_log"``, ``"kerple_power"``,
+            ``"sandwich"`` or ``"xpos"``.
         causal: causal (decoder, default) or bidirectional attention.
         window: number of visible keys including self, or ``None`` (full attention).
         window_at: ``"both"`` (default), ``"train"`` or ``"inference"``.
@@ -282,7 +315,9 @@ class Attention(nn.Module):
         rope_base: RoPE frequency base (10000).
         rope_scaling: RoPE context-extension dict (see :class:`RotaryEmbedding`) or ``None``.
         interleaved: RoPE pair layout (``True``: (2k, 2k+1); ``False``: half-split/NeoX).
-        backend: ``"auto"``, ``"sdpa"``, ``"flex"`` or ``"math"``.
+        backend: ``"auto"``, ``"sdpa"``, ``"flex"`` or ``"math"`` (ReRoPE runs its own blocked path on any).
+        rerope_window: ReRoPE's ``w`` (``None``: off).
+        rerope_leak: Leaky ReRoPE's ``k > 1`` (``None``: hard clipping); needs ``rerope_window``.
         head_dim: per-head size (default ``dim // num_heads``).
         max_seq_len: passed to RoPE as the default original length of the scaling variants; not a limit.
         layer_idx: this layer's slot in a shared :class:`KVCache` (set by :class:`TransformerLM`).
@@ -293,13 +328,15 @@ class Attention(nn.Module):
 
     #: run long windowed attention as query blocks over their key band (linear memory); see above.
     chunk_windows: bool = True
+    #: query rows per block of the ReRoPE path (its memory is O(rerope_block · S)).
+    rerope_block: int = 32
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
         num_kv_heads: int | None = None,
-        position: Literal["rope", "alibi", "none"] = "rope",
+        position: Literal["rope", "alibi", "none", "kerple_log", "kerple_power", "sandwich", "xpos"] = "rope",
         causal: bool = True,
         window: int | None = None,
         window_at: Literal["both", "train", "inference"] = "both",
@@ -315,6 +352,8 @@ class Attention(nn.Module):
         head_dim: int | None = None,
         max_seq_len: int | None = None,
         layer_idx: int = 0,
+        rerope_window: int | None = None,
+        rerope_leak: float | None = None,
     ) -> None:
         super().__init__()
         if dim < 1:
@@ -330,8 +369,10 @@ class Attention(nn.Module):
             head_dim = dim // num_heads
         if position not in _POSITIONS:
             raise ValueError(f"position must be one of {_POSITIONS}, got {position!r}")
-        if position == "rope" and head_dim % 2:
-            raise ValueError(f"position='rope' needs an even head_dim, got {head_dim}")
+        if position in ("rope", "xpos") and head_dim % 2:
+            raise ValueError(f"position={position!r} needs an even head_dim, got {head_dim}")
+        if position == "xpos" and not causal:
+            raise ValueError("position='xpos' is for causal attention only (its decay grows for j > i; Sun et al.)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if backend not in _BACKENDS:
@@ -343,22 +384,28 @@ class Attention(nn.Module):
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
         self.rotary = (
             RotaryEmbedding(head_dim, rope_base, interleaved, rope_scaling, max_seq_len)
-            if position == "rope" else None
+            if position in ("rope", "xpos") else None
         )
         self.alibi = ALiBi(num_heads, causal=causal) if position == "alibi" else None
+        self.score_bias = _BIASES[position](num_heads) if position in _BIASES else None
+        self.xpos = XPOS(head_dim, interleaved=interleaved) if position == "xpos" else None
+        self.rerope_window: int | None = None
+        self.rerope_leak: float | None = None
         self.window: int | None = None
         self.window_at = "both"
         self.sink_tokens = 0
         self.logn = "none"
         self.logn_base: int | None = None
-        self.set_options(window=window, window_at=window_at, sink_tokens=sink_tokens, logn=logn, logn_base=logn_base)
+        self.set_options(window=window, window_at=window_at, sink_tokens=sink_tokens, logn=logn, logn_base=logn_base,
+                         rerope_window=rerope_window, rerope_leak=rerope_leak)
 
     # ------------------------------------------------------------------ options
     def set_options(self, **opts: Any) -> None:
         """Change evaluation-time options without retraining.
 
-        Accepts ``window``, ``window_at``, ``sink_tokens``, ``logn``, ``logn_base`` and ``rope_scaling``
-        (RoPE layers only; ignored by ALiBi/NoPE layers). Unknown names raise ``TypeError``.
+        Accepts ``window``, ``window_at``, ``sink_tokens``, ``logn``, ``logn_base``, and ``rope_scaling``,
+        ``rerope_window``, ``rerope_leak`` (these three act on ``position="rope"`` layers only; the others keep
+        them unused). Unknown names raise ``TypeError``.
         """
         unknown = set(opts) - set(RUNTIME_OPTIONS)
         if unknown:
@@ -368,6 +415,15 @@ class Attention(nn.Module):
         sinks = opts.get("sink_tokens", self.sink_tokens)
         logn = opts.get("logn", self.logn)
         logn_base = opts.get("logn_base", self.logn_base)
+        rr_window = opts.get("rerope_window", self.rerope_window)
+        rr_leak = opts.get("rerope_leak", self.rerope_leak)
+        if rr_window is not None and (isinstance(rr_window, bool) or not isinstance(rr_window, int) or rr_window < 1):
+            raise ValueError(f"rerope_window must be an integer >= 1 or None, got {rr_window!r}")
+        bad_leak = isinstance(rr_leak, bool) or not isinstance(rr_leak, (int, float)) or not rr_leak > 1
+        if rr_leak is not None and bad_leak:
+            raise ValueError(f"rerope_leak must be a number > 1 or None, got {rr_leak!r}")
+        if rr_leak is not None and rr_window is None:
+            raise ValueError("rerope_leak needs rerope_window (Leaky ReRoPE's w)")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
         if window_at not in _WINDOW_AT:
@@ -380,8 +436,18 @@ class Attention(nn.Module):
             raise ValueError(f"logn={logn!r} needs logn_base (the training length) >= 2, got {logn_base!r}")
         self.window, self.window_at, self.sink_tokens = window, window_at, sinks
         self.logn, self.logn_base = logn, logn_base
+        self.rerope_window, self.rerope_leak = rr_window, None if rr_leak is None else float(rr_leak)
         if "rope_scaling" in opts and self.rotary is not None:
             self.rotary.set_scaling(opts["rope_scaling"])
+
+    def rerope_active(self) -> bool:
+        """Whether ReRoPE replaces plain RoPE in this call: a RoPE layer at inference with ``rerope_window``."""
+        return self.position == "rope" and self.rerope_window is not None and not self.training
+
+    def _logn_factor(self, counts: Tensor) -> Tensor:
+        """Log-n query factor from the number of visible keys per query (see the class docstring)."""
+        factor = counts.log() / math.log(self.logn_base)  # type: ignore[arg-type]
+        return factor.clamp_min(1.0) if self.logn == "posthoc" else factor
 
     def window_active(self) -> bool:
         """Whether the window applies in the current mode (``self.training``)."""
@@ -411,28 +477,53 @@ class Attention(nn.Module):
         offset = cache.length(self.layer_idx) if cache is not None else 0
         if positions is not None and positions.shape[-1] != L:
             raise ValueError(f"positions must have {L} entries in its last dim, got {tuple(positions.shape)}")
+        rerope = self.rerope_active()
+        if rerope and (positions is not None or self.rotary.scaling is not None  # type: ignore[union-attr]
+                       or (cache is not None and cache.trim_to_window)):
+            raise ValueError("ReRoPE (rerope_window) needs default positions, rope_scaling=None and an untrimmed cache")
         q, k, v = self.qkv(x).view(B, L, H + 2 * Hkv, D).split((H, Hkv, Hkv), dim=2)
-        if self.rotary is not None:
+        if self.rotary is not None and not rerope:  # ReRoPE rotates inside its own path
             q, k = self.rotary(q, k, positions=positions, offset=offset)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, D]
         q_pos = k_pos = None
         custom = positions is not None
-        if self.alibi is not None:
+        if self.alibi is not None or self.score_bias is not None or self.xpos is not None:
             q_pos = (positions if positions is not None else torch.arange(offset, offset + L, device=x.device))
             q_pos = q_pos.float().reshape(-1, L)
         front, start = 0, 0
         if cache is not None:
-            k, v, k_pos = cache.update(self.layer_idx, k, v, q_pos, custom)
+            k, v, k_pos = cache.update(self.layer_idx, k, v, q_pos, custom, raw_keys=rerope)
             custom = cache.custom_positions[self.layer_idx]
             front, start = cache.front[self.layer_idx], cache.start[self.layer_idx]
         else:
             k_pos = q_pos
-        use_pos = self.alibi is not None and custom
-        out = self._attend(q, k, v, offset, q_pos if use_pos else None, k_pos if use_pos else None, front, start)
+        if self.xpos is not None:  # the cache holds unscaled keys: scale what this call attends to
+            q, k = self.xpos(q, k, q_pos, k_pos)  # type: ignore[arg-type]
+        if rerope:
+            out = self._rerope(q, k, v, offset)
+        else:
+            use_pos = (self.alibi is not None and custom) or self.score_bias is not None
+            out = self._attend(q, k, v, offset, q_pos if use_pos else None, k_pos if use_pos else None, front, start)
         if cache is not None and cache.trim_to_window and self.causal and self.window_active():
             # the next query (index total) sees keys >= total - w + 1, plus the sinks
             cache.trim(self.layer_idx, keep_first=self.sink_tokens, keep_last=self.window - 1)  # type: ignore[operator]
         return self.out(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _rerope(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+        """ReRoPE / Leaky ReRoPE over unrotated ``q [B, H, L, D]`` and all ``offset + L`` unrotated keys."""
+        window = self.window if self.window_active() else None
+        sinks = min(self.sink_tokens, offset + q.shape[2]) if window is not None else 0
+        dev = str(q.device)
+
+        def visibility(q_lo: int, q_hi: int, k_hi: int) -> tuple[Tensor | None, Tensor]:
+            return _visibility(q_lo, q_hi, 0, 0, k_hi, self.causal, window, sinks, dev)
+
+        return rerope_attention(
+            q, k, v, self.rotary, offset, self.rerope_window, self.rerope_leak, self.causal,  # type: ignore[arg-type]
+            visibility=visibility if window is not None else None,  # plain causality is handled in the band
+            logn=self._logn_factor if self.logn != "none" else None,
+            block_size=self.rerope_block,
+        )
 
     def _attend(
         self, q: Tensor, k: Tensor, v: Tensor, offset: int, q_pos: Tensor | None, k_pos: Tensor | None,
@@ -446,6 +537,8 @@ class Attention(nn.Module):
         sinks = min(self.sink_tokens, S) if window is not None else 0
         backend = "sdpa" if self.backend == "auto" else self.backend
         if backend == "flex":
+            if self.score_bias is not None:
+                raise ValueError(f"backend='flex' does not support position={self.position!r}; use 'sdpa' or 'math'")
             if front or start:
                 raise ValueError("backend='flex' does not support a KVCache with trim_to_window=True")
             return self._flex(q, k, v, offset, window, sinks, q_pos, k_pos)
@@ -487,17 +580,15 @@ class Attention(nn.Module):
                 k_pos = k_pos.index_select(1, idx)
         vis, counts = _visibility(q_lo, q_hi, n_sink, k_lo, k_hi, self.causal, window, sinks, dev)
         if self.logn != "none":
-            factor = counts.log() / math.log(self.logn_base)  # type: ignore[arg-type]
-            if self.logn == "posthoc":
-                factor = factor.clamp_min(1.0)
-            q = (q.float() * factor.view(-1, 1)).to(q.dtype)
+            q = (q.float() * self._logn_factor(counts).view(-1, 1)).to(q.dtype)
         plain_causal = self.causal and window is None and n_sink == 0 and q_lo == k_lo == 0 and q_hi == k_hi
         mask: Tensor | None = None
-        if self.alibi is not None:
+        if self.alibi is not None or self.score_bias is not None:
             if q_pos is None:
                 mask = _alibi_mask(q_lo, q_hi, n_sink, k_lo, k_hi, self.causal, window, sinks, self.num_heads, dev)
             else:
-                bias = self.alibi.from_positions(q_pos, k_pos)  # [B|1, H, L, S]
+                bias_mod = self.alibi if self.alibi is not None else self.score_bias
+                bias = bias_mod.from_positions(q_pos, k_pos)  # type: ignore[union-attr]  # [B|1, H, L, S]
                 mask = bias.masked_fill(~vis, float("-inf")) if vis is not None else bias
             plain_causal = False
         elif vis is not None and not plain_causal:
@@ -542,10 +633,7 @@ class Attention(nn.Module):
         L, S = q.shape[2], k.shape[2]
         _, counts = _visibility(offset, offset + L, 0, 0, S, self.causal, window, sinks, str(q.device))
         if self.logn != "none":
-            factor = counts.log() / math.log(self.logn_base)  # type: ignore[arg-type]
-            if self.logn == "posthoc":
-                factor = factor.clamp_min(1.0)
-            q = (q.float() * factor.view(-1, 1)).to(q.dtype)
+            q = (q.float() * self._logn_factor(counts).view(-1, 1)).to(q.dtype)
         causal, w, s = self.causal, window, sinks
 
         def mask_mod(b: Tensor, h: Tensor, qi: Tensor, kj: Tensor) -> Tensor:
@@ -581,5 +669,5 @@ class Attention(nn.Module):
             f"dim={self.dim}, heads={self.num_heads}, kv_heads={self.num_kv_heads}, position={self.position!r}, "
             f"causal={self.causal}, window={self.window}, window_at={self.window_at!r}, "
             f"sink_tokens={self.sink_tokens}, logn={self.logn!r}, logn_base={self.logn_base}, "
-            f"backend={self.backend!r}"
+            f"rerope_window={self.rerope_window}, rerope_leak={self.rerope_leak}, backend={self.backend!r}"
         )

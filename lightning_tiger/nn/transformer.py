@@ -18,7 +18,7 @@ _MLPS = ("swiglu", "gelu")
 # Attention options a per-layer override may set (construction-time ones included).
 _OVERRIDABLE = (
     "position", "window", "window_at", "sink_tokens", "logn", "logn_base", "rope_base", "rope_scaling",
-    "interleaved", "num_kv_heads", "backend",
+    "interleaved", "num_kv_heads", "backend", "rerope_window", "rerope_leak",
 )
 
 
@@ -148,7 +148,8 @@ class TransformerLM(nn.Module):
 
     Per-layer overrides (``layer_overrides``): ``{layer_index: {option: value}}``, negative indices allowed,
     keys may be strings (YAML). Options: ``position``, ``window``, ``window_at``, ``sink_tokens``, ``logn``,
-    ``logn_base``, ``rope_base``, ``rope_scaling``, ``interleaved``, ``num_kv_heads``, ``backend``. Example,
+    ``logn_base``, ``rope_base``, ``rope_scaling``, ``interleaved``, ``num_kv_heads``, ``backend``,
+    ``rerope_window``, ``rerope_leak``. Example,
     HWFA (SPEC §3.3): ``window=L, layer_overrides={-1: {"position": "none", "window": None, "logn":
     "trained"}}`` with ``logn_base=L``.
 
@@ -163,7 +164,8 @@ class TransformerLM(nn.Module):
         hidden_dim: explicit MLP hidden width (overrides ``mlp_ratio``).
         dropout: residual + attention dropout (0).
         tie_embeddings: share the embedding and LM-head matrices (True).
-        position: ``"rope"`` (default), ``"alibi"`` or ``"none"``.
+        position: ``"rope"`` (default), ``"alibi"``, ``"none"``, ``"kerple_log"``, ``"kerple_power"``,
+            ``"sandwich"`` or ``"xpos"`` (see :class:`~lightning_tiger.nn.Attention`).
         rope_base: RoPE base (10000).
         rope_scaling: RoPE context-extension dict (see :class:`~lightning_tiger.nn.RotaryEmbedding`).
         interleaved: RoPE pair layout (True: (2k, 2k+1); False: half-split).
@@ -194,7 +196,7 @@ class TransformerLM(nn.Module):
         hidden_dim: int | None = None,
         dropout: float = 0.0,
         tie_embeddings: bool = True,
-        position: Literal["rope", "alibi", "none"] = "rope",
+        position: Literal["rope", "alibi", "none", "kerple_log", "kerple_power", "sandwich", "xpos"] = "rope",
         rope_base: float = 10000.0,
         rope_scaling: dict[str, Any] | None = None,
         interleaved: bool = True,
@@ -283,12 +285,14 @@ class TransformerLM(nn.Module):
 
         Args:
             layers: layer indices (negative allowed) or ``None`` for all.
-            **opts: ``window``, ``window_at``, ``sink_tokens``, ``logn``, ``logn_base``, ``rope_scaling``.
+            **opts: ``window``, ``window_at``, ``sink_tokens``, ``logn``, ``logn_base``, ``rope_scaling``,
+                ``rerope_window``, ``rerope_leak`` (ReRoPE at inference, see :class:`Attention`).
 
         Example:
             >>> model.set_attention_options(window=64, window_at="inference")  # "super strong baseline"
             >>> model.set_attention_options(logn="posthoc", logn_base=64)
             >>> model.set_attention_options(rope_scaling={"type": "ntk", "factor": 8})
+            >>> model.set_attention_options(rerope_window=256)  # ReRoPE-w256 (model.eval() first)
         """
         unknown = set(opts) - set(RUNTIME_OPTIONS)
         if unknown:
