@@ -182,7 +182,7 @@ def torch_signature() -> str:
     """The torch build and Python ABI the library links against: any change needs another build."""
     return "|".join(str(x) for x in (
         torch.__version__, torch.version.git_version, torch.version.cuda, getattr(torch.version, "hip", None),
-        os.path.realpath(os.path.dirname(torch.__file__)), torch._C._GLIBCXX_USE_CXX11_ABI,
+        os.path.realpath(os.path.dirname(torch.__file__)), torch.compiled_with_cxx11_abi(),
         sys.version, sysconfig.get_config_var("EXT_SUFFIX"),
     ))
 
@@ -513,7 +513,13 @@ def _fallback_message(result: BuildResult) -> str:
 
 
 def _distributed_store() -> tuple[object, object, int] | None:
-    """(default group, its store, world size) when torch.distributed is initialised with several ranks."""
+    """(default group, its store, world size) when torch.distributed is initialised with several ranks.
+
+    Relies on the private ``torch.distributed.distributed_c10d._get_default_store`` (torch 2.x): torch has no
+    public accessor for the default group's key-value store, and the store is what keeps the agreement free of
+    collectives (so it cannot deadlock with the training's own). If torch removes it, the AttributeError reaches
+    :func:`fused_available`, which logs it and lets each rank decide alone (no hang, no crash).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size()
