@@ -405,6 +405,36 @@ def _remove_dead_private_folders(plan: _Plan) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _move_aside(plan: _Plan) -> None:
+    """Delete the published folder: renamed away first (atomic: readers see the old or no folder, never half of
+    one), then removed."""
+    trash = plan.root / f".{plan.name}.old-{os.getpid()}-{time.time_ns()}"
+    os.rename(plan.folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(private: Path, plan: _Plan) -> None:
+    """Rename the complete build ``private`` to ``plan.folder``.
+
+    The rename fails when the folder exists. If it holds a loadable build (a process that did not wait for the
+    lock published first), keep it; if not (no valid ``build.json``, the library deleted), it would make every
+    later process compile again, so it is moved aside and the rename retried. Two processes replacing the same
+    damaged folder at once can at worst replace each other's complete build: both are valid.
+    """
+    try:
+        os.rename(private, plan.folder)
+        return
+    except OSError:
+        if _published_library(plan.folder) is not None:
+            return
+    log.warning("lightning_tiger: replacing the damaged kernel build folder %s (no loadable build in it)",
+                plan.folder)
+    with contextlib.suppress(FileNotFoundError):  # another process may have moved it aside already
+        _move_aside(plan)
+    with contextlib.suppress(OSError):  # another process published in between: keep theirs
+        os.rename(private, plan.folder)
+
+
 def _compile(plan: _Plan) -> BuildResult:
     """Compile into a private folder, load, and publish it as ``plan.folder`` by an atomic rename."""
     from torch.utils import cpp_extension  # see cache_root
@@ -439,9 +469,7 @@ def _compile(plan: _Plan) -> BuildResult:
             for a in private.glob("attempt*"):
                 shutil.rmtree(a, ignore_errors=True)
             private.chmod(0o755)  # mkdtemp makes it private to this user; the cache may be shared
-            # fails if a process that did not wait for the lock published first: keep theirs
-            with contextlib.suppress(OSError):
-                os.rename(private, plan.folder)
+            _publish(private, plan)
             log.info("lightning_tiger: fused optimizer kernel built in %.1f s: %s", time.monotonic() - start,
                      plan.folder)
             return BuildResult(ok=True, folder=plan.folder, built=True)
@@ -485,9 +513,7 @@ def build_kernels(force: bool = False) -> BuildResult:
         try:
             if force:
                 if plan.folder.exists():
-                    trash = plan.root / f".{plan.name}.old-{os.getpid()}-{time.time_ns()}"
-                    os.rename(plan.folder, trash)  # atomic: readers see the old or no folder, never half of one
-                    shutil.rmtree(trash, ignore_errors=True)
+                    _move_aside(plan)
             else:
                 loaded = _load_published(plan)  # published while this process waited for the lock
                 if loaded is not None:

@@ -252,3 +252,29 @@ def test_build_killed_mid_compile_does_not_hang_the_next_run(tmp_path: Path) -> 
     assert out.stderr.count(BUILDING) == 1, out.stderr
     assert f"(its process {victim.pid} is dead)" in out.stderr  # its lock was recognised as stale
     assert not list((ext / "lightning_tiger").glob(".*.tmp-*"))  # and its half-built folder removed
+
+
+@pytest.mark.parametrize("damage", ["no build.json", "library deleted"])
+def test_damaged_published_folder_is_replaced_by_the_next_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                damage: str) -> None:
+    """A published folder without a loadable build is moved aside, so the next build publishes (else every later
+    process would compile again, its rename failing on the non-empty folder)."""
+    plan = build._Plan(name="lightning_tiger_fused_test", root=tmp_path, compiler="c++", compiler_version="c++ 1")
+    plan.folder.mkdir()
+    (plan.folder / "stale.o").write_text("left over")
+    if damage == "library deleted":
+        (plan.folder / "build.json").write_text(json.dumps({"library": "gone.so"}))
+
+    def fake_load(name: str, build_directory: str, **_: object) -> None:  # "compiles" without a compiler
+        (Path(build_directory) / f"{name}.so").write_text("library")
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(build, "_kernels_registered", lambda: True)
+    result = build._compile(plan)
+    assert result.ok and result.built
+    info = json.loads((plan.folder / "build.json").read_text())
+    assert (plan.folder / info["library"]).read_text() == "library"
+    assert not (plan.folder / "stale.o").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [plan.name]  # no private or set-aside folder left behind
