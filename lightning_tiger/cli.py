@@ -24,7 +24,7 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
   alike; option prefixes are not accepted (``--trainer.max_step`` is an error, not ``max_steps``); a model
   argument that ``--optimizer`` makes dead (``--model.init_args.lr`` beside an optimizer config) is an error on
   the command line and a :class:`ConfigConflictWarning` from a file; a schedule interpolating an unset
-  ``trainer.max_steps`` is refused before anything is built; a damaged ``--ckpt_path`` is refused with the
+  ``trainer.max_steps`` is refused by ``fit`` before anything is built; a damaged ``--ckpt_path`` is refused with the
   checkpoints beside it that verify (:func:`~lightning_tiger.plugins.verify_checkpoint`).
 - TensorBoard is the default logger (Lightning's default when tensorboard is installed, which it is: a
   dependency); our modules log ``hp_metric`` with their main validation metric; the resolved config is
@@ -432,14 +432,18 @@ class TigerCLI(LightningCLI):
         config = self.config.get(subcommand, self.config) if subcommand else self.config
         plain = config.as_dict() if hasattr(config, "as_dict") else dict(config)
         sources = _sources(self._argv)
-        self._check_max_steps_interpolation(plain, sources)
+        # Only fit builds the optimizer and its scheduler: validate/test/predict may run with any max_steps.
+        fitting = subcommand in (None, "fit")
+        if fitting:
+            self._check_max_steps_interpolation(plain, sources)
         self._check_dead_model_arguments(plain, sources)
         ckpt_path = plain.get("ckpt_path")
         if ckpt_path and Path(str(ckpt_path)).is_file():
             # LightningCLI reads the checkpoint's hyperparameters with torch.load right after parsing, before any
             # CheckpointIO plugin sees it: verify first so that damage gets a clear report.
             verify_checkpoint(ckpt_path)
-            self._check_resumed_schedule(plain, str(ckpt_path), sources)
+            if fitting:
+                self._check_resumed_schedule(plain, str(ckpt_path), sources)
 
     @staticmethod
     def _check_resumed_schedule(config: dict[str, Any], ckpt_path: str, sources: list[tuple[str, dict[str, Any]]]
