@@ -38,6 +38,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import pickle
 import re
@@ -76,6 +77,8 @@ __all__ = [
     "library_classes",
     "main",
 ]
+
+log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 COMMAND_LINE = "<command line>"
@@ -585,7 +588,11 @@ class TigerCLI(LightningCLI):
             raise
         finally:
             if self.trainer.is_global_zero:
-                print(self._summary(outcome, started), file=sys.stderr)
+                # a failure of the summary itself (a vanished log dir, ...) must not replace the run's own outcome
+                try:
+                    print(self._summary(outcome, started), file=sys.stderr)
+                except Exception as err:
+                    log.warning("lightning-tiger: could not print the run summary (%s: %s)", type(err).__name__, err)
 
     def _summary(self, outcome: str, started: float) -> str:
         trainer = self.trainer
