@@ -46,7 +46,7 @@ import sys
 import time
 import traceback
 import warnings
-from argparse import ArgumentError
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,11 +148,8 @@ def _library_help() -> str:
     return "\n".join(lines)
 
 
-class _HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's formatter, keeping the description's line breaks (as ``RawDescriptionHelpFormatter``)."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the description's line breaks (argparse's public mixin)."""
 
 
 # ---------------------------------------------------------------------------------------------- error reports
