@@ -48,6 +48,6 @@ class LastCheckpoint(ModelCheckpoint):
         # against Lightning 2.6 (2.6.6): ModelCheckpoint has no public way to save `last.ckpt` on demand (its
         # public hooks save only on their own schedule, and `trainer.save_checkpoint` would bypass its naming,
         # `save_last="link"`, top-k bookkeeping and `last_model_path`), so a subclass reuses them. Revisit if a
-        # Lightning upgrade renames them (tests/plugins cover this path).
+        # Lightning upgrade renames them (tests/cli/test_checkpoints.py covers this path).
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
