@@ -379,6 +379,18 @@ def _class_candidates(node: Any, prefix: str = "") -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
+def _load_mapped(path: str) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` memory-mapped: only the parts read (a scheduler's few numbers) are
+    paged in, not every tensor of the checkpoint. mmap needs torch.save's zip format (torch >= 1.6); an older
+    (legacy) file is loaded the plain way."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class TigerSaveConfigCallback(SaveConfigCallback):
     """Saves the resolved config to the log dir (Lightning's behaviour) and logs it as TensorBoard text."""
 
@@ -461,7 +473,7 @@ class TigerCLI(LightningCLI):
         if cls is None or issubclass(cls, PiecewiseLinearLR):
             return
         try:
-            states = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or []
+            states = _load_mapped(ckpt_path).get("lr_schedulers") or []
         except pickle.UnpicklingError:  # objects beyond weights_only's allow-list: LightningCLI reports it next
             return
         if len(states) != 1:
