@@ -23,9 +23,11 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
   (found from the constructor that raised, not guessed from the message), for files and the command line
   alike; option prefixes are not accepted (``--trainer.max_step`` is an error, not ``max_steps``); a model
   argument that ``--optimizer`` makes dead (``--model.init_args.lr`` beside an optimizer config) is an error on
-  the command line and a :class:`ConfigConflictWarning` from a file; a schedule interpolating an unset
-  ``trainer.max_steps`` is refused by ``fit`` before anything is built; a damaged ``--ckpt_path`` is refused with the
-  checkpoints beside it that verify (:func:`~lightning_tiger.plugins.verify_checkpoint`).
+  the command line, a :class:`ConfigConflictWarning` from a file read with or after the optimizer's, and an INFO
+  log line from a file read before it (a task file's ``lr`` for its own optimizer, then an optim config); a
+  schedule interpolating an unset ``trainer.max_steps`` is refused by ``fit`` before anything is built; a damaged
+  ``--ckpt_path`` is refused with the checkpoints beside it that verify
+  (:func:`~lightning_tiger.plugins.verify_checkpoint`).
 - TensorBoard is the default logger (Lightning's default when tensorboard is installed, which it is: a
   dependency); our modules log ``hp_metric`` with their main validation metric; the resolved config is
   saved to ``<log_dir>/config.yaml`` (overwritten on resume) and logged as text to TensorBoard.
@@ -230,11 +232,17 @@ def _yaml_value(value: Any) -> Any:
         return value
 
 
+def _who_set_index(key: str, sources: list[tuple[str, dict[str, Any]]]) -> int | None:
+    """Index in ``sources`` of the setting of ``key`` in effect (merges are last-wins), or ``None`` (a default)."""
+    wanted = _norm(key)
+    hits = [i for i, (_, flat) in enumerate(sources) if any(_norm(k) == wanted for k in flat)]
+    return hits[-1] if hits else None
+
+
 def _who_set(key: str, sources: list[tuple[str, dict[str, Any]]]) -> str | None:
     """The source whose setting of ``key`` is in effect (merges are last-wins), or ``None`` (a default)."""
-    wanted = _norm(key)
-    hits = [name for name, flat in sources if any(_norm(k) == wanted for k in flat)]
-    return hits[-1] if hits else None
+    index = _who_set_index(key, sources)
+    return None if index is None else sources[index][0]
 
 
 def _import_class(class_path: str | None) -> type | None:
@@ -515,20 +523,28 @@ class TigerCLI(LightningCLI):
 
     @staticmethod
     def _check_dead_model_arguments(config: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> None:
-        """``--optimizer`` replaces the model's configure_optimizers: its optimizer arguments then do nothing."""
+        """``--optimizer`` replaces the model's configure_optimizers: its optimizer arguments then do nothing.
+
+        Reported by who set the dead value: the command line is refused (a ConfigError: the user just typed it);
+        a file that sets it after (or together with) the optimizer choice gets a :class:`ConfigConflictWarning`;
+        a file read *before* the optimizer's source (a task file's ``lr`` for the module's own optimizer, then an
+        ``--config optim/...`` file) is the documented way to compose runs, so it is only logged at INFO.
+        """
         optimizer, model = config.get("optimizer"), config.get("model")
         if not isinstance(optimizer, dict) or not isinstance(model, dict) or not optimizer.get("class_path"):
             return
         opt_args, model_args = optimizer.get("init_args") or {}, model.get("init_args") or {}
         model_params = {p.name for p in _parameters_of(model.get("class_path"))}
         opt_params = {p.name: p for p in _parameters_of(optimizer["class_path"])}
-        opt_from = _who_set("optimizer.class_path", sources) or "<defaults>"
+        opt_index = _who_set_index("optimizer.class_path", sources)
+        opt_from = "<defaults>" if opt_index is None else sources[opt_index][0]
         model_name = str(model.get("class_path")).rpartition(".")[2]
         opt_name = str(optimizer["class_path"]).rpartition(".")[2]
         for name in sorted(model_params & set(opt_params) - {"params"}):
-            where = _who_set(f"model.init_args.{name}", sources)
-            if where is None or name not in model_args:
+            index = _who_set_index(f"model.init_args.{name}", sources)
+            if index is None or name not in model_args:
                 continue
+            where = sources[index][0]
             default = opt_params[name].default
             effective = opt_args.get(name, None if default is inspect.Parameter.empty else default)
             if model_args[name] == effective:
@@ -541,6 +557,9 @@ class TigerCLI(LightningCLI):
             )
             if where == COMMAND_LINE:
                 raise ConfigError(message, key=f"model.init_args.{name}", files=[where])
+            if opt_index is not None and opt_index > index:  # an optimizer config composed after a task file
+                log.info("lightning-tiger: %s", message)
+                continue
             warnings.warn(message, ConfigConflictWarning, stacklevel=2)
 
     def instantiate_classes(self) -> None:
