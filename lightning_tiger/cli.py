@@ -23,9 +23,11 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
   (found from the constructor that raised, not guessed from the message), for files and the command line
   alike; option prefixes are not accepted (``--trainer.max_step`` is an error, not ``max_steps``); a model
   argument that ``--optimizer`` makes dead (``--model.init_args.lr`` beside an optimizer config) is an error on
-  the command line and a :class:`ConfigConflictWarning` from a file; a schedule interpolating an unset
-  ``trainer.max_steps`` is refused before anything is built; a damaged ``--ckpt_path`` is refused with the
-  checkpoints beside it that verify (:func:`~lightning_tiger.plugins.verify_checkpoint`).
+  the command line, a :class:`ConfigConflictWarning` from a file read with or after the optimizer's, and an INFO
+  log line from a file read before it (a task file's ``lr`` for its own optimizer, then an optim config); a
+  schedule interpolating an unset ``trainer.max_steps`` is refused by ``fit`` before anything is built; a damaged
+  ``--ckpt_path`` is refused with the checkpoints beside it that verify
+  (:func:`~lightning_tiger.plugins.verify_checkpoint`).
 - TensorBoard is the default logger (Lightning's default when tensorboard is installed, which it is: a
   dependency); our modules log ``hp_metric`` with their main validation metric; the resolved config is
   saved to ``<log_dir>/config.yaml`` (overwritten on resume) and logged as text to TensorBoard.
@@ -38,6 +40,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import logging
 import os
 import pickle
 import re
@@ -45,7 +48,7 @@ import sys
 import time
 import traceback
 import warnings
-from argparse import ArgumentError
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,8 @@ __all__ = [
     "library_classes",
     "main",
 ]
+
+log = logging.getLogger(__name__)
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 COMMAND_LINE = "<command line>"
@@ -145,11 +150,8 @@ def _library_help() -> str:
     return "\n".join(lines)
 
 
-class _HelpFormatter(DefaultHelpFormatter):
-    """jsonargparse's formatter, keeping the description's line breaks (as ``RawDescriptionHelpFormatter``)."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return "".join(indent + line for line in text.splitlines(keepends=True))
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's formatter, keeping the description's line breaks (argparse's public mixin)."""
 
 
 # ---------------------------------------------------------------------------------------------- error reports
@@ -230,11 +232,17 @@ def _yaml_value(value: Any) -> Any:
         return value
 
 
+def _who_set_index(key: str, sources: list[tuple[str, dict[str, Any]]]) -> int | None:
+    """Index in ``sources`` of the setting of ``key`` in effect (merges are last-wins), or ``None`` (a default)."""
+    wanted = _norm(key)
+    hits = [i for i, (_, flat) in enumerate(sources) if any(_norm(k) == wanted for k in flat)]
+    return hits[-1] if hits else None
+
+
 def _who_set(key: str, sources: list[tuple[str, dict[str, Any]]]) -> str | None:
     """The source whose setting of ``key`` is in effect (merges are last-wins), or ``None`` (a default)."""
-    wanted = _norm(key)
-    hits = [name for name, flat in sources if any(_norm(k) == wanted for k in flat)]
-    return hits[-1] if hits else None
+    index = _who_set_index(key, sources)
+    return None if index is None else sources[index][0]
 
 
 def _import_class(class_path: str | None) -> type | None:
@@ -379,6 +387,18 @@ def _class_candidates(node: Any, prefix: str = "") -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
+def _load_mapped(path: str) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` memory-mapped: only the parts read (a scheduler's few numbers) are
+    paged in, not every tensor of the checkpoint. mmap needs torch.save's zip format (torch >= 1.6); an older
+    (legacy) file is loaded the plain way."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class TigerSaveConfigCallback(SaveConfigCallback):
     """Saves the resolved config to the log dir (Lightning's behaviour) and logs it as TensorBoard text."""
 
@@ -432,14 +452,18 @@ class TigerCLI(LightningCLI):
         config = self.config.get(subcommand, self.config) if subcommand else self.config
         plain = config.as_dict() if hasattr(config, "as_dict") else dict(config)
         sources = _sources(self._argv)
-        self._check_max_steps_interpolation(plain, sources)
+        # Only fit builds the optimizer and its scheduler: validate/test/predict may run with any max_steps.
+        fitting = subcommand in (None, "fit")
+        if fitting:
+            self._check_max_steps_interpolation(plain, sources)
         self._check_dead_model_arguments(plain, sources)
         ckpt_path = plain.get("ckpt_path")
         if ckpt_path and Path(str(ckpt_path)).is_file():
             # LightningCLI reads the checkpoint's hyperparameters with torch.load right after parsing, before any
             # CheckpointIO plugin sees it: verify first so that damage gets a clear report.
             verify_checkpoint(ckpt_path)
-            self._check_resumed_schedule(plain, str(ckpt_path), sources)
+            if fitting:
+                self._check_resumed_schedule(plain, str(ckpt_path), sources)
 
     @staticmethod
     def _check_resumed_schedule(config: dict[str, Any], ckpt_path: str, sources: list[tuple[str, dict[str, Any]]]
@@ -457,7 +481,7 @@ class TigerCLI(LightningCLI):
         if cls is None or issubclass(cls, PiecewiseLinearLR):
             return
         try:
-            states = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("lr_schedulers") or []
+            states = _load_mapped(ckpt_path).get("lr_schedulers") or []
         except pickle.UnpicklingError:  # objects beyond weights_only's allow-list: LightningCLI reports it next
             return
         if len(states) != 1:
@@ -499,20 +523,28 @@ class TigerCLI(LightningCLI):
 
     @staticmethod
     def _check_dead_model_arguments(config: dict[str, Any], sources: list[tuple[str, dict[str, Any]]]) -> None:
-        """``--optimizer`` replaces the model's configure_optimizers: its optimizer arguments then do nothing."""
+        """``--optimizer`` replaces the model's configure_optimizers: its optimizer arguments then do nothing.
+
+        Reported by who set the dead value: the command line is refused (a ConfigError: the user just typed it);
+        a file that sets it after (or together with) the optimizer choice gets a :class:`ConfigConflictWarning`;
+        a file read *before* the optimizer's source (a task file's ``lr`` for the module's own optimizer, then an
+        ``--config optim/...`` file) is the documented way to compose runs, so it is only logged at INFO.
+        """
         optimizer, model = config.get("optimizer"), config.get("model")
         if not isinstance(optimizer, dict) or not isinstance(model, dict) or not optimizer.get("class_path"):
             return
         opt_args, model_args = optimizer.get("init_args") or {}, model.get("init_args") or {}
         model_params = {p.name for p in _parameters_of(model.get("class_path"))}
         opt_params = {p.name: p for p in _parameters_of(optimizer["class_path"])}
-        opt_from = _who_set("optimizer.class_path", sources) or "<defaults>"
+        opt_index = _who_set_index("optimizer.class_path", sources)
+        opt_from = "<defaults>" if opt_index is None else sources[opt_index][0]
         model_name = str(model.get("class_path")).rpartition(".")[2]
         opt_name = str(optimizer["class_path"]).rpartition(".")[2]
         for name in sorted(model_params & set(opt_params) - {"params"}):
-            where = _who_set(f"model.init_args.{name}", sources)
-            if where is None or name not in model_args:
+            index = _who_set_index(f"model.init_args.{name}", sources)
+            if index is None or name not in model_args:
                 continue
+            where = sources[index][0]
             default = opt_params[name].default
             effective = opt_args.get(name, None if default is inspect.Parameter.empty else default)
             if model_args[name] == effective:
@@ -525,6 +557,9 @@ class TigerCLI(LightningCLI):
             )
             if where == COMMAND_LINE:
                 raise ConfigError(message, key=f"model.init_args.{name}", files=[where])
+            if opt_index is not None and opt_index > index:  # an optimizer config composed after a task file
+                log.info("lightning-tiger: %s", message)
+                continue
             warnings.warn(message, ConfigConflictWarning, stacklevel=2)
 
     def instantiate_classes(self) -> None:
@@ -581,7 +616,11 @@ class TigerCLI(LightningCLI):
             raise
         finally:
             if self.trainer.is_global_zero:
-                print(self._summary(outcome, started), file=sys.stderr)
+                # a failure of the summary itself (a vanished log dir, ...) must not replace the run's own outcome
+                try:
+                    print(self._summary(outcome, started), file=sys.stderr)
+                except Exception as err:
+                    log.warning("lightning-tiger: could not print the run summary (%s: %s)", type(err).__name__, err)
 
     def _summary(self, outcome: str, started: float) -> str:
         trainer = self.trainer

@@ -14,11 +14,12 @@ environments sharing the cache each keep their own build instead of overwriting 
 
 **No hang after a killed build.** A build compiles into a fresh private folder (so PyTorch's own ``lock`` file,
 which it waits on forever, can never be one left by a dead build) and is published by an atomic ``rename``: a
-published folder is always complete. Builds of the same key are serialised by a lock file next to it holding
-the builder's host, pid and start time; a lock whose pid is dead (same host) or that is older than
-``LIGHTNING_TIGER_BUILD_TIMEOUT`` seconds (default 600) is removed, and a process that has waited that long for a
-live builder builds in parallel in its own folder (harmless: the first to publish wins). The lock only saves
-work; correctness never depends on it.
+published folder is always complete. Builds of the same key are serialised by an exclusive ``flock`` on a lock file
+next to it (never deleted; it holds the builder's host, pid and start time for messages). The operating system
+releases the lock when its holder dies, so a killed build never blocks; a process that has waited
+``LIGHTNING_TIGER_BUILD_TIMEOUT`` seconds (default 600) for a live (or hung) builder builds in parallel in its own
+folder (harmless: the first to publish wins). The lock only saves work; correctness never depends on it. A
+published folder without a loadable build (damaged by hand) is replaced by the next build.
 
 **Messages.** One WARNING-level log line before compiling (Python prints WARNING records to stderr even when
 logging is not configured); a :class:`FusedKernelWarning` naming the cause and the fix when the kernels cannot
@@ -65,6 +66,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+try:
+    import fcntl
+except ImportError:  # Windows: nothing is built there (see _plan), so no BuildLock is ever taken
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "DISABLE_ENV",
@@ -182,7 +188,7 @@ def torch_signature() -> str:
     """The torch build and Python ABI the library links against: any change needs another build."""
     return "|".join(str(x) for x in (
         torch.__version__, torch.version.git_version, torch.version.cuda, getattr(torch.version, "hip", None),
-        os.path.realpath(os.path.dirname(torch.__file__)), torch._C._GLIBCXX_USE_CXX11_ABI,
+        os.path.realpath(os.path.dirname(torch.__file__)), torch.compiled_with_cxx11_abi(),
         sys.version, sysconfig.get_config_var("EXT_SUFFIX"),
     ))
 
@@ -317,78 +323,66 @@ def _pid_alive(pid: int) -> bool:
 
 
 class BuildLock:
-    """A lock file (``O_CREAT | O_EXCL``) holding the owner's host, pid and start time, with stale recovery.
+    """An exclusive ``flock`` on a lock file that is never deleted, with a bounded wait.
+
+    The kernel releases the lock when its holder dies (however it dies), so a killed build never blocks the next
+    one, and no process ever judges a lock stale and deletes it: there is no check-then-delete race between
+    waiters. The holder writes its host, pid and start time into the file, for the message of a waiter that
+    gives up.
 
     Args:
-        path: the lock file.
-        timeout: seconds :meth:`acquire` waits for a live owner before giving up.
-        stale_after: a lock older than this (seconds) is stale even if its owner looks alive (a hung build, a
-            reused pid, another host). Defaults to ``timeout``.
+        path: the lock file (created if missing, left in place).
+        timeout: seconds :meth:`acquire` waits for a live holder before giving up.
     """
 
-    def __init__(self, path: Path, timeout: float, stale_after: float | None = None) -> None:
+    def __init__(self, path: Path, timeout: float) -> None:
         self.path = Path(path)
         self.timeout = timeout
-        self.stale_after = timeout if stale_after is None else stale_after
         self.held = False
-        self.owner: dict | None = None  # the last live owner seen while waiting
-        self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self.owner: dict | None = None  # the holder seen while waiting (None when unknown)
+        self._fd: int | None = None
 
-    def _stale(self) -> str:
-        """Why the current lock file is stale ("" if it is not, or if it vanished)."""
-        try:
-            text = self.path.read_text()
-            age = time.time() - self.path.stat().st_mtime
-        except OSError:
-            return ""
-        try:
-            info = json.loads(text)
-            host, pid, started = str(info["host"]), int(info["pid"]), float(info["time"])
-        except (ValueError, KeyError, TypeError):
-            # the owner writes right after creating the file: unreadable for seconds means it died in between
-            return f"unreadable for {age:.0f} s" if age > 10 else ""
-        self.owner = info
-        if host == socket.gethostname() and not _pid_alive(pid):
-            return f"its process {pid} is dead"
-        if time.time() - started > self.stale_after:
-            return f"held by {host}:{pid} for {time.time() - started:.0f} s (> {self.stale_after:g} s)"
-        return ""
+    def _read_owner(self, fd: int) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.owner = json.loads(os.pread(fd, 4096, 0).decode() or "null")
 
     def acquire(self) -> bool:
-        """Take the lock, removing stale ones; False after ``timeout`` seconds of a live owner (never blocks
-        longer)."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                why = self._stale()
-                if why:
-                    log.warning("lightning_tiger: removing the stale kernel build lock %s (%s)", self.path, why)
-                    with contextlib.suppress(FileNotFoundError):
-                        self.path.unlink()
-                    continue
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.2)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                           "token": self._token}, f)
-            self.held = True
+        """Take the lock; False after ``timeout`` seconds of a live holder (never blocks longer)."""
+        if self.held:
             return True
+        deadline = time.monotonic() + self.timeout
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    # polled rather than a blocking flock: a blocking call cannot be given a timeout
+                    self._read_owner(fd)
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        return False
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                      "time": time.time()}).encode(), 0)
+        except BaseException:
+            os.close(fd)  # closing releases the lock too
+            raise
+        self._fd = fd
+        self.held = True
+        return True
 
     def release(self) -> None:
-        """Remove the lock file if it is still this object's (a waiter may have judged it stale)."""
-        if not self.held:
+        """Release the lock (the file stays: deleting it would let two processes lock two different files)."""
+        if not self.held or self._fd is None:
             return
         self.held = False
-        try:
-            if json.loads(self.path.read_text()).get("token") != self._token:
-                return
-            self.path.unlink()
-        except (OSError, ValueError, AttributeError):
-            pass
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the flock
 
 
 def _host_tag() -> str:
@@ -403,6 +397,36 @@ def _remove_dead_private_folders(plan: _Plan) -> None:
         parts = d.name.rsplit(".tmp-", 1)[-1].split("-")
         if len(parts) >= 3 and parts[-3] == host and parts[-2].isdigit() and not _pid_alive(int(parts[-2])):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _move_aside(plan: _Plan) -> None:
+    """Delete the published folder: renamed away first (atomic: readers see the old or no folder, never half of
+    one), then removed."""
+    trash = plan.root / f".{plan.name}.old-{os.getpid()}-{time.time_ns()}"
+    os.rename(plan.folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(private: Path, plan: _Plan) -> None:
+    """Rename the complete build ``private`` to ``plan.folder``.
+
+    The rename fails when the folder exists. If it holds a loadable build (a process that did not wait for the
+    lock published first), keep it; if not (no valid ``build.json``, the library deleted), it would make every
+    later process compile again, so it is moved aside and the rename retried. Two processes replacing the same
+    damaged folder at once can at worst replace each other's complete build: both are valid.
+    """
+    try:
+        os.rename(private, plan.folder)
+        return
+    except OSError:
+        if _published_library(plan.folder) is not None:
+            return
+    log.warning("lightning_tiger: replacing the damaged kernel build folder %s (no loadable build in it)",
+                plan.folder)
+    with contextlib.suppress(FileNotFoundError):  # another process may have moved it aside already
+        _move_aside(plan)
+    with contextlib.suppress(OSError):  # another process published in between: keep theirs
+        os.rename(private, plan.folder)
 
 
 def _compile(plan: _Plan) -> BuildResult:
@@ -439,9 +463,7 @@ def _compile(plan: _Plan) -> BuildResult:
             for a in private.glob("attempt*"):
                 shutil.rmtree(a, ignore_errors=True)
             private.chmod(0o755)  # mkdtemp makes it private to this user; the cache may be shared
-            # fails if a process that did not wait for the lock published first: keep theirs
-            with contextlib.suppress(OSError):
-                os.rename(private, plan.folder)
+            _publish(private, plan)
             log.info("lightning_tiger: fused optimizer kernel built in %.1f s: %s", time.monotonic() - start,
                      plan.folder)
             return BuildResult(ok=True, folder=plan.folder, built=True)
@@ -485,9 +507,7 @@ def build_kernels(force: bool = False) -> BuildResult:
         try:
             if force:
                 if plan.folder.exists():
-                    trash = plan.root / f".{plan.name}.old-{os.getpid()}-{time.time_ns()}"
-                    os.rename(plan.folder, trash)  # atomic: readers see the old or no folder, never half of one
-                    shutil.rmtree(trash, ignore_errors=True)
+                    _move_aside(plan)
             else:
                 loaded = _load_published(plan)  # published while this process waited for the lock
                 if loaded is not None:
@@ -513,7 +533,13 @@ def _fallback_message(result: BuildResult) -> str:
 
 
 def _distributed_store() -> tuple[object, object, int] | None:
-    """(default group, its store, world size) when torch.distributed is initialised with several ranks."""
+    """(default group, its store, world size) when torch.distributed is initialised with several ranks.
+
+    Relies on the private ``torch.distributed.distributed_c10d._get_default_store`` (torch 2.x): torch has no
+    public accessor for the default group's key-value store, and the store is what keeps the agreement free of
+    collectives (so it cannot deadlock with the training's own). If torch removes it, the AttributeError reaches
+    :func:`fused_available`, which logs it and lets each rank decide alone (no hang, no crash).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size()

@@ -42,28 +42,35 @@ def _sidecar(path: _PATH) -> Path:
     return Path(str(path) + ".sha256")
 
 
-def _damage(path: Path, data: bytes | None = None) -> str | None:
+def _sha256_of_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (a checkpoint may be larger than the memory to spare)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _damage(path: Path) -> str | None:
     """Why ``path`` is not an intact checkpoint, or ``None`` when it is.
 
-    Checks, without unpickling: the SHA-256 sidecar when present; otherwise the zip container that ``torch.save``
-    has written since torch 1.6 (central directory present, every member's CRC-32 matches its bytes), which
-    catches truncation, 0-byte files and flipped bits in the stored data.
+    Checks, without unpickling and without reading the file into memory: the SHA-256 sidecar when present;
+    otherwise the zip container that ``torch.save`` has written since torch 1.6 (central directory present, every
+    member's CRC-32 matches its bytes), which catches truncation, 0-byte files and flipped bits in the stored data.
     """
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            return f"unreadable: {exc}"
-    if not data:
-        return "empty file (0 bytes)"
-    sidecar = _sidecar(path)
-    if sidecar.is_file():
-        expected = sidecar.read_text().strip()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != expected:
-            return f"SHA-256 {actual[:12]}… != recorded {expected[:12]}…"
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        sidecar = _sidecar(path)
+        if sidecar.is_file():
+            expected = sidecar.read_text().strip()
+            actual = _sha256_of_file(path)
+            if actual != expected:
+                return f"SHA-256 {actual[:12]}… != recorded {expected[:12]}…"
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    try:
+        with zipfile.ZipFile(path) as archive:  # testzip streams each member through its CRC check
             bad = archive.testzip()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError) as exc:
         return f"not a readable torch.save zip archive ({type(exc).__name__}: {exc})"
@@ -156,16 +163,15 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        data = path.read_bytes()
         sidecar = _sidecar(path)
         if self.verify and sidecar.exists():
             expected = sidecar.read_text().strip()
-            actual = hashlib.sha256(data).hexdigest()
+            actual = _sha256_of_file(path)  # streamed: the file is read twice, but never held in memory whole
             if actual != expected:
                 reason = f"SHA-256 {actual[:12]}… != recorded {expected[:12]}…"
                 raise CorruptCheckpointError(_explain(path, reason))
         try:
-            return pl_load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+            return pl_load(path, map_location=map_location, weights_only=weights_only)
         except pickle.UnpicklingError as exc:
             if "weights only load failed" in str(exc).lower():
                 raise  # an intact file holding non-tensor objects, refused by weights_only: not corruption

@@ -44,6 +44,10 @@ class LastCheckpoint(ModelCheckpoint):
         """Save ``last.ckpt`` unless this step is already saved (ModelCheckpoint's own skip rules apply)."""
         super().on_train_end(trainer, pl_module)
         # `_should_skip_saving_checkpoint` is ModelCheckpoint's own test: fast_dev_run, not fitting, sanity
-        # check, or this global step already written.
+        # check, or this global step already written. These three are private methods of ModelCheckpoint, written
+        # against Lightning 2.6 (2.6.6): ModelCheckpoint has no public way to save `last.ckpt` on demand (its
+        # public hooks save only on their own schedule, and `trainer.save_checkpoint` would bypass its naming,
+        # `save_last="link"`, top-k bookkeeping and `last_model_path`), so a subclass reuses them. Revisit if a
+        # Lightning upgrade renames them (tests/cli/test_checkpoints.py covers this path).
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -116,8 +116,13 @@ def test_guard_monitor_ema_matrix(
     assert at_veto.get("nonfinite/skipped") == 1.0
     monitor_keys = [k for k in at_veto if k.startswith("optim/")]
     assert bool(monitor_keys) == logging_step
-    if logging_step and "optim/Tiger/update_rms" in at_veto:
-        assert at_veto["optim/Tiger/update_rms"] == 0.0  # a vetoed step moves nothing
+    if logging_step:
+        # As OptimizerMonitor documents: a step the GradScaler skips (its inf check sees the NaN first) logs no
+        # update; one vetoed by the guard logs 0 (it moves nothing).
+        if precision == "16-mixed-scaler":
+            assert "optim/Tiger/update_rms" not in at_veto, at_veto
+        else:
+            assert at_veto["optim/Tiger/update_rms"] == 0.0, at_veto
 
 
 @pytest.mark.parametrize("order", ["guard-first", "guard-last"])

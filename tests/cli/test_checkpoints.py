@@ -176,3 +176,37 @@ def test_resume_refuses_a_torch_schedule_that_would_keep_old_settings(
     cli = main(["fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3",
                 f"--ckpt_path={last}"])  # the same schedule resumes
     assert cli.trainer.lr_scheduler_configs[0].scheduler.total_iters == 3
+
+
+def test_validate_a_checkpoint_with_another_or_no_max_steps(tmp_path: Path) -> None:
+    """No scheduler is built outside fit: neither the resumed-schedule check nor the max_steps one applies."""
+    text = TINY.replace("  enable_model_summary: false\n", "  enable_model_summary: false\n  callbacks:\n"
+                        "    - class_path: lightning_tiger.plugins.LastCheckpoint\n      init_args: {dirpath: CKPTS}\n")
+    config = _config(tmp_path, text)
+    main(["fit", "--config", config, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=3"])
+    last = tmp_path / "ckpts" / "last.ckpt"
+    for max_steps in ("-1", "6"):  # Lightning's "no limit" (no trainer profile); another schedule length
+        cli = main(["validate", "--config", config, f"--trainer.default_root_dir={tmp_path}",
+                    f"--trainer.max_steps={max_steps}", f"--ckpt_path={last}"])
+        assert cli.trainer.ckpt_path == str(last)
+
+
+def test_a_failing_run_summary_hides_neither_the_run_nor_its_error(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_tiger.cli import TigerCLI
+
+    def broken(*_: object) -> str:
+        raise OSError("log dir vanished")
+
+    monkeypatch.setattr(TigerCLI, "_summary", broken)
+    assert _fit(tmp_path, "--trainer.max_steps=3").trainer.global_step == 3  # a finished run stays finished
+    text = KEEP.replace("      init_args: {dirpath: CKPTS}\n",
+                        "      init_args: {dirpath: CKPTS}\n    - class_path: tests.cli.tiny.InterruptAt\n"
+                        "      init_args: {step: 1}\n")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # the run's own outcome, not the summary's OSError
+            main(["fit", "--config", _config(tmp_path, text), f"--trainer.default_root_dir={tmp_path}",
+                  "--trainer.max_steps=4"])
+    finally:
+        signal.signal(signal.SIGINT, handler)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,24 @@ def test_schedule_on_unset_max_steps_is_refused(tmp_path: Path, capsys: pytest.C
     assert f"{OPTIM / 'tiger.yaml'}: lr_scheduler.init_args.schedule: interpolates ${{trainer.max_steps}}, but " \
            "trainer.max_steps is not set (-1" in err, err
     assert "--trainer.max_steps=N" in err, err
+
+
+def test_task_file_lr_replaced_by_a_later_optimizer_config_is_only_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README's composition (a task file's lr for the module's own optimizer, then --config optim/...) is the
+    intended use: reported at INFO, not a ConfigConflictWarning on every run."""
+    model, rest = TINY.split("optimizer:")
+    task = _write(tmp_path, "task.yaml", model.replace("init_args: {hidden: 8}", "init_args: {hidden: 8, lr: 0.5}")
+                  + "trainer:" + rest.split("trainer:")[1])
+    optim = _write(tmp_path, "optim.yaml", "optimizer:" + rest.split("trainer:")[0])
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="lightning_tiger.cli"):
+        warnings.simplefilter("error", ConfigConflictWarning)
+        cli = main(["fit", "--config", task, "--config", optim, "--trainer.max_steps=1",
+                    f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.optimizers[0].param_groups[0]["initial_lr"] == 0.01
+    assert f"{task}: model.init_args.lr=0.5 has no effect" in caplog.text, caplog.text
+    # the other order (the file read after the optimizer's sets the lr again): still a warning
+    with pytest.warns(ConfigConflictWarning, match=rf"{task}: model.init_args.lr=0.5 has no effect"):
+        main(["fit", "--config", optim, "--config", task, "--trainer.max_steps=1",
+              f"--trainer.default_root_dir={tmp_path}"])

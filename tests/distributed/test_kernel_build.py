@@ -68,3 +68,12 @@ def test_a_rank_that_asks_late_cannot_hang_the_others(built: tuple[Path, list[di
     ranks, log = launch("late", ext, tmp_path / "out", LIGHTNING_TIGER_BUILD_TIMEOUT="5")
     assert [r["available"] for r in ranks] == [False, False], log
     assert "not every rank asked for the fused optimizer kernel within 5 s" in log
+
+
+def test_followers_get_the_leaders_failure_without_building_again(tmp_path: Path) -> None:
+    """Both ranks share one failing compiler (one cache key): one builds, the other waits and takes its failure."""
+    ranks, log = launch("build", tmp_path / "ext", tmp_path / "out", CXX=str(failing_compiler(tmp_path)))
+    assert log.count(BUILDING) == 1, log
+    assert [r["available"] for r in ranks] == [False, False] and [r["local_ok"] for r in ranks] == [False, False]
+    assert sorted(r["built"] for r in ranks) == [False, False]
+    assert log.count(SIMULATED) >= 1 and "the kernel build failed on another rank of this machine" in log, log
