@@ -262,7 +262,7 @@ def tiger_step_(
     momentum_sr: bool = True,
     kahan: Sequence[Tensor | None] | None = None,
     foreach: bool = False,
-    chunk_bytes: int = FOREACH_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> list[Tensor]:
     """One Tiger micro-step (contract in the module docstring), without any host synchronisation.
 
@@ -284,7 +284,7 @@ def tiger_step_(
         momentum_sr: stochastically round low-precision momenta too (when a key is given).
         kahan: per tensor, a compensation buffer of θ's dtype (replaces stochastic rounding for θ) or None.
         foreach: ``torch._foreach_*`` kernels over chunks of tensors of one device/dtype (``chunk_bytes``).
-        chunk_bytes: bound of one foreach chunk (float32 bytes of its tensors).
+        chunk_bytes: bound of one foreach chunk (float32 bytes of its tensors); None: :data:`FOREACH_CHUNK_BYTES`.
 
     Returns:
         Per tensor, a 0-dim bool tensor on its device: did its gradient hold a NaN or ±inf (then m_i was kept
@@ -299,7 +299,7 @@ def tiger_step_(
                                   rms_floor[i], b1, b2, update, shrink_ratio, keys[i], momentum_sr, kahan[i])
         return flags  # type: ignore[return-value]
     for idx in _group_by_dtype(range(n), params, grads, moms).values():
-        for chunk in _chunks(idx, params, chunk_bytes):
+        for chunk in _chunks(idx, params, chunk_bytes or FOREACH_CHUNK_BYTES):
             out = _tiger_chunk([params[i] for i in chunk], [grads[i] for i in chunk], [moms[i] for i in chunk],
                                [lr_modes[i] for i in chunk], [lrs[i] for i in chunk],
                                [weight_decays[i] for i in chunk], [centers[i] for i in chunk],
@@ -330,11 +330,11 @@ def _tiger_chunk(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], modes: li
     """:func:`_tiger_one` over tensors of one device/dtype triple, elementwise work in ``_foreach`` kernels."""
     bads = _bad_flags(gs, foreach=True)
     m32 = [_upcast(m) for m in ms]
+    cdt = m32[0].dtype
     new_m = torch._foreach_mul(m32, b1)
-    torch._foreach_add_(new_m, [g.to(new_m[0].dtype) for g in gs], alpha=b2)
+    torch._foreach_add_(new_m, [g.to(cdt) for g in gs], alpha=b2)
     for m, old, new, bad, key in zip(ms, m32, new_m, bads, keys):
         store_(m, torch.where(bad, old, new), _mom_key(key, momentum_sr))
-    del new_m, m32
     thetas = [_upcast(p) for p in ps]
     moved: list[Tensor | None] = [None] * len(ps)
     if update:
@@ -501,7 +501,7 @@ def lion_step_(
     momentum_sr: bool = True,
     kahan: Sequence[Tensor | None] | None = None,
     foreach: bool = False,
-    chunk_bytes: int = FOREACH_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> None:
     """One Lion step, the paper's order (SPEC §1.1), math in float32 at least, no host synchronisation.
 
@@ -517,18 +517,18 @@ def lion_step_(
             c = mom.mul(beta1).add_(g32, alpha=1.0 - beta1)
             new = theta.mul(1.0 - lr * weight_decay) if weight_decay != 0.0 else theta.clone()
             new.sub_(c.sign_().mul_(lr))
-            del c
             store_(p, new, key, comp, theta)
             new_m = mom.mul(beta2).add_(g32, alpha=1.0 - beta2)
             store_(m, new_m, _mom_key(key, momentum_sr))
         return
     for idx in _group_by_dtype(range(n), params, grads, moms).values():
-        for chunk in _chunks(idx, params, chunk_bytes):
+        for chunk in _chunks(idx, params, chunk_bytes or FOREACH_CHUNK_BYTES):
             ps = [params[i] for i in chunk]
             ms = [moms[i] for i in chunk]
             thetas = [_upcast(p) for p in ps]
             m32 = [_upcast(m) for m in ms]
-            gs = [grads[i].to(m32[0].dtype) for i in chunk]
+            cdt = m32[0].dtype
+            gs = [grads[i].to(cdt) for i in chunk]
             cs = torch._foreach_mul(m32, beta1)
             torch._foreach_add_(cs, gs, alpha=1.0 - beta1)
             new = torch._foreach_mul(thetas, 1.0 - lr * weight_decay) if weight_decay != 0.0 else \
@@ -536,10 +536,8 @@ def lion_step_(
             torch._foreach_sign_(cs)
             torch._foreach_mul_(cs, lr)
             torch._foreach_sub_(new, cs)
-            del cs
             for j, i in enumerate(chunk):
                 store_(ps[j], new[j], keys[i], kahan[i], thetas[j])
-            del new
             new_m = torch._foreach_mul(m32, beta2)
             torch._foreach_add_(new_m, gs, alpha=1.0 - beta2)
             for j, i in enumerate(chunk):
