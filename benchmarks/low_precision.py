@@ -1,6 +1,8 @@
 """Final loss of bf16 parameters against fp32, per rounding mode, for Tiger and Lion (issue #13).
 
-Usage: ``python benchmarks/low_precision.py [--quick] [--lm-steps N]``
+Usage: ``python benchmarks/low_precision.py [--quick] [--lm-steps N] [--tasks regression,lm]``
+
+``--tasks`` runs a subset and replaces only those tasks' rows in the JSON (the rest is kept).
 
 Rows (same data, same initial weights, same seeds; the bf16 runs cast the model with ``.to(torch.bfloat16)``,
 which is what ``Trainer(precision="bf16-true")`` does, so forward, backward, gradients, parameters and momenta
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -149,22 +152,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer variants and LM steps (smoke run)")
     parser.add_argument("--lm-steps", type=int, default=200)
+    parser.add_argument("--tasks", default="regression,lm", help="comma-separated subset of regression,lm")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     variants = list(VARIANTS) if not args.quick else ["fp32", "bf16 nearest", "bf16 SR"]
     # the LM rows skip the momentum-rounding variant (measured on the regression) to keep the run short
     lm_variants = [v for v in variants if v != "bf16 SR, m nearest"]
     lm_steps = args.lm_steps if not args.quick else 40
+    tasks = {t.strip() for t in args.tasks.split(",")}
+    if not tasks <= {"regression", "lm"}:
+        raise SystemExit(f"--tasks takes regression and/or lm, got {args.tasks!r}")
     rows: list[dict[str, Any]] = []
     print(f"{'task':<11} {'optim':<6} {'variant':<19} {'loss':>9} {'vs fp32':>8} {'time':>7}")
-    _run("regression", regression, variants, rows)
-    batches = _lm_batches(lm_steps)
-    _run("char LM", char_lm, lm_variants, rows, steps=lm_steps, batches=batches)
+    if "regression" in tasks:
+        _run("regression", regression, variants, rows)
+    if "lm" in tasks:
+        batches = _lm_batches(lm_steps)
+        _run("char LM", char_lm, lm_variants, rows, steps=lm_steps, batches=batches)
+    if not args.quick and RESULTS.exists() and tasks != {"regression", "lm"}:
+        done = {r["task"] for r in rows}
+        old = json.loads(RESULTS.read_text())
+        rows = [r for r in old.get("rows", []) if r["task"] not in done] + rows
+        lm_steps = old.get("lm_steps", lm_steps) if "lm" not in tasks else lm_steps
     sr = [r for r in rows if r["variant"] == "bf16 SR"]
     worst = max(r["ratio"] for r in sr)
     ok = worst <= 1.1
     print(f"target: bf16 SR within 1.1x of fp32 in every row -> worst {worst:.3f}x: {'met' if ok else 'MISSED'}")
-    result = dict(command="python benchmarks/low_precision.py" + (" --quick" if args.quick else ""),
+    result = dict(command="python benchmarks/low_precision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   torch=torch.__version__, threads=torch.get_num_threads(), lm_steps=lm_steps, rows=rows,
                   target=dict(bf16_sr_max_ratio=1.1, worst=worst, met=ok))
     if not args.quick:
