@@ -41,6 +41,12 @@ class Lion(torch.optim.Optimizer):
 
     **Dtypes and paths** as for Tiger: momentum (``state["exp_avg"]``) in ``momentum_dtype`` (default: the
     parameter's dtype), math in float32, ``fused`` / ``foreach`` / single-tensor paths with one semantics.
+    **Low precision** as for :class:`~lightning_tiger.optim.Tiger`: bf16/fp16 parameters and momenta are
+    rounded stochastically by default (unbiased; counter-based bits, generator state ``sr_stream`` /
+    ``sr_step`` in the optimizer state, so resumes are bit-exact), ``compensation="kahan"`` is the
+    deterministic alternative, ``stochastic_rounding=False`` rounds to nearest (a bf16 Lion at lr 1e-4 then
+    mostly stalls: the step is below half an ulp of any element larger than ~0.05). The PyTorch paths are
+    sync-free: ``torch.compile(opt.step, fullgraph=True)`` captures the step (Triton kernels on a GPU).
 
     Args:
         params: parameters or param groups (extra group keys such as ``"kind"`` are stored and ignored).
@@ -50,6 +56,10 @@ class Lion(torch.optim.Optimizer):
         momentum_dtype: floating dtype (or its name) of the momentum; None = parameter dtype.
         foreach: use ``torch._foreach_*`` kernels; None picks by device (foreach on accelerators).
         fused: use the compiled kernels; None = when available; True raises where unavailable.
+        stochastic_rounding: round bf16/fp16 parameters (and momenta) stochastically. Default True.
+        compensation: None (default) or ``"kahan"`` (deterministic compensated rounding; PyTorch paths).
+        seed: int >= 0 seeding the rounding streams, or None (drawn from torch's default generator).
+        momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
     """
 
     def __init__(

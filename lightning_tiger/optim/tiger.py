@@ -143,8 +143,43 @@ class Tiger(torch.optim.Optimizer):
 
     **Dtypes.** Parameters in fp32, bf16, fp16 (or fp64). The momentum has ``momentum_dtype`` (default: the
     parameter's dtype; like optax's ``mu_dtype``), kept across ``load_state_dict``. Math is float32 (float64
-    for float64 tensors); results are rounded once to the storage dtype. Note that bf16 parameters round
-    away updates smaller than ~2^-8 of their magnitude (no stochastic rounding here).
+    for float64 tensors); results are rounded once to the storage dtype.
+
+    **Low-precision parameters** (bf16/fp16, e.g. ``Trainer(precision="bf16-true")``). Tiger's relative step
+    (lr·RMS, ~1e-3 of a typical element) is below half a bf16 ulp (2⁻⁹ relative), so rounding the new value to
+    nearest would give back the old value for most elements and training would stall. By default
+    (``stochastic_rounding=True``) the fp32 result is rounded *stochastically* (Gupta et al. 2015, eq. 2: up
+    with probability equal to the distance from the lower neighbour in ulps), so every write is unbiased and
+    parameters move on average as in fp32 (Zamirai et al. 2020, "Revisiting BFloat16 Training"). The same
+    applies to a bf16/fp16 momentum (``momentum_sr=True``, default; ``False`` rounds it to nearest:
+    ``benchmarks/low_precision.py`` measures both). The random bits are a counter-based hash of (stream, step,
+    element) (``lightning_tiger.optim.stochastic_rounding``): every path (fused kernels, foreach, single
+    tensor, any chunking or thread count) draws the same bits, and the whole generator state is two int64
+    tensors per parameter in the optimizer state (``sr_stream``: from ``seed`` and the parameter's index in the
+    optimizer; ``sr_step``: calls so far), so ``state_dict()`` / ``load_state_dict()`` resume bit for bit.
+    ``seed=None`` draws the seed once at construction from torch's default generator (so
+    ``L.seed_everything`` / ``torch.manual_seed`` make runs reproducible). ``compensation="kahan"`` is the
+    deterministic alternative (as in the ``optimi`` library): one extra buffer of the parameter's dtype
+    (``state["kahan_comp"]``) keeps what each round-to-nearest write lost and adds it to the next write
+    (compensated summation, Kahan 1965); θ + comp tracks the fp32 trajectory; momenta are then rounded to
+    nearest. ``stochastic_rounding=False`` (without compensation) rounds to nearest, the behaviour before.
+    fp32/fp64 tensors are unaffected by all of this (and get no extra state).
+
+    **Compiling; accelerators.** The PyTorch paths never read a value back to the host: non-finite flags, RMS
+    and rates stay on the device as tensors, the non-finite rule is a ``torch.where`` and Python branches only
+    on settings (dtype, shape, micro-step), never on data. The foreach path works on chunks of at most
+    ``_functional.FOREACH_CHUNK_BYTES`` (32 MiB of fp32) at a time, bounding temporaries. Hence
+    ``torch.compile(opt.step, fullgraph=True)`` captures the whole step (the fused CPU op is skipped while
+    compiling). On a GPU that is how to get fused kernels: inductor emits Triton kernels that read each
+    tensor once, e.g.::
+
+        opt = Tiger(tiger_param_groups(model), lr=1e-3)     # CUDA tensors: the foreach path
+        step = torch.compile(opt.step, fullgraph=True)      # Triton kernels, no host sync per step
+        ...; loss.backward(); step(); opt.zero_grad()
+
+    Expect one graph per distinct micro-step kind (moving / accumulating) and a recompile when a float
+    hyperparameter (lr under a schedule) changes unless dynamo treats floats as dynamic. Fold-in-backward mode's
+    per-gradient finiteness check also stays on the device.
 
     **Sparse gradients** (``nn.Embedding(sparse=True)``, ``grad_accum_steps=1``, standard mode): lazy row
     updates: only rows with a gradient change (parameter and momentum; others keep their momentum undecayed).
@@ -183,6 +218,11 @@ class Tiger(torch.optim.Optimizer):
         exact_nonfinite: fused kernels: bit-exact non-finite rule (reads each gradient before writing; slower).
             Default False: one pass with a rollback to within rounding (see above).
         rms_cache: fused kernels: reuse Σθ² of the θ written at the previous step (see above). Default True.
+        stochastic_rounding: round bf16/fp16 parameters (and momenta) stochastically. Default True.
+        compensation: None (default) or ``"kahan"`` (deterministic compensated rounding of bf16/fp16
+            parameters, one extra buffer each; runs in PyTorch, so ``fused=True`` is refused with it).
+        seed: int >= 0 seeding the rounding streams, or None (drawn from torch's default generator).
+        momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
     """
 
     def __init__(
