@@ -423,11 +423,16 @@ class Tiger(torch.optim.Optimizer):
             batch.sr.append(self._sr_state(state, p, m, index))
             batch.kahan.append(self._kahan(state, p))
 
-    def _sr_state(self, state: dict[str, Any], p: Tensor, m: Tensor, index: int) -> dict[str, Any] | None:
-        """The state dict holding p's rounding generator when its update rounds stochastically, else None."""
+    def _sr_state(self, state: dict[str, Any], p: Tensor, m: Tensor, index: int | None) -> dict[str, Any] | None:
+        """The state dict holding p's rounding generator when its update rounds stochastically, else None.
+
+        ``index``: p's position in the flat parameter order (None: looked up, only when the stream is created).
+        """
         if not F.sr_key_needed(self.stochastic_rounding, self.compensation, self.momentum_sr, p, m):
             return None
-        return F.sr_state(state, p, self.seed, index)
+        if index is None and "sr_stream" not in state:
+            index = self._flat_index(p)
+        return F.sr_state(state, p, self.seed, index or 0)
 
     def _kahan(self, state: dict[str, Any], p: Tensor) -> Tensor | None:
         if self.compensation != "kahan" or not F.is_low_precision(p):
@@ -497,7 +502,7 @@ class Tiger(torch.optim.Optimizer):
             b1 = beta if window is None else torch.where(window[0], 1.0, beta)
         state = self.state[p]
         m = self._momentum(p)
-        st = self._sr_state(state, p, m, self._flat_index(p))
+        st = self._sr_state(state, p, m, None)
         key = None
         if st is not None and self.momentum_sr and F.is_low_precision(m):
             key = F.sr_fold_key(st, 0 if window is None else window[2])
@@ -514,8 +519,6 @@ class Tiger(torch.optim.Optimizer):
 
     def _flat_index(self, p: Tensor) -> int:
         """Position of ``p`` in the optimizer's flat parameter order (its stochastic-rounding stream)."""
-        if "sr_stream" in self.state.get(p, ()):
-            return 0  # unused: the stream exists
         return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _fold_step(self) -> None:
