@@ -17,15 +17,26 @@ Lightning's step index:
   (Tiger ``momentum``, Lion/Adam ``exp_avg``, SGD ``momentum_buffer``), g the gradient after unscaling /
   accumulation; absent on the first step (no momentum yet) and in Tiger's fold-in-backward mode (no gradient).
 - ``param_rms`` = ``sqrt(Σθ²/N)`` (before the step), ``grad_rms`` = ``sqrt(Σg²/N)`` over tensors with a gradient.
+- ``unchanged``: fraction of the N elements that the step left bit-for-bit unchanged (with ``update_rms``; from
+  the same snapshot). A stall detector for low-precision parameters: an update below half an ulp of a bf16
+  value (2⁻⁹ relative) rounds back to the old value when rounded to nearest, so a bf16 model whose steps are
+  mostly rounded away stops learning. The callback warns once (``UserWarning``) when more than half of the
+  bf16/fp16 elements of an optimizer were left unchanged by a step that moved some of them (not a skipped or
+  non-moving accumulation step) and the optimizer rounds to nearest (Tiger/Lion with
+  ``stochastic_rounding=False`` and no compensation, or any optimizer without those options, e.g. AdamW on
+  bf16 parameters). Under stochastic rounding many elements stay put on a given step while moving correctly on
+  average, so no warning then.
 
 Cost: on a non-logging step the hook returns after one integer comparison. On a logging step: one fused norm
-over parameters and gradients, a sign comparison, one parameter copy and one host sync for all values.
+over parameters and gradients, a sign comparison, one parameter copy, one comparison of the copy with the new
+parameters (``unchanged``) and one host sync for all values.
 Computed on global rank 0 only (DDP replicas are identical; under FSDP the values would be per-shard).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -75,6 +86,7 @@ class OptimizerMonitor(Callback):
         self._names: dict[int, str] = {}
         self._pending: list[dict[str, Any]] = []
         self._hooks: list[Any] = []
+        self._warned_stall = False
         self.last_logged: dict[str, float] = {}
         """The metrics of the most recent logging step (also handy in tests and notebooks)."""
 
@@ -201,11 +213,20 @@ class OptimizerMonitor(Callback):
                 snapshot = [p.detach().clone() for p in params]
                 record["snapshot"] = snapshot
 
+                low = [i for i, p in enumerate(params) if p.dtype in (torch.bfloat16, torch.float16)]
+                record["watch_stall"] = bool(low) and _rounds_to_nearest(optimizer)
+
                 def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                     with torch.no_grad():
                         torch._foreach_sub_(snapshot, [p.detach() for p in params])
                         norms = _norms(snapshot)
                         record["update_sq"] = torch.stack([x * x for x in norms]).sum() if norms else torch.zeros(())
+                        zeros = [(d == 0).sum() for d in snapshot]
+                        if zeros:
+                            record["unchanged"] = torch.stack(zeros).sum()
+                        if record["watch_stall"]:
+                            record["low_unchanged"] = torch.stack([zeros[i] for i in low]).sum()
+                            record["low_numel"] = sum(params[i].numel() for i in low)
                     record.pop("snapshot", None)  # free the copy right away
 
                 self._hooks.append(optimizer.register_step_post_hook(post_hook))
@@ -235,8 +256,40 @@ class OptimizerMonitor(Callback):
                 update_rms = (rec["update_sq"].float() / numel).sqrt()
                 keys += [f"{base}/update_rms", f"{base}/update_rel"]
                 values += [update_rms, update_rms / param_rms.clamp_min(torch.finfo(torch.float32).tiny)]
+            if "unchanged" in rec:
+                keys.append(f"{base}/unchanged")
+                values.append(rec["unchanged"].float() / numel)
+            if "low_unchanged" in rec:
+                keys.append(f"{base}/_low_unchanged")
+                values.append(rec["low_unchanged"].float() / max(int(rec["low_numel"]), 1))
             rec.pop("snapshot", None)
         if not values:
             return {}
         dev = values[0].device
-        return dict(zip(keys, torch.stack([v.reshape(()).to(dev) for v in values]).tolist()))
+        out = dict(zip(keys, torch.stack([v.reshape(()).to(dev) for v in values]).tolist()))
+        for key in [k for k in out if k.endswith("/_low_unchanged")]:
+            self._check_stall(key.removesuffix("/_low_unchanged"), out.pop(key))
+        return out
+
+    def _check_stall(self, base: str, low_unchanged: float) -> None:
+        """Warn once when most low-precision elements were left unchanged by a step that moved some of them."""
+        if self._warned_stall or not 0.5 < low_unchanged < 1.0:
+            return
+        self._warned_stall = True
+        warnings.warn(
+            f"{base}: {low_unchanged:.0%} of the bf16/fp16 parameter elements were left unchanged by an optimizer "
+            "step that moved the others: most updates are being rounded away (a step below half an ulp rounds "
+            "back to the old value when rounded to nearest), so training stalls. Use stochastic rounding "
+            "(Tiger/Lion: stochastic_rounding=True, the default), compensation='kahan', fp32 parameters "
+            "(precision='bf16-mixed'), or a larger learning rate.",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
+def _rounds_to_nearest(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer writes low-precision parameters rounded to nearest (no stochastic rounding and no
+    compensation option set, or an optimizer without these options)."""
+    if getattr(optimizer, "compensation", None) is not None:
+        return False
+    return not getattr(optimizer, "stochastic_rounding", False)

@@ -41,6 +41,12 @@ class Lion(torch.optim.Optimizer):
 
     **Dtypes and paths** as for Tiger: momentum (``state["exp_avg"]``) in ``momentum_dtype`` (default: the
     parameter's dtype), math in float32, ``fused`` / ``foreach`` / single-tensor paths with one semantics.
+    **Low precision** as for :class:`~lightning_tiger.optim.Tiger`: bf16/fp16 parameters and momenta are
+    rounded stochastically by default (unbiased; counter-based bits, generator state ``sr_stream`` /
+    ``sr_step`` in the optimizer state, so resumes are bit-exact), ``compensation="kahan"`` is the
+    deterministic alternative, ``stochastic_rounding=False`` rounds to nearest (a bf16 Lion at lr 1e-4 then
+    mostly stalls: the step is below half an ulp of any element larger than ~0.05). The PyTorch paths are
+    sync-free: ``torch.compile(opt.step, fullgraph=True)`` captures the step (Triton kernels on a GPU).
 
     Args:
         params: parameters or param groups (extra group keys such as ``"kind"`` are stored and ignored).
@@ -50,6 +56,10 @@ class Lion(torch.optim.Optimizer):
         momentum_dtype: floating dtype (or its name) of the momentum; None = parameter dtype.
         foreach: use ``torch._foreach_*`` kernels; None picks by device (foreach on accelerators).
         fused: use the compiled kernels; None = when available; True raises where unavailable.
+        stochastic_rounding: round bf16/fp16 parameters (and momenta) stochastically. Default True.
+        compensation: None (default) or ``"kahan"`` (deterministic compensated rounding; PyTorch paths).
+        seed: int >= 0 seeding the rounding streams, or None (drawn from torch's default generator).
+        momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
     """
 
     def __init__(
@@ -61,6 +71,10 @@ class Lion(torch.optim.Optimizer):
         momentum_dtype: torch.dtype | str | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        stochastic_rounding: bool = True,
+        compensation: str | None = None,
+        seed: int | None = None,
+        momentum_sr: bool = True,
     ) -> None:
         defaults = _validated({"lr": lr, "betas": betas, "weight_decay": weight_decay}, where="")
         self.momentum_dtype = F.parse_dtype("momentum_dtype", momentum_dtype)
@@ -68,6 +82,11 @@ class Lion(torch.optim.Optimizer):
         self.fused = F.check_flag("fused", fused)
         if self.fused and self.foreach:
             raise ValueError("fused=True and foreach=True are mutually exclusive")
+        self.seed = F.check_rounding(stochastic_rounding, compensation, seed, momentum_sr)
+        self.stochastic_rounding, self.compensation, self.momentum_sr = stochastic_rounding, compensation, momentum_sr
+        if self.fused and compensation is not None:
+            raise ValueError("compensation='kahan' runs in PyTorch (foreach/single-tensor paths): use fused=None "
+                             "or fused=False with it")
         super().__init__(params, defaults)
         if self.fused:
             all_params = [p for g in self.param_groups for p in g["params"]]
@@ -97,48 +116,79 @@ class Lion(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fused_mod = F.load_fused() if self.fused is not False and not self.foreach else None
+        # torch.compile traces the PyTorch paths (the fused op is opaque to it)
+        compiling = torch.compiler.is_compiling()
+        fused_mod = F.load_fused() if self.fused is not False and not self.foreach and not compiling else None
         # Collect and choose every group's path first: a refused step (sparse gradient, fused=True on a tensor the
         # kernels cannot take) raises before any parameter or momentum moves.
         plans = []
+        first = 0
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in params):
+            indexed = [(i, p) for i, p in enumerate(group["params"], start=first) if p.grad is not None]
+            first += len(group["params"])
+            if any(p.grad.is_sparse for _, p in indexed):
                 raise RuntimeError("Lion does not support sparse gradients (use Tiger, which updates rows lazily)")
-            if not params:
+            if not indexed:
                 continue
+            params = [p for _, p in indexed]
             grads = [p.grad for p in params]
             moms = [self._momentum(p) for p in params]
-            path = F.step_path(self.fused, self.foreach, fused_mod, params, grads, moms)
-            plans.append((group, params, grads, moms, path))
-        for group, params, grads, moms, path in plans:
+            srs = [self._sr_state(p, m, i) for (i, p), m in zip(indexed, moms)]
+            kahan = [self._kahan(p) for p in params]
+            kernel_ok = all(c is None for c in kahan) and (
+                all(st is None for st in srs) or F.kernel_takes(fused_mod, "lion_step_", "sr_keys"))
+            path = F.step_path(self.fused, self.foreach, fused_mod, params, grads, moms, kernel_ok=kernel_ok)
+            plans.append((group, params, grads, moms, srs, kahan, path))
+        for group, params, grads, moms, srs, kahan, path in plans:
             beta1, beta2 = group["betas"]
             kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
+            keys = F.sr_keys_of(srs)
             if path == "fused":
+                if any(k is not None for k in keys):  # CPU tensors: reading the keys back costs no device sync
+                    ints = torch.stack([k if k is not None else torch.zeros((), dtype=torch.int64) for k in keys])
+                    kwargs.update(sr_keys=ints.tolist(), momentum_sr=self.momentum_sr)
                 fused_mod.lion_step_(params, grads, moms, **kwargs)
-            elif path == "foreach":
-                F.lion_step_foreach_(params, grads, moms, **kwargs)
             else:
-                F.lion_step_single_(params, grads, moms, **kwargs)
+                F.lion_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,
+                             foreach=path == "foreach", **kwargs)
+            F.sr_advance(srs)
         return loss
+
+    def _sr_state(self, p: Tensor, m: Tensor, index: int) -> dict[str, Any] | None:
+        """The state dict holding p's rounding generator when its update rounds stochastically, else None."""
+        if not F.sr_key_needed(self.stochastic_rounding, self.compensation, self.momentum_sr, p, m):
+            return None
+        return F.sr_state(self.state[p], p, self.seed, index)
+
+    def _kahan(self, p: Tensor) -> Tensor | None:
+        if self.compensation != "kahan" or not F.is_low_precision(p):
+            return None
+        return F.kahan_buffer(self.state[p], p)
 
     def _momentum(self, p: Tensor) -> Tensor:
         return F.momentum_of(self.state[p], "exp_avg", p, self.momentum_dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        state_dict, generators = F.split_int_state(state_dict)
         super().load_state_dict(state_dict)
+        F.restore_int_state(self, saved_ids, generators)
         F.cast_momenta(self.state.values(), "exp_avg", self.momentum_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(momentum_dtype=self.momentum_dtype, foreach=self.foreach, fused=self.fused)
+        state.update(momentum_dtype=self.momentum_dtype, foreach=self.foreach, fused=self.fused,
+                     stochastic_rounding=self.stochastic_rounding, compensation=self.compensation, seed=self.seed,
+                     momentum_sr=self.momentum_sr)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by load_state_dict (keep our settings) and by unpickling/deepcopy.
-        for key in ("momentum_dtype", "foreach", "fused"):
-            state.setdefault(key, self.__dict__.get(key))
+        for key, default in (("momentum_dtype", None), ("foreach", None), ("fused", None),
+                             ("stochastic_rounding", False), ("compensation", None), ("seed", 0),
+                             ("momentum_sr", True)):
+            state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
 
 

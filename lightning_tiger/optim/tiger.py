@@ -45,6 +45,8 @@ class _Batch:
     grads: list[Tensor] = dataclasses.field(default_factory=list)
     moms: list[Tensor] = dataclasses.field(default_factory=list)
     settings: list[tuple[int, float, float, float, float]] = dataclasses.field(default_factory=list)
+    sr: list[dict[str, Any] | None] = dataclasses.field(default_factory=list)  # state holding a generator
+    kahan: list[Tensor | None] = dataclasses.field(default_factory=list)
 
 
 class Tiger(torch.optim.Optimizer):
@@ -141,8 +143,43 @@ class Tiger(torch.optim.Optimizer):
 
     **Dtypes.** Parameters in fp32, bf16, fp16 (or fp64). The momentum has ``momentum_dtype`` (default: the
     parameter's dtype; like optax's ``mu_dtype``), kept across ``load_state_dict``. Math is float32 (float64
-    for float64 tensors); results are rounded once to the storage dtype. Note that bf16 parameters round
-    away updates smaller than ~2^-8 of their magnitude (no stochastic rounding here).
+    for float64 tensors); results are rounded once to the storage dtype.
+
+    **Low-precision parameters** (bf16/fp16, e.g. ``Trainer(precision="bf16-true")``). Tiger's relative step
+    (lr·RMS, ~1e-3 of a typical element) is below half a bf16 ulp (2⁻⁹ relative), so rounding the new value to
+    nearest would give back the old value for most elements and training would stall. By default
+    (``stochastic_rounding=True``) the fp32 result is rounded *stochastically* (Gupta et al. 2015, eq. 2: up
+    with probability equal to the distance from the lower neighbour in ulps), so every write is unbiased and
+    parameters move on average as in fp32 (Zamirai et al. 2020, "Revisiting BFloat16 Training"). The same
+    applies to a bf16/fp16 momentum (``momentum_sr=True``, default; ``False`` rounds it to nearest:
+    ``benchmarks/low_precision.py`` measures both). The random bits are a counter-based hash of (stream, step,
+    element) (``lightning_tiger.optim.stochastic_rounding``): every path (fused kernels, foreach, single
+    tensor, any chunking or thread count) draws the same bits, and the whole generator state is two int64
+    tensors per parameter in the optimizer state (``sr_stream``: from ``seed`` and the parameter's index in the
+    optimizer; ``sr_step``: calls so far), so ``state_dict()`` / ``load_state_dict()`` resume bit for bit.
+    ``seed=None`` draws the seed once at construction from torch's default generator (so
+    ``L.seed_everything`` / ``torch.manual_seed`` make runs reproducible). ``compensation="kahan"`` is the
+    deterministic alternative (as in the ``optimi`` library): one extra buffer of the parameter's dtype
+    (``state["kahan_comp"]``) keeps what each round-to-nearest write lost and adds it to the next write
+    (compensated summation, Kahan 1965); θ + comp tracks the fp32 trajectory; momenta are then rounded to
+    nearest. ``stochastic_rounding=False`` (without compensation) rounds to nearest, the behaviour before.
+    fp32/fp64 tensors are unaffected by all of this (and get no extra state).
+
+    **Compiling; accelerators.** The PyTorch paths never read a value back to the host: non-finite flags, RMS
+    and rates stay on the device as tensors, the non-finite rule is a ``torch.where`` and Python branches only
+    on settings (dtype, shape, micro-step), never on data. The foreach path works on chunks of at most
+    ``_functional.FOREACH_CHUNK_BYTES`` (32 MiB of fp32) at a time, bounding temporaries. Hence
+    ``torch.compile(opt.step, fullgraph=True)`` captures the whole step (the fused CPU op is skipped while
+    compiling). On a GPU that is how to get fused kernels: inductor emits Triton kernels that read each
+    tensor once, e.g.::
+
+        opt = Tiger(tiger_param_groups(model), lr=1e-3)     # CUDA tensors: the foreach path
+        step = torch.compile(opt.step, fullgraph=True)      # Triton kernels, no host sync per step
+        ...; loss.backward(); step(); opt.zero_grad()
+
+    Expect one graph per distinct micro-step kind (moving / accumulating) and a recompile when a float
+    hyperparameter (lr under a schedule) changes unless dynamo treats floats as dynamic. Fold-in-backward mode's
+    per-gradient finiteness check also stays on the device.
 
     **Sparse gradients** (``nn.Embedding(sparse=True)``, ``grad_accum_steps=1``, standard mode): lazy row
     updates: only rows with a gradient change (parameter and momentum; others keep their momentum undecayed).
@@ -181,6 +218,11 @@ class Tiger(torch.optim.Optimizer):
         exact_nonfinite: fused kernels: bit-exact non-finite rule (reads each gradient before writing; slower).
             Default False: one pass with a rollback to within rounding (see above).
         rms_cache: fused kernels: reuse Σθ² of the θ written at the previous step (see above). Default True.
+        stochastic_rounding: round bf16/fp16 parameters (and momenta) stochastically. Default True.
+        compensation: None (default) or ``"kahan"`` (deterministic compensated rounding of bf16/fp16
+            parameters, one extra buffer each; runs in PyTorch, so ``fused=True`` is refused with it).
+        seed: int >= 0 seeding the rounding streams, or None (drawn from torch's default generator).
+        momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
     """
 
     def __init__(
@@ -198,6 +240,10 @@ class Tiger(torch.optim.Optimizer):
         fused: bool | None = None,
         exact_nonfinite: bool = False,
         rms_cache: bool = True,
+        stochastic_rounding: bool = True,
+        compensation: str | None = None,
+        seed: int | None = None,
+        momentum_sr: bool = True,
     ) -> None:
         defaults = _validated({
             "lr": lr, "beta": beta, "weight_decay": weight_decay, "grad_accum_steps": grad_accum_steps,
@@ -211,10 +257,15 @@ class Tiger(torch.optim.Optimizer):
             raise ValueError("fused=True and foreach=True are mutually exclusive")
         self.exact_nonfinite = bool(F.check_flag("exact_nonfinite", exact_nonfinite, allow_none=False))
         self.rms_cache = bool(F.check_flag("rms_cache", rms_cache, allow_none=False))
+        self.seed = F.check_rounding(stochastic_rounding, compensation, seed, momentum_sr)
+        self.stochastic_rounding, self.compensation, self.momentum_sr = stochastic_rounding, compensation, momentum_sr
+        if self.fused and compensation is not None:
+            raise ValueError("compensation='kahan' runs in PyTorch (foreach/single-tensor paths): use fused=None "
+                             "or fused=False with it")
         # param -> Σθ² of the θ the fused kernel last wrote (not state: never saved, rebuilt after a resume)
         self._rms_cache: RMSCache | None = RMSCache() if self.rms_cache else None
         self._hooks = _Hooks()
-        self._window: dict[Tensor, list[bool]] = {}  # param -> [folded a finite grad, saw a non-finite grad]
+        self._window: dict[Tensor, list[Any]] = {}  # param -> [folded a finite grad, saw a non-finite grad, folds]
         self._param_group: dict[Tensor, dict[str, Any]] = {}
         self._static: dict[int, tuple[tuple, tuple[int, bool, float, float]]] = {}  # id(param) -> see _settings
         super().__init__(params, defaults)
@@ -322,16 +373,21 @@ class Tiger(torch.optim.Optimizer):
         if self._hooks.active:
             self._fold_step()
             return loss
-        fused_mod = F.load_fused() if self.fused is not False and not self.foreach else None
+        # torch.compile traces the PyTorch paths (the fused op is opaque to it and its flags come back to the host)
+        compiling = torch.compiler.is_compiling()
+        fused_mod = F.load_fused() if self.fused is not False and not self.foreach and not compiling else None
         # Groups that share this micro-step's coefficients are updated by ONE kernel call: one pass of the
         # thread pool over all tensors balances the threads better than one call per group.
         batches: dict[tuple[float, float, bool, float], _Batch] = {}
         sparse: list[tuple[Tensor, dict[str, Any]]] = []
+        first = 0
         for group in self.param_groups:
-            self._collect_group(group, batches, sparse)
+            self._collect_group(group, batches, sparse, first)
+            first += len(group["params"])
         # choose every batch's path first: a refused step (fused=True, a tensor the kernels cannot take) raises
         # before any tensor or counter moves
-        paths = [F.step_path(self.fused, self.foreach, fused_mod, b.params, b.grads, b.moms) for b in batches.values()]
+        paths = [F.step_path(self.fused, self.foreach, fused_mod, b.params, b.grads, b.moms,
+                             kernel_ok=self._kernel_ok(fused_mod, b)) for b in batches.values()]
         for p, group in sparse:
             self._sparse_step(p, group)
         for ((b1, b2, update, shrink), batch), path in zip(batches.items(), paths):
@@ -347,10 +403,10 @@ class Tiger(torch.optim.Optimizer):
         return (beta if t % k == 0 else 1.0), (1.0 - beta) / k, (t + 1) % k == 0
 
     def _collect_group(self, group: dict[str, Any], batches: dict[tuple[float, float, bool, float], _Batch],
-                       sparse: list[tuple[Tensor, dict[str, Any]]]) -> None:
+                       sparse: list[tuple[Tensor, dict[str, Any]]], first: int) -> None:
         b1, b2, update = self._coefficients(group)
         batch = None
-        for p in group["params"]:
+        for index, p in enumerate(group["params"], start=first):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -359,22 +415,51 @@ class Tiger(torch.optim.Optimizer):
             if batch is None:
                 batch = batches.setdefault((b1, b2, update, group["shrink_ratio"]), _Batch())
             state = self.state[p]
+            m = F.momentum_of(state, "momentum", p, self.momentum_dtype)
             batch.params.append(p)
             batch.grads.append(p.grad)
-            batch.moms.append(F.momentum_of(state, "momentum", p, self.momentum_dtype))
+            batch.moms.append(m)
             batch.settings.append(self._settings(p, group, group["lr"], state))
+            batch.sr.append(self._sr_state(state, p, m, index))
+            batch.kahan.append(self._kahan(state, p))
+
+    def _sr_state(self, state: dict[str, Any], p: Tensor, m: Tensor, index: int | None) -> dict[str, Any] | None:
+        """The state dict holding p's rounding generator when its update rounds stochastically, else None.
+
+        ``index``: p's position in the flat parameter order (None: looked up, only when the stream is created).
+        """
+        if not F.sr_key_needed(self.stochastic_rounding, self.compensation, self.momentum_sr, p, m):
+            return None
+        if index is None and "sr_stream" not in state:
+            index = self._flat_index(p)
+        return F.sr_state(state, p, self.seed, index or 0)
+
+    def _kahan(self, state: dict[str, Any], p: Tensor) -> Tensor | None:
+        if self.compensation != "kahan" or not F.is_low_precision(p):
+            return None
+        return F.kahan_buffer(state, p)
+
+    def _kernel_ok(self, fused_mod: Any, batch: _Batch) -> bool:
+        """Whether the loaded kernels implement this batch's rounding (Kahan never; SR with a new enough build)."""
+        if any(c is not None for c in batch.kahan):
+            return False
+        return all(st is None for st in batch.sr) or F.kernel_takes(fused_mod, "tiger_step_", "sr_keys")
 
     def _apply(self, batch: _Batch, path: str, fused_mod: Any, **coefs: Any) -> None:
         params, grads, moms = batch.params, batch.grads, batch.moms
         modes, lrs, wds, centers, floors = (list(x) for x in zip(*batch.settings))
         kwargs = dict(lr_modes=modes, lrs=lrs, weight_decays=wds, centers=centers, rms_floor=floors, **coefs)
+        keys = F.sr_keys_of(batch.sr)
         if path == "fused":
+            if any(k is not None for k in keys):  # CPU tensors: reading the keys back costs no device sync
+                ints = torch.stack([k if k is not None else torch.zeros((), dtype=torch.int64) for k in keys])
+                kwargs.update(sr_keys=ints.tolist(), momentum_sr=self.momentum_sr)
             fused_mod.tiger_step_(params, grads, moms, exact=self.exact_nonfinite, rms_cache=self._rms_cache,
                                   **kwargs)
-        elif path == "foreach":
-            F.tiger_step_foreach_(params, grads, moms, **kwargs)
         else:
-            F.tiger_step_single_(params, grads, moms, **kwargs)
+            F.tiger_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=batch.kahan,
+                          foreach=path == "foreach", **kwargs)
+        F.sr_advance(batch.sr)
 
     def _sparse_step(self, p: Tensor, group: dict[str, Any]) -> None:
         b1, b2, update = self._coefficients(group)
@@ -398,7 +483,11 @@ class Tiger(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _fold(self, p: Tensor) -> None:
-        """Fold ``p.grad`` into the momentum (hook body); never touches ``p`` itself. Frees ``p.grad``."""
+        """Fold ``p.grad`` into the momentum (hook body); never touches ``p`` itself. Frees ``p.grad``.
+
+        No host synchronisation: the finiteness of the gradient, and whether a finite gradient was already
+        folded in this window (which decides b1), stay on the device as 0-dim bool tensors.
+        """
         g = p.grad
         if g is None:
             return
@@ -406,41 +495,57 @@ class Tiger(torch.optim.Optimizer):
         if g.is_sparse:
             raise RuntimeError("Tiger(fold_in_backward=True) does not support sparse gradients")
         group = self._param_group[p]
-        flags = self._window.setdefault(p, [False, False])
-        if F.nonfinite_flags([g])[0]:
-            flags[1] = True
+        window = self._window.get(p)  # [folded a finite grad, saw a non-finite grad, folds so far] or None
+        t, k, beta = group["micro_step"], group["grad_accum_steps"], group["beta"]
+        b1: float | Tensor = 1.0
+        if t % k == 0:
+            b1 = beta if window is None else torch.where(window[0], 1.0, beta)
+        state = self.state[p]
+        m = self._momentum(p)
+        st = self._sr_state(state, p, m, None)
+        key = None
+        if st is not None and self.momentum_sr and F.is_low_precision(m):
+            key = F.sr_fold_key(st, 0 if window is None else window[2])
+        # Pure PyTorch on purpose: the fused op declares θ mutable, so calling it here would bump θ's
+        # version counter inside backward (autograd may still need θ).
+        bad = F.tiger_fold_(g, m, b1, (1.0 - beta) / k, key)
+        if window is None:
+            self._window[p] = [bad.logical_not(), bad, 1]
         else:
-            t, k, beta = group["micro_step"], group["grad_accum_steps"], group["beta"]
-            b1 = beta if (t % k == 0 and not flags[0]) else 1.0
-            # Pure PyTorch on purpose: the fused op declares θ mutable, so calling it here would bump θ's
-            # version counter inside backward (autograd may still need θ).
-            F.tiger_fold_(g, self._momentum(p), b1, (1.0 - beta) / k)
-            flags[0] = True
+            window[0] = window[0] | bad.logical_not()
+            window[1] = window[1] | bad
+            window[2] += 1
         p.grad = None
+
+    def _flat_index(self, p: Tensor) -> int:
+        """Position of ``p`` in the optimizer's flat parameter order (its stochastic-rounding stream)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _fold_step(self) -> None:
         _refuse_distributed()
+        first = 0
         for group in self.param_groups:
             update = (group["micro_step"] + 1) % group["grad_accum_steps"] == 0
-            shrink, shrink_c = [], []
-            params, moms, settings = [], [], []
-            for p in group["params"]:
-                flags = self._window.get(p)
-                if flags is None:
+            params, moms, bads, folded, settings, srs, kahans = [], [], [], [], [], [], []
+            for index, p in enumerate(group["params"], start=first):
+                window = self._window.get(p)
+                if window is None:
                     continue
-                mode, lr, wd, center, floor = self._settings(p, group, group["lr"])
-                if flags[1]:
-                    shrink.append(p)
-                    shrink_c.append(center)
-                elif update and flags[0]:
-                    params.append(p)
-                    moms.append(self.state[p]["momentum"])
-                    settings.append((mode, lr, wd, floor))
-            F.tiger_shrink_(shrink, shrink_c, group["shrink_ratio"])
+                state = self.state[p]
+                params.append(p)
+                moms.append(state["momentum"])
+                folded.append(window[0])
+                bads.append(window[1])
+                settings.append(self._settings(p, group, group["lr"]))
+                srs.append(self._sr_state(state, p, state["momentum"], index))
+                kahans.append(self._kahan(state, p))
+            first += len(group["params"])
             if params:
-                modes, lrs, wds, floors = (list(x) for x in zip(*settings))
-                F.tiger_update_(params, moms, lr_modes=modes, lrs=lrs, weight_decays=wds, rms_floor=floors,
-                                foreach=F.use_foreach(self.foreach, params))
+                modes, lrs, wds, centers, floors = (list(x) for x in zip(*settings))
+                F.tiger_fold_update_(params, moms, bads, folded, lr_modes=modes, lrs=lrs, weight_decays=wds,
+                                     centers=centers, rms_floor=floors, update=update,
+                                     shrink_ratio=group["shrink_ratio"], keys=F.sr_keys_of(srs), kahan=kahans)
+                F.sr_advance(srs)
             group["micro_step"] += 1
         self._window.clear()
 
@@ -469,7 +574,9 @@ class Tiger(torch.optim.Optimizer):
             state_dict = dict(state_dict)
             state_dict["state"] = {i: {k: v for k, v in s.items() if k != "kind"} if i in kinds else s
                                    for i, s in state_dict["state"].items()}
+        state_dict, generators = F.split_int_state(state_dict)
         super().load_state_dict(state_dict)
+        F.restore_int_state(self, saved_ids, generators)
         self._param_group = {p: g for g in self.param_groups for p in g["params"]}
         id_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for i, kind in kinds.items():
@@ -480,14 +587,17 @@ class Tiger(torch.optim.Optimizer):
         state = super().__getstate__()
         state.update(momentum_dtype=self.momentum_dtype, fold_in_backward=self.fold_in_backward,
                      foreach=self.foreach, fused=self.fused, exact_nonfinite=self.exact_nonfinite,
-                     rms_cache=self.rms_cache)
+                     rms_cache=self.rms_cache, stochastic_rounding=self.stochastic_rounding,
+                     compensation=self.compensation, seed=self.seed, momentum_sr=self.momentum_sr)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by load_state_dict (keep our settings) and by unpickling/deepcopy (a fresh object: a copy holds
         # other tensors than the hooked ones, so it starts in the standard mode).
         for key, default in (("momentum_dtype", None), ("fold_in_backward", False), ("foreach", None),
-                             ("fused", None), ("exact_nonfinite", False), ("rms_cache", True)):
+                             ("fused", None), ("exact_nonfinite", False), ("rms_cache", True),
+                             ("stochastic_rounding", False), ("compensation", None), ("seed", 0),
+                             ("momentum_sr", True)):
             state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
         self.__dict__.setdefault("_static", {})

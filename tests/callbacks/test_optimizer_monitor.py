@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,7 @@ def expected_metrics(rec: dict[str, Any], tiger: bool) -> dict[str, float]:
     param_rms = math.sqrt(sum(float((e["theta"] ** 2).sum()) for e in all_e) / n)
     grad_rms = math.sqrt(sum(float((e["grad"] ** 2).sum()) for e in all_e) / n)
     update_rms = math.sqrt(sum(float(((e["after"] - e["theta"]) ** 2).sum()) for e in all_e) / n)
+    unchanged = sum(int((e["after"] == e["theta"]).sum()) for e in all_e) / n
     means, mins, maxs = [], [], []
     for kind, lr, entries in rec["groups"]:
         for e in entries:
@@ -96,7 +98,7 @@ def expected_metrics(rec: dict[str, Any], tiger: bool) -> dict[str, float]:
             maxs.append(float(eta.max()))
     out = {
         "param_rms": param_rms, "grad_rms": grad_rms, "update_rms": update_rms, "update_rel": update_rms / param_rms,
-        "lr_mean": sum(means) / len(means), "lr_min": min(mins), "lr_max": max(maxs),
+        "lr_mean": sum(means) / len(means), "lr_min": min(mins), "lr_max": max(maxs), "unchanged": unchanged,
     }
     if all(e["m"] is not None for e in all_e):
         agree = sum(int((torch.sign(e["m"]) == torch.sign(e["grad"])).sum()) for e in all_e)
@@ -158,3 +160,31 @@ def test_name_dedup_and_validation() -> None:
 
     mon.on_fit_start(FakeTrainer(), Two())  # type: ignore[arg-type]
     assert mon._names == {id(a): "SGD", id(b): "SGD-1"}
+
+
+@pytest.mark.parametrize("stochastic_rounding", [False, True])
+def test_stall_warning_when_updates_are_rounded_away(stochastic_rounding: bool) -> None:
+    from lightning_tiger.optim import Tiger
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64).bfloat16()
+    # lr·RMS(θ) is ~1e-3 of a typical |θ|, below half a bf16 ulp (2**-9 relative): rounding to nearest keeps
+    # every element but the smallest ones
+    opt = Tiger(lin.parameters(), lr=1e-3, stochastic_rounding=stochastic_rounding)
+    mon = OptimizerMonitor()
+    for step in range(2):
+        for p in lin.parameters():
+            p.grad = torch.randn_like(p)
+        before = [p.detach().clone() for p in lin.parameters()]
+        record = mon.collect_pre_step(opt)
+        opt.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            metrics = mon.finalize([record])
+        mon._drop_hooks()
+        same = sum(int((p == b).sum()) for p, b in zip(lin.parameters(), before))
+        assert metrics["optim/Tiger/unchanged"] == pytest.approx(same / sum(p.numel() for p in before))
+        assert metrics["optim/Tiger/unchanged"] > 0.5  # also under SR: most elements move on some steps only
+        stalls = [w for w in caught if "rounded away" in str(w.message)]
+        # round to nearest: warned once (first step only); stochastic rounding: never
+        assert len(stalls) == (1 if not stochastic_rounding and step == 0 else 0)

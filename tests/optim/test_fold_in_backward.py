@@ -35,6 +35,7 @@ def _loss(model: Mixed, x: torch.Tensor, poison: float | None = None, scale: flo
 def _pair(k: int, **kw: object) -> tuple[Mixed, Tiger, Mixed, Tiger]:
     std = Mixed()
     fold = copy.deepcopy(std)
+    kw.setdefault("seed", 0)  # the same stochastic-rounding streams for both
     opt_std = Tiger(tiger_param_groups(std), lr=LR, beta=BETA, grad_accum_steps=k, foreach=False, **kw)
     opt_fold = Tiger(tiger_param_groups(fold), lr=LR, beta=BETA, grad_accum_steps=k, foreach=False,
                      fold_in_backward=True, **kw)
