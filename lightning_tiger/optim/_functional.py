@@ -32,8 +32,6 @@ time, so temporaries stay bounded whatever the model size.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -680,20 +678,6 @@ def step_path(fused: bool | None, foreach: bool | None, fused_mod: ModuleType | 
     return "foreach" if use_foreach(foreach, params) else "single"
 
 
-def kernel_takes(fused_mod: ModuleType | None, fn: str, arg: str) -> bool:
-    """Whether ``fused_mod.<fn>`` accepts the keyword ``arg`` (kernels built before stochastic rounding do not)."""
-    f = getattr(fused_mod, fn, None)
-    return f is not None and _takes(f, arg)
-
-
-@functools.cache
-def _takes(f: Any, arg: str) -> bool:
-    try:
-        return arg in inspect.signature(f).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def use_foreach(foreach: bool | None, params: Sequence[Tensor]) -> bool:
     """``foreach`` as given, else True on accelerators and False on CPU (torch.optim's default)."""
     if foreach is not None:
@@ -721,14 +705,15 @@ KAHAN_KEY = "kahan_comp"
 
 
 def check_rounding(stochastic_rounding: Any, compensation: Any, seed: Any, momentum_sr: Any) -> int:
-    """Validate the low-precision options of Tiger/Lion; returns the seed (drawn from torch's default generator
-    when ``seed`` is None, so ``torch.manual_seed`` / ``L.seed_everything`` make runs reproducible)."""
+    """Validate the low-precision options of Tiger/Lion; returns the seed (``torch.initial_seed()`` when ``seed``
+    is None: ``torch.manual_seed`` / ``L.seed_everything`` make runs reproducible, and nothing is drawn from the
+    default generator, so adding the optimizer does not shift the random numbers of the rest of the run)."""
     check_flag("stochastic_rounding", stochastic_rounding, allow_none=False)
     check_flag("momentum_sr", momentum_sr, allow_none=False)
     if compensation not in COMPENSATIONS:
         raise ValueError(f"compensation must be None or 'kahan', got {compensation!r}")
     if seed is None:
-        return int(torch.randint(0, 2**62, ()).item())
+        return int(torch.initial_seed())
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise TypeError(f"seed must be None or an int >= 0, got {seed!r}")
     return seed

@@ -58,7 +58,7 @@ class Lion(torch.optim.Optimizer):
         fused: use the compiled kernels; None = when available; True raises where unavailable.
         stochastic_rounding: round bf16/fp16 parameters (and momenta) stochastically. Default True.
         compensation: None (default) or ``"kahan"`` (deterministic compensated rounding; PyTorch paths).
-        seed: int >= 0 seeding the rounding streams, or None (drawn from torch's default generator).
+        seed: int >= 0 seeding the rounding streams, or None (``torch.initial_seed()``).
         momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
     """
 
@@ -135,8 +135,7 @@ class Lion(torch.optim.Optimizer):
             moms = [self._momentum(p) for p in params]
             srs = [self._sr_state(p, m, i) for (i, p), m in zip(indexed, moms)]
             kahan = [self._kahan(p) for p in params]
-            kernel_ok = all(c is None for c in kahan) and (
-                all(st is None for st in srs) or F.kernel_takes(fused_mod, "lion_step_", "sr_keys"))
+            kernel_ok = all(c is None for c in kahan)  # the kernels round stochastically or to nearest, not Kahan
             path = F.step_path(self.fused, self.foreach, fused_mod, params, grads, moms, kernel_ok=kernel_ok)
             plans.append((group, params, grads, moms, srs, kahan, path))
         for group, params, grads, moms, srs, kahan, path in plans:

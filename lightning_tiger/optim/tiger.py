@@ -157,11 +157,11 @@ class Tiger(torch.optim.Optimizer):
     tensor, any chunking or thread count) draws the same bits, and the whole generator state is two int64
     tensors per parameter in the optimizer state (``sr_stream``: from ``seed`` and the parameter's index in the
     optimizer; ``sr_step``: calls so far), so ``state_dict()`` / ``load_state_dict()`` resume bit for bit.
-    ``seed=None`` draws the seed once at construction from torch's default generator (so
-    ``L.seed_everything`` / ``torch.manual_seed`` make runs reproducible). ``compensation="kahan"`` is the
-    deterministic alternative (as in the ``optimi`` library): one extra buffer of the parameter's dtype
-    (``state["kahan_comp"]``) keeps what each round-to-nearest write lost and adds it to the next write
-    (compensated summation, Kahan 1965); θ + comp tracks the fp32 trajectory; momenta are then rounded to
+    ``seed=None`` takes ``torch.initial_seed()`` (so ``L.seed_everything`` / ``torch.manual_seed`` make runs
+    reproducible, and constructing the optimizer draws nothing from the generator the rest of the run uses).
+    ``compensation="kahan"`` is the deterministic alternative (as in the ``optimi`` library): one extra buffer of
+    the parameter's dtype (``state["kahan_comp"]``) keeps what each round-to-nearest write lost and adds it to
+    the next write (compensated summation, Kahan 1965); θ + comp tracks the fp32 trajectory; momenta are then rounded to
     nearest. ``stochastic_rounding=False`` (without compensation) rounds to nearest, the behaviour before.
     fp32/fp64 tensors are unaffected by all of this (and get no extra state).
 
@@ -221,7 +221,7 @@ class Tiger(torch.optim.Optimizer):
         stochastic_rounding: round bf16/fp16 parameters (and momenta) stochastically. Default True.
         compensation: None (default) or ``"kahan"`` (deterministic compensated rounding of bf16/fp16
             parameters, one extra buffer each; runs in PyTorch, so ``fused=True`` is refused with it).
-        seed: int >= 0 seeding the rounding streams, or None (drawn from torch's default generator).
+        seed: int >= 0 seeding the rounding streams, or None (``torch.initial_seed()``).
         momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
     """
 
@@ -440,10 +440,8 @@ class Tiger(torch.optim.Optimizer):
         return F.kahan_buffer(state, p)
 
     def _kernel_ok(self, fused_mod: Any, batch: _Batch) -> bool:
-        """Whether the loaded kernels implement this batch's rounding (Kahan never; SR with a new enough build)."""
-        if any(c is not None for c in batch.kahan):
-            return False
-        return all(st is None for st in batch.sr) or F.kernel_takes(fused_mod, "tiger_step_", "sr_keys")
+        """Whether the fused kernels implement this batch's rounding (stochastic or nearest: yes; Kahan: no)."""
+        return all(c is None for c in batch.kahan)
 
     def _apply(self, batch: _Batch, path: str, fused_mod: Any, **coefs: Any) -> None:
         params, grads, moms = batch.params, batch.grads, batch.moms
