@@ -24,7 +24,7 @@ from .kerple import KERPLE
 from .rerope import rerope_attention
 from .rotary import RotaryEmbedding
 from .sandwich import Sandwich
-from .xpos import XPOS
+from .xpos import QUERY_BLOCK, XPOS
 
 __all__ = ["Attention", "KVCache"]
 
@@ -497,10 +497,10 @@ class Attention(nn.Module):
             front, start = cache.front[self.layer_idx], cache.start[self.layer_idx]
         else:
             k_pos = q_pos
-        if self.xpos is not None:  # the cache holds unscaled keys: scale what this call attends to
-            q, k = self.xpos(q, k, q_pos, k_pos)  # type: ignore[arg-type]
         if rerope:
             out = self._rerope(q, k, v, offset)
+        elif self.xpos is not None:  # the cache holds unscaled keys: each query block scales what it attends to
+            out = self._xpos_attend(q, k, v, offset, q_pos, k_pos, front, start)  # type: ignore[arg-type]
         else:
             use_pos = (self.alibi is not None and custom) or self.score_bias is not None
             out = self._attend(q, k, v, offset, q_pos if use_pos else None, k_pos if use_pos else None, front, start)
@@ -508,6 +508,26 @@ class Attention(nn.Module):
             # the next query (index total) sees keys >= total - w + 1, plus the sinks
             cache.trim(self.layer_idx, keep_first=self.sink_tokens, keep_last=self.window - 1)  # type: ignore[operator]
         return self.out(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _xpos_attend(
+        self, q: Tensor, k: Tensor, v: Tensor, offset: int, q_pos: Tensor, k_pos: Tensor, front: int, start: int,
+    ) -> Tensor:
+        """XPOS attention in blocks of :data:`~lightning_tiger.nn.xpos.QUERY_BLOCK` queries.
+
+        Each block is scaled with its own reference position (its last query) against the keys up to that
+        query, so query factors stay bounded and key factors ``<= 1`` in any dtype (see :mod:`.xpos`); one
+        block for decoding. ``q [B, H, L, D]``; ``k, v`` as in :meth:`_attend`; ``q_pos [B|1, L]``, ``k_pos``
+        the positions of the stored keys.
+        """
+        L = q.shape[2]
+        k_pos = k_pos.reshape(-1, k_pos.shape[-1])
+        outs = []
+        for a in range(0, max(L, 1), QUERY_BLOCK):
+            b = min(L, a + QUERY_BLOCK)
+            n_keys = front + (offset + b - start)  # stored keys with token index < offset + b (start <= offset)
+            qs, ks = self.xpos(q[:, :, a:b], k[:, :, :n_keys], q_pos[:, a:b], k_pos[:, :n_keys])
+            outs.append(self._attend(qs, ks, v[:, :, :n_keys], offset + a, None, None, front, start))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _rerope(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """ReRoPE / Leaky ReRoPE over unrotated ``q [B, H, L, D]`` and all ``offset + L`` unrotated keys."""
