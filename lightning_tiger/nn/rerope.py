@@ -122,6 +122,8 @@ def rerope_attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if leak is not None and not leak > 1:
         raise ValueError(f"leak must be > 1 or None, got {leak}")
+    if q.shape[0] == 0 or L == 0:  # nothing to attend (and no tile size to divide by): as plain attention does
+        return q.new_zeros(q.shape[0], H, L, v.shape[-1])
     rep = H // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

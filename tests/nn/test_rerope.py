@@ -180,3 +180,16 @@ def test_unsupported_combinations_raise():
     attn.set_options(rope_scaling={"type": "ntk", "factor": 2})
     with pytest.raises(ValueError, match="rope_scaling"):
         attn(x)
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (2, 0)])
+def test_empty_inputs_return_empty_like_plain_attention(shape: tuple[int, int]) -> None:
+    attn = Attention(16, 4, num_kv_heads=2).eval()
+    x = torch.randn(*shape, 16)
+    with torch.no_grad():
+        plain = attn(x)
+        attn.set_options(rerope_window=4)
+        got = attn(x)
+        attn.set_options(rerope_leak=3.0)
+        leaky = attn(x)
+    assert got.shape == leaky.shape == plain.shape == (*shape, 16)
