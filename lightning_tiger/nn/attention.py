@@ -375,8 +375,6 @@ class Attention(nn.Module):
             raise ValueError("position='xpos' is for causal attention only (its decay grows for j > i; Sun et al.)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.position, self.causal, self.dropout, self.backend = position, bool(causal), dropout, backend
         self.layer_idx = layer_idx
@@ -398,6 +396,24 @@ class Attention(nn.Module):
         self.logn_base: int | None = None
         self.set_options(window=window, window_at=window_at, sink_tokens=sink_tokens, logn=logn, logn_base=logn_base,
                          rerope_window=rerope_window, rerope_leak=rerope_leak)
+
+    @property
+    def backend(self) -> str:
+        """The kernel: ``"auto"``, ``"sdpa"``, ``"flex"`` or ``"math"``; checked against ``position`` on every
+        assignment (the constructor's too), so an unsupported pair fails here rather than at the first forward."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {value!r}")
+        if value == "flex" and self.position in _BIASES:
+            raise ValueError(
+                f"backend='flex' does not support position={self.position!r} (a learned/positional score bias); "
+                f"use backend 'auto', 'sdpa' or 'math' with it, or backend='flex' with position 'rope', 'alibi', "
+                f"'none' or 'xpos'"
+            )
+        self._backend = value
 
     # ------------------------------------------------------------------ options
     def set_options(self, **opts: Any) -> None:
@@ -557,8 +573,6 @@ class Attention(nn.Module):
         sinks = min(self.sink_tokens, S) if window is not None else 0
         backend = "sdpa" if self.backend == "auto" else self.backend
         if backend == "flex":
-            if self.score_bias is not None:
-                raise ValueError(f"backend='flex' does not support position={self.position!r}; use 'sdpa' or 'math'")
             if front or start:
                 raise ValueError("backend='flex' does not support a KVCache with trim_to_window=True")
             return self._flex(q, k, v, offset, window, sinks, q_pos, k_pos)

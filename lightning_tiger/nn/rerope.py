@@ -48,29 +48,10 @@ from torch import Tensor
 
 from .rotary import RotaryEmbedding
 
-__all__ = ["rerope_attention", "rerope_relative_position"]
+__all__ = ["rerope_attention"]
 
 #: scores per tile (batch chunk × query block × keys) of :func:`rerope_attention`: 2^19 fp32 = 2 MiB.
 TILE_SCORES = 1 << 19
-
-
-def rerope_relative_position(r: Tensor, window: int, leak: float | None = None) -> Tensor:
-    """The relative position ReRoPE / Leaky ReRoPE use instead of ``r = i − j`` (elementwise, float).
-
-    ``r`` for ``|r| < w``; beyond, ``sign(r)·w`` (ReRoPE, ``leak=None``) or ``sign(r)·(w + (|r| − w)/k)``
-    (Leaky ReRoPE, ``leak = k > 1``).
-
-    Args:
-        r: relative positions (any shape).
-        window: ``w >= 1``.
-        leak: ``k > 1`` or ``None``.
-
-    Returns:
-        float64 tensor of ``r``'s shape.
-    """
-    r = r.double()
-    beyond = r.sign() * (window if leak is None else window + (r.abs() - window) / leak)
-    return torch.where(r.abs() < window, r, beyond)
 
 
 def _rotate(rotary: RotaryEmbedding, x: Tensor, positions: Tensor) -> Tensor:

@@ -247,7 +247,14 @@ def test_xpos_trimmed_cache_decode_equals_full_forward() -> None:
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="causal"):
         Attention(16, 2, position="xpos", causal=False)
-    with pytest.raises(ValueError, match="flex"):
-        Attention(16, 2, position="sandwich", backend="flex")(torch.randn(1, 4, 16))
+    for position in ("sandwich", "kerple_log", "kerple_power"):  # at construction, not at the first forward
+        with pytest.raises(ValueError, match=f"backend='flex' does not support position='{position}'"):
+            Attention(16, 2, position=position, backend="flex")
+        attn = Attention(16, 2, position=position)
+        with pytest.raises(ValueError, match="backend='flex'"):
+            attn.backend = "flex"
+        assert attn.backend == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        Attention(16, 2).backend = "cuda"
     with pytest.raises(ValueError, match="dim"):
         Sandwich(2, dim=7)
