@@ -1,4 +1,5 @@
-"""Multi-head attention with RoPE / ALiBi / NoPE and the length-extrapolation toolkit (SPEC §3.3, §3.5).
+"""Multi-head attention with RoPE / ALiBi / NoPE and the length-extrapolation toolkit (Su, "Transformer升级之路" 7, 8,
+12: kexue.fm/archives/9708; FlexAttention for the kernels).
 
 Conventions (used by every layer of ``lightning_tiger.nn``):
 
@@ -6,7 +7,8 @@ Conventions (used by every layer of ``lightning_tiger.nn``):
   :class:`KVCache` (``i = cache_length + local index``). Causality, windows, sinks and log-n's ``n`` are defined
   on indices.
 * *positions*: what RoPE rotates by and what ALiBi measures distances with. Default: positions = indices.
-  Explicit ``positions`` (e.g. :func:`~lightning_tiger.nn.random_positions`, SPEC §3.3) change only these.
+  Explicit ``positions`` (e.g. :func:`~lightning_tiger.nn.random_positions`, Su's "Transformer升级之路：8") change only
+  these.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class KVCache:
 
     With ``trim_to_window=True`` a causal layer whose window is active drops, after each call, the keys no
     future query can see: it keeps the ``sink_tokens`` first keys and the last ``window − 1`` ones, so
-    streaming decoding with a window (the "super strong baseline", SPEC §3.3) runs in O(window) memory. Only
-    valid while the window stays active; changing it afterwards cannot bring dropped keys back.
+    streaming decoding with a window (the "super strong baseline" of Su's "Transformer升级之路：7") runs in O(window)
+    memory. Only valid while the window stays active; changing it afterwards cannot bring dropped keys back.
 
     Args:
         num_layers: number of attention layers that share this cache (``TransformerLM.new_cache()`` sizes it).
@@ -261,10 +263,10 @@ class Attention(nn.Module):
       self) or ``|i − j| <= w − 1`` (bidirectional: ``w − 1`` neighbours on each side); with
       ``sink_tokens = s`` the first ``s`` keys stay visible (Λ-shaped mask, kexue.fm/archives/9948; causal
       still applies). ``window_at`` selects when the window (and its sinks) is active: ``"train"``
-      (``self.training``), ``"inference"`` (the "super strong baseline" of SPEC §3.3: train full, test with
-      ``w = L_train``) or ``"both"``.
+      (``self.training``), ``"inference"`` (the "super strong baseline" of Su's "Transformer升级之路：7": train full,
+      test with ``w = L_train``) or ``"both"``.
     * scores ``s_ij = c_i·(q_i·k_j)/√d + b_ij`` with ``b`` the ALiBi bias (``position="alibi"``) and
-      ``c_i = 1`` (``logn="none"``), ``log_{base} n_i`` (``"trained"``: SPEC §3.3, kexue.fm/archives/8823) or
+      ``c_i = 1`` (``logn="none"``), ``log_{base} n_i`` (``"trained"``: Su, kexue.fm/archives/8823) or
       ``max(1, log_{base} n_i)`` (``"posthoc"``), ``n_i`` = number of keys query ``i`` can see (causal ``i+1``,
       ``min(i+1, w)`` plus visible sinks with a window; bidirectional ``S`` or the band size), ``base =
       logn_base`` (the training length). ``c_i`` is folded into ``q_i`` so SDPA's fused kernel stays usable.
@@ -279,7 +281,7 @@ class Attention(nn.Module):
       cache then keeps the layer's keys unrotated. Composes with log n, windows and sinks; not with
       ``rope_scaling``, explicit ``positions`` or a trimmed cache (ValueError).
 
-    Kernels (``backend``; SPEC §3.5):
+    Kernels (``backend``; PyTorch's SDPA and FlexAttention documentation):
 
     * ``"sdpa"`` — :func:`torch.nn.functional.scaled_dot_product_attention` with shapes that keep the fused
       kernel: no mask (bidirectional), ``is_causal=True`` (square causal, no window/ALiBi), a bool ``[L, S]``

@@ -28,7 +28,7 @@ Bidirectional attention adds the keys ``[a + w, S)`` with the ``−w`` rotation 
 block longer than ``2w`` has keys behind some queries and ahead of others). Queries and band keys are rotated
 once per call, not per block. Blocks are further split into batch chunks of about ``TILE_SCORES`` scores, so
 each tile's scores, softmax and value product stay in cache. Memory is ``O(max(TILE_SCORES, H · block · S))``;
-with a window or sinks active a per-block visibility mask is applied as well. Log-n (SPEC §3.3,
+with a window or sinks active a per-block visibility mask is applied as well. Log-n (Su,
 kexue.fm/archives/8823) composes: it scales each query row in both branches.
 
 KV cache: a ReRoPE layer caches its keys *unrotated* (:class:`~lightning_tiger.nn.KVCache` keeps them in the
