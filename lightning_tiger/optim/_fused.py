@@ -93,6 +93,7 @@ visible line while compiling, a warning naming the cause and the fix on fallback
 from __future__ import annotations
 
 import math
+import operator
 import os
 import weakref
 from collections.abc import Sequence
@@ -218,8 +219,14 @@ def _sr_key_list(sr_keys: Sequence[int] | None, n: int) -> list[int]:
     for i, key in enumerate(sr_keys):
         if isinstance(key, Tensor):
             key = key.item()  # a 0-d int64 tensor (e.g. built by step_key from optimizer state)
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**32:
-            raise ValueError(f"sr_keys[{i}] must be an int in [0, 2**32), got {key!r}")
+        try:  # any integer-like key (numpy integers included); floats and bools are refused
+            if isinstance(key, bool):
+                raise TypeError
+            key = operator.index(key)
+        except TypeError:
+            key = None
+        if key is None or not 0 <= key < 2**32:
+            raise ValueError(f"sr_keys[{i}] must be an int in [0, 2**32), got {sr_keys[i]!r}")
         keys.append(key)
     return keys
 
