@@ -1,6 +1,7 @@
-"""Causal language modelling with evaluation at several lengths: the length-extrapolation module (SPEC §3.3–3.4).
+"""Causal language modelling with evaluation at several lengths: the length-extrapolation module (Su's
+"Transformer升级之路" series, posts 7, 8 and 9–12: kexue.fm/archives/9603, 9708).
 
-Metrics (Su's protocol, SPEC §3.4): per-token next-token accuracy, cross-entropy in nats and bits per
+Metrics (Su's protocol, e.g. kexue.fm/archives/9708): per-token next-token accuracy, cross-entropy in nats and bits per
 character (``loss / ln 2``; bits per *byte* with a byte vocabulary), each computed per validation dataloader
 and logged as ``val/acc@<name>``, ``val/loss@<name>``, ``val/bpc@<name>`` where ``<name>`` comes from the
 datamodule's ``val_names`` (``"512"``, ``"512_rep"`` for :class:`~lightning_tiger.data.CharCorpusDataModule`)
@@ -10,9 +11,9 @@ training length for the char corpus) is logged as well for checkpoint monitoring
 the first loader) for TensorBoard's hparams tab.
 
 Which tokens are scored: all of them by default (Su's definition, and that of the reference numbers of
-SPEC §3.4), or only the last ``metric_last_n`` positions of each window (e.g. ``metric_last_n = L``: the
-tokens that have the longest context, which isolates the long-context behaviour from the in-distribution
-prefix of every long window).
+kexue.fm/archives/9603 … 9731), or only the last ``metric_last_n`` positions of each window (e.g.
+``metric_last_n = L``: the tokens that have the longest context, which isolates the long-context behaviour
+from the in-distribution prefix of every long window).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class CausalLMModule(L.LightningModule):
     Batches are ``LongTensor [batch, T + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``. One validation pass
     evaluates every length the datamodule offers (one dataloader per length, see the module docstring).
 
-    Training positions (SPEC §3.3): ``"contiguous"`` (``0 … L−1``); ``"random_int"``: per sequence ``L``
+    Training positions (Su, "Transformer升级之路：8"): ``"contiguous"`` (``0 … L−1``); ``"random_int"``: per
+    sequence ``L``
     distinct sorted integers from ``{0, …, max_position − 1}`` (Ruoss et al. 2023); ``"random_float"``:
     Su's equal-mean float variant (RoPE only) — both through :func:`~lightning_tiger.nn.random_positions`,
     drawn from a generator seeded by ``(position_seed, global_step, batch_idx)`` so a resumed run draws the same
@@ -52,17 +54,18 @@ class CausalLMModule(L.LightningModule):
 
     Evaluation-time options (``eval_options``; applied when validation/test starts, the training values are
     restored afterwards, nothing is retrained): any of ``window``, ``window_at``, ``sink_tokens``, ``logn``,
-    ``logn_base``, ``rope_scaling``, ``rerope_window``, ``rerope_leak`` (ReRoPE, SPEC §3.3; see
+    ``logn_base``, ``rope_scaling``, ``rerope_window``, ``rerope_leak`` (ReRoPE, Su, kexue.fm/archives/9708; see
     :meth:`TransformerLM.set_attention_options`), plus ``layers`` (list
     of layer indices; default all). Two values depend on the test length ``T`` of each dataloader:
     ``rope_scaling["factor"] = "auto"`` means ``T / L_train`` (plain RoPE when ``T <= L_train``, the way
     NTK-RoPE is evaluated by Su), and ``logn_base = "auto"`` means ``L_train``; ``L_train`` is
     ``train_len`` or the datamodule's ``seq_len``.
 
-    Optimizer: by default Tiger (SPEC §1.2) on :func:`~lightning_tiger.optim.tiger_param_groups` with
+    Optimizer: by default Tiger (Su 2023, "Tiger:一个“抠”到极致的优化器"; bojone/tiger) on
+    :func:`~lightning_tiger.optim.tiger_param_groups` with
     ``lr``, ``beta``, ``weight_decay``, and a per-step piecewise-linear schedule: linear warm-up from 0 to
     ``lr`` over ``warmup_steps``, then linear decay to ``min_lr_ratio · lr`` at ``total_steps`` (default
-    ``trainer.max_steps``), constant after (the official Tiger schedule format, SPEC §1.2). ``optimizer`` /
+    ``trainer.max_steps``), constant after (the schedule format of bojone/tiger's ``piecewise_linear``). ``optimizer`` /
     ``lr_scheduler`` callables (LightningCLI's ``OptimizerCallable`` / ``LRSchedulerCallable``) replace them;
     the optimizer callable receives the same parameter groups (they suit any ``torch.optim`` optimizer).
 
@@ -70,8 +73,8 @@ class CausalLMModule(L.LightningModule):
         model: ``TransformerLM`` keyword arguments (a dict, YAML-friendly; ``vocab_size`` defaults to 256,
             the byte vocabulary) or a ready ``nn.Module`` with ``forward(tokens [B, T], positions=None) ->
             logits [B, T, V]``.
-        lr: Tiger's relative learning rate α (default 2e-3; SPEC's typical peak range is 1e-3 … 2e-3).
-        beta: Tiger's β (0.965, the language default of SPEC §1.2).
+        lr: Tiger's relative learning rate α (default 2e-3; the typical peak range of Su's Tiger post is 1e-3 … 2e-3).
+        beta: Tiger's β (0.965, the language-model default of Su's Tiger post / bojone/tiger).
         weight_decay: λ (0.01).
         warmup_steps: linear warm-up steps (100).
         min_lr_ratio: final learning rate as a fraction of ``lr`` (0.1).

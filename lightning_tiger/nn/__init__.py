@@ -17,7 +17,6 @@ _EXPORTS = {
     "Sandwich": ".sandwich",
     "XPOS": ".xpos",
     "rerope_attention": ".rerope",
-    "rerope_relative_position": ".rerope",
     "TransformerBlock": ".transformer",
     "TransformerLM": ".transformer",
     "TimeEmbedding": ".time_embedding",
@@ -41,7 +40,6 @@ __all__ = [
     "alibi_slopes",
     "random_positions",
     "rerope_attention",
-    "rerope_relative_position",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
@@ -55,7 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .general_rotary import GeneralRotaryEmbedding
     from .kerple import KERPLE
     from .random_positions import random_positions
-    from .rerope import rerope_attention, rerope_relative_position
+    from .rerope import rerope_attention
     from .rotary import RotaryEmbedding
     from .sandwich import Sandwich
     from .small_unet import SmallUNet

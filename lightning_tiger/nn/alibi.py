@@ -1,4 +1,5 @@
-"""ALiBi: attention with linear biases (Press, Smith, Lewis, ICLR 2022), SPEC §3.2."""
+"""ALiBi: attention with linear biases (Press, Smith, Lewis, ICLR 2022; official code
+ofirpress/attention_with_linear_biases)."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ def alibi_slopes(num_heads: int) -> Tensor:
 
     For ``n`` a power of two, ``m_h = 2^(−8(h+1)/n)``, ``h = 0…n−1``. Otherwise take the slopes of the
     nearest lower power of two ``p`` and append every other slope of the ``2p`` set:
-    ``slopes(p) + slopes(2p)[0::2][:n−p]`` (SPEC §3.2). Checked against the official code: ``n = 12`` gives
-    ``2^−1 … 2^−8, 2^−0.5, 2^−1.5, 2^−2.5, 2^−3.5`` (not monotone) and ``n = 3`` gives ``2^−4, 2^−8, 2^−2`` as
-    SPEC states; ``n = 1`` gives ``2^−8``. (The official code recurses into ``get_slopes(2p)``, which for a
-    power of two is the closed form, so the one-level rule here is identical.)
+    ``slopes(p) + slopes(2p)[0::2][:n−p]`` (the official code's ``get_slopes``). Checked against the official
+    code: ``n = 12`` gives ``2^−1 … 2^−8, 2^−0.5, 2^−1.5, 2^−2.5, 2^−3.5`` (not monotone), ``n = 3`` gives
+    ``2^−4, 2^−8, 2^−2`` and ``n = 1`` gives ``2^−8``. (The official code recurses into ``get_slopes(2p)``, which
+    for a power of two is the closed form, so the one-level rule here is identical.)
 
     Args:
         num_heads: number of heads ``n >= 1``.
@@ -44,7 +45,7 @@ class ALiBi(nn.Module):
     """ALiBi score bias ``−m_h·(i − j)`` (causal) or ``−m_h·|i − j|`` (bidirectional), in fp32.
 
     The bias is added to the scaled scores (it is not scaled by ``1/√d``) and the model uses no other
-    position encoding (SPEC §3.2). Queries sit at absolute positions ``offset + i`` and keys at ``j``:
+    position encoding (Press et al. 2022, §3). Queries sit at absolute positions ``offset + i`` and keys at ``j``:
     with a KV cache of ``S − L`` earlier tokens the default ``offset = k_len − q_len`` aligns the ``L`` new
     queries with the last ``L`` keys. For the causal form the entries above the diagonal (``j > i``) hold
     the formula's positive value; the causal mask removes them. The slopes are a non-persistent fp32

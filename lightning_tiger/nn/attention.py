@@ -1,4 +1,5 @@
-"""Multi-head attention with RoPE / ALiBi / NoPE and the length-extrapolation toolkit (SPEC §3.3, §3.5).
+"""Multi-head attention with RoPE / ALiBi / NoPE and the length-extrapolation toolkit (Su, "Transformer升级之路" 7, 8,
+12: kexue.fm/archives/9708; FlexAttention for the kernels).
 
 Conventions (used by every layer of ``lightning_tiger.nn``):
 
@@ -6,7 +7,8 @@ Conventions (used by every layer of ``lightning_tiger.nn``):
   :class:`KVCache` (``i = cache_length + local index``). Causality, windows, sinks and log-n's ``n`` are defined
   on indices.
 * *positions*: what RoPE rotates by and what ALiBi measures distances with. Default: positions = indices.
-  Explicit ``positions`` (e.g. :func:`~lightning_tiger.nn.random_positions`, SPEC §3.3) change only these.
+  Explicit ``positions`` (e.g. :func:`~lightning_tiger.nn.random_positions`, Su's "Transformer升级之路：8") change only
+  these.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .kerple import KERPLE
 from .rerope import rerope_attention
 from .rotary import RotaryEmbedding
 from .sandwich import Sandwich
-from .xpos import XPOS
+from .xpos import QUERY_BLOCK, XPOS
 
 __all__ = ["Attention", "KVCache"]
 
@@ -52,8 +54,8 @@ class KVCache:
 
     With ``trim_to_window=True`` a causal layer whose window is active drops, after each call, the keys no
     future query can see: it keeps the ``sink_tokens`` first keys and the last ``window − 1`` ones, so
-    streaming decoding with a window (the "super strong baseline", SPEC §3.3) runs in O(window) memory. Only
-    valid while the window stays active; changing it afterwards cannot bring dropped keys back.
+    streaming decoding with a window (the "super strong baseline" of Su's "Transformer升级之路：7") runs in O(window)
+    memory. Only valid while the window stays active; changing it afterwards cannot bring dropped keys back.
 
     Args:
         num_layers: number of attention layers that share this cache (``TransformerLM.new_cache()`` sizes it).
@@ -261,10 +263,10 @@ class Attention(nn.Module):
       self) or ``|i − j| <= w − 1`` (bidirectional: ``w − 1`` neighbours on each side); with
       ``sink_tokens = s`` the first ``s`` keys stay visible (Λ-shaped mask, kexue.fm/archives/9948; causal
       still applies). ``window_at`` selects when the window (and its sinks) is active: ``"train"``
-      (``self.training``), ``"inference"`` (the "super strong baseline" of SPEC §3.3: train full, test with
-      ``w = L_train``) or ``"both"``.
+      (``self.training``), ``"inference"`` (the "super strong baseline" of Su's "Transformer升级之路：7": train full,
+      test with ``w = L_train``) or ``"both"``.
     * scores ``s_ij = c_i·(q_i·k_j)/√d + b_ij`` with ``b`` the ALiBi bias (``position="alibi"``) and
-      ``c_i = 1`` (``logn="none"``), ``log_{base} n_i`` (``"trained"``: SPEC §3.3, kexue.fm/archives/8823) or
+      ``c_i = 1`` (``logn="none"``), ``log_{base} n_i`` (``"trained"``: Su, kexue.fm/archives/8823) or
       ``max(1, log_{base} n_i)`` (``"posthoc"``), ``n_i`` = number of keys query ``i`` can see (causal ``i+1``,
       ``min(i+1, w)`` plus visible sinks with a window; bidirectional ``S`` or the band size), ``base =
       logn_base`` (the training length). ``c_i`` is folded into ``q_i`` so SDPA's fused kernel stays usable.
@@ -279,7 +281,7 @@ class Attention(nn.Module):
       cache then keeps the layer's keys unrotated. Composes with log n, windows and sinks; not with
       ``rope_scaling``, explicit ``positions`` or a trimmed cache (ValueError).
 
-    Kernels (``backend``; SPEC §3.5):
+    Kernels (``backend``; PyTorch's SDPA and FlexAttention documentation):
 
     * ``"sdpa"`` — :func:`torch.nn.functional.scaled_dot_product_attention` with shapes that keep the fused
       kernel: no mask (bidirectional), ``is_causal=True`` (square causal, no window/ALiBi), a bool ``[L, S]``
@@ -375,8 +377,6 @@ class Attention(nn.Module):
             raise ValueError("position='xpos' is for causal attention only (its decay grows for j > i; Sun et al.)")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
         self.position, self.causal, self.dropout, self.backend = position, bool(causal), dropout, backend
         self.layer_idx = layer_idx
@@ -398,6 +398,24 @@ class Attention(nn.Module):
         self.logn_base: int | None = None
         self.set_options(window=window, window_at=window_at, sink_tokens=sink_tokens, logn=logn, logn_base=logn_base,
                          rerope_window=rerope_window, rerope_leak=rerope_leak)
+
+    @property
+    def backend(self) -> str:
+        """The kernel: ``"auto"``, ``"sdpa"``, ``"flex"`` or ``"math"``; checked against ``position`` on every
+        assignment (the constructor's too), so an unsupported pair fails here rather than at the first forward."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {value!r}")
+        if value == "flex" and self.position in _BIASES:
+            raise ValueError(
+                f"backend='flex' does not support position={self.position!r} (a learned/positional score bias); "
+                f"use backend 'auto', 'sdpa' or 'math' with it, or backend='flex' with position 'rope', 'alibi', "
+                f"'none' or 'xpos'"
+            )
+        self._backend = value
 
     # ------------------------------------------------------------------ options
     def set_options(self, **opts: Any) -> None:
@@ -497,10 +515,10 @@ class Attention(nn.Module):
             front, start = cache.front[self.layer_idx], cache.start[self.layer_idx]
         else:
             k_pos = q_pos
-        if self.xpos is not None:  # the cache holds unscaled keys: scale what this call attends to
-            q, k = self.xpos(q, k, q_pos, k_pos)  # type: ignore[arg-type]
         if rerope:
             out = self._rerope(q, k, v, offset)
+        elif self.xpos is not None:  # the cache holds unscaled keys: each query block scales what it attends to
+            out = self._xpos_attend(q, k, v, offset, q_pos, k_pos, front, start)  # type: ignore[arg-type]
         else:
             use_pos = (self.alibi is not None and custom) or self.score_bias is not None
             out = self._attend(q, k, v, offset, q_pos if use_pos else None, k_pos if use_pos else None, front, start)
@@ -508,6 +526,26 @@ class Attention(nn.Module):
             # the next query (index total) sees keys >= total - w + 1, plus the sinks
             cache.trim(self.layer_idx, keep_first=self.sink_tokens, keep_last=self.window - 1)  # type: ignore[operator]
         return self.out(out.transpose(1, 2).reshape(B, L, H * D))
+
+    def _xpos_attend(
+        self, q: Tensor, k: Tensor, v: Tensor, offset: int, q_pos: Tensor, k_pos: Tensor, front: int, start: int,
+    ) -> Tensor:
+        """XPOS attention in blocks of :data:`~lightning_tiger.nn.xpos.QUERY_BLOCK` queries.
+
+        Each block is scaled with its own reference position (its last query) against the keys up to that
+        query, so query factors stay bounded and key factors ``<= 1`` in any dtype (see :mod:`.xpos`); one
+        block for decoding. ``q [B, H, L, D]``; ``k, v`` as in :meth:`_attend`; ``q_pos [B|1, L]``, ``k_pos``
+        the positions of the stored keys.
+        """
+        L = q.shape[2]
+        k_pos = k_pos.reshape(-1, k_pos.shape[-1])
+        outs = []
+        for a in range(0, max(L, 1), QUERY_BLOCK):
+            b = min(L, a + QUERY_BLOCK)
+            n_keys = front + (offset + b - start)  # stored keys with token index < offset + b (start <= offset)
+            qs, ks = self.xpos(q[:, :, a:b], k[:, :, :n_keys], q_pos[:, a:b], k_pos[:, :n_keys])
+            outs.append(self._attend(qs, ks, v[:, :, :n_keys], offset + a, None, None, front, start))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _rerope(self, q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
         """ReRoPE / Leaky ReRoPE over unrotated ``q [B, H, L, D]`` and all ``offset + L`` unrotated keys."""
@@ -537,8 +575,6 @@ class Attention(nn.Module):
         sinks = min(self.sink_tokens, S) if window is not None else 0
         backend = "sdpa" if self.backend == "auto" else self.backend
         if backend == "flex":
-            if self.score_bias is not None:
-                raise ValueError(f"backend='flex' does not support position={self.position!r}; use 'sdpa' or 'math'")
             if front or start:
                 raise ValueError("backend='flex' does not support a KVCache with trim_to_window=True")
             return self._flex(q, k, v, offset, window, sinks, q_pos, k_pos)

@@ -1,4 +1,4 @@
-"""General RoPE ``R_n = exp(nB)`` for a skew-symmetric ``B`` (SPEC §3.1, "Transformer升级之路：6")."""
+"""General RoPE ``R_n = exp(nB)`` for a skew-symmetric ``B`` (Su, "Transformer升级之路：6", RoPE completeness)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class GeneralRotaryEmbedding(nn.Module):
 
     Any such ``B`` has a real Schur form ``B = Z T Zᵀ`` (``Z`` orthogonal, ``T`` block-diagonal with blocks
     ``[[0, −θ_k], [θ_k, 0]]``), so ``exp(nB) = Z·RoPE_n(θ)·Zᵀ``: in attention ``Zᵀ`` folds into ``W_q``/``W_k``
-    and the standard block-diagonal RoPE loses nothing (SPEC §3.1; tests check this with
+    and the standard block-diagonal RoPE loses nothing (Su, "Transformer升级之路：6"; tests check this with
     ``scipy.linalg.schur(B, output="real")``). This module is for experiments and for that demonstration; it
     costs a ``d×d`` matrix exponential per position and a dense ``d×d`` product per vector.
 

@@ -1,4 +1,4 @@
-"""Random-position training (SPEC §3.3; Su, "Transformer升级之路：8", after Ruoss et al. 2023)."""
+"""Random-position training (Su, "Transformer升级之路：8", after Ruoss et al. 2023)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def random_positions(
 ) -> Tensor:
     """Random positions for training sequences of length ``N = seq_len``, one row per sequence.
 
-    * ``"sorted_int"`` (Ruoss et al. 2023; SPEC §3.3): ``N`` distinct integers drawn uniformly without
+    * ``"sorted_int"`` (Ruoss et al. 2023, "Randomized Positional Encodings Boost Length Generalization of
+      Transformers"): ``N`` distinct integers drawn uniformly without
       replacement from ``{0, …, L−1}`` (``L = max_position``, ``L ≫ N``, e.g. ``N = 40``, ``L = 2048``),
       sorted ascending. Returned as int64. At test time use evenly spaced positions (e.g.
       ``torch.linspace(0, L − 1, M)``), which the post finds slightly better than ``arange``.

@@ -26,10 +26,11 @@ each block ``[a, b)`` computes (causal; ``k_hi = b``):
 
 Bidirectional attention adds the keys ``[a + w, S)`` with the ``−w`` rotation (``where(r < 0, ...)`` where a
 block longer than ``2w`` has keys behind some queries and ahead of others). Queries and band keys are rotated
-once per call, not per block. Blocks are further split into batch chunks of about ``TILE_SCORES`` scores, so
-each tile's scores, softmax and value product stay in cache. Memory is ``O(max(TILE_SCORES, H · block · S))``;
-with a window or sinks active a per-block visibility mask is applied as well. Log-n (SPEC §3.3,
-kexue.fm/archives/8823) composes: it scales each query row in both branches.
+once per call, not per block, keys at their own ``H_kv`` heads (grouped-query attention: each key head's query
+heads share one matmul, keys are never repeated). Blocks are further split into batch chunks of about
+``TILE_SCORES`` scores, so each tile's scores, softmax and value product stay in cache. Memory is
+``O(max(TILE_SCORES, H · block · S))``; with a window or sinks active a per-block visibility mask is applied as
+well. Log-n (Su, kexue.fm/archives/8823) composes: it scales each query row in both branches.
 
 KV cache: a ReRoPE layer caches its keys *unrotated* (:class:`~lightning_tiger.nn.KVCache` keeps them in the
 layer's slot and refuses to mix them with rotated ones). Each call rotates only the key band of its queries
@@ -48,29 +49,10 @@ from torch import Tensor
 
 from .rotary import RotaryEmbedding
 
-__all__ = ["rerope_attention", "rerope_relative_position"]
+__all__ = ["rerope_attention"]
 
 #: scores per tile (batch chunk × query block × keys) of :func:`rerope_attention`: 2^19 fp32 = 2 MiB.
 TILE_SCORES = 1 << 19
-
-
-def rerope_relative_position(r: Tensor, window: int, leak: float | None = None) -> Tensor:
-    """The relative position ReRoPE / Leaky ReRoPE use instead of ``r = i − j`` (elementwise, float).
-
-    ``r`` for ``|r| < w``; beyond, ``sign(r)·w`` (ReRoPE, ``leak=None``) or ``sign(r)·(w + (|r| − w)/k)``
-    (Leaky ReRoPE, ``leak = k > 1``).
-
-    Args:
-        r: relative positions (any shape).
-        window: ``w >= 1``.
-        leak: ``k > 1`` or ``None``.
-
-    Returns:
-        float64 tensor of ``r``'s shape.
-    """
-    r = r.double()
-    beyond = r.sign() * (window if leak is None else window + (r.abs() - window) / leak)
-    return torch.where(r.abs() < window, r, beyond)
 
 
 def _rotate(rotary: RotaryEmbedding, x: Tensor, positions: Tensor) -> Tensor:
@@ -122,27 +104,39 @@ def rerope_attention(
         raise ValueError(f"window must be >= 1, got {window}")
     if leak is not None and not leak > 1:
         raise ValueError(f"leak must be > 1 or None, got {leak}")
-    rep = H // k.shape[1]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if q.shape[0] == 0 or L == 0:  # nothing to attend (and no tile size to divide by): as plain attention does
+        return q.new_zeros(q.shape[0], H, L, v.shape[-1])
+    G = k.shape[1]  # key/value heads; query head h uses key head h // rep (grouped-query attention)
+    rep = H // G
     dev, w = q.device, window
+
+    def grouped(x: Tensor) -> Tensor:
+        """Rotated queries ``[B, H, L, D]`` -> ``[B, G, rep, L, D]`` (a view)."""
+        return x.view(x.shape[0], G, rep, L, D)
+
+    def scores_of(qs: Tensor, ks: Tensor) -> Tensor:
+        """``qs [Bc, G, rep, Lb, D]`` against ``ks [Bc, G, T, D]`` -> ``[Bc, G, rep, Lb, T]``: one matmul per key
+        head for all its query heads, so keys are never repeated per query head."""
+        Bc, _, _, Lb, _ = qs.shape
+        return (qs.reshape(Bc, G, rep * Lb, D) @ ks.transpose(-1, -2)).view(Bc, G, rep, Lb, -1)
+
     f64 = dict(device=dev, dtype=torch.float64)
     vf = v.float().contiguous()
     qf = q.float() * (1.0 / math.sqrt(D))
     # Everything rotated once per call: near queries at i; near keys only where some query's band reaches
     # (indices >= offset − w + 1: the whole sequence for a full forward, the last w − 1 + L when decoding).
     i_all = torch.arange(offset, S, **f64)
-    q_near = _rotate(rotary, qf, i_all)
+    q_near = grouped(_rotate(rotary, qf, i_all))
     band_lo = max(0, offset - w + 1)
     k_near = _rotate(rotary, k[:, :, band_lo:].float(), torch.arange(band_lo, S, **f64))
     if leak is None:  # far: queries at ±w, keys unrotated
         k_far = k.float().contiguous()
-        q_left = _rotate(rotary, qf, torch.full((1,), float(w), **f64))
-        q_right = _rotate(rotary, qf, torch.full((1,), float(-w), **f64)) if not causal else None
+        q_left = grouped(_rotate(rotary, qf, torch.full((1,), float(w), **f64)))
+        q_right = grouped(_rotate(rotary, qf, torch.full((1,), float(-w), **f64))) if not causal else None
     else:  # far: queries at (i ± w(k − 1))/k, keys at j/k
         k_far = _rotate(rotary, k.float(), torch.arange(S, **f64) / leak)
-        q_left = _rotate(rotary, qf, (i_all + w * (leak - 1)) / leak)
-        q_right = _rotate(rotary, qf, (i_all - w * (leak - 1)) / leak) if not causal else None
+        q_left = grouped(_rotate(rotary, qf, (i_all + w * (leak - 1)) / leak))
+        q_right = grouped(_rotate(rotary, qf, (i_all - w * (leak - 1)) / leak)) if not causal else None
     # Tiles of about 2^19 scores (2 MiB): a batch chunk × a query block whose scores, softmax and value product
     # stay in cache. Streaming all batch rows per block through memory made this path 1.3–1.5× slower on a
     # loaded machine (benchmarks/rerope.py); the loop costs a few dozen iterations at 8L.
@@ -157,8 +151,8 @@ def rerope_attention(
             qa, qb = offset + a, offset + b  # absolute query indices
             k_hi = qb if causal else S
             vis, counts = visibility(qa, qb, k_hi) if visibility is not None else (None, None)
-            ql, qn = q_left[c0:c1, :, a:b], q_near[c0:c1, :, a:b]
-            qr = q_right[c0:c1, :, a:b] if q_right is not None else None
+            ql, qn = q_left[c0:c1, :, :, a:b], q_near[c0:c1, :, :, a:b]
+            qr = q_right[c0:c1, :, :, a:b] if q_right is not None else None
             if logn is not None:  # log-n scales each query row, in both branches (rotations are linear)
                 if counts is None:
                     idx = torch.arange(qa, qb, device=dev)
@@ -167,21 +161,24 @@ def rerope_attention(
                 ql, qn, qr = ql * c, qn * c, (qr * c if qr is not None else None)
             # far scores (r >= w) for every key up to k_hi — one matmul, the bulk of the work; the band and the
             # keys ahead are patched in place below
-            scores = ql @ k_far[c0:c1, :, :k_hi].transpose(-1, -2)  # [Bc, H, Lb, k_hi]
+            scores = scores_of(ql, k_far[c0:c1, :, :k_hi])  # [Bc, G, rep, Lb, k_hi]
             n_right = min(k_hi, qa + w)  # bidirectional: keys >= qa + w can be w or more ahead
             if qr is not None and n_right < k_hi:
-                right = qr @ k_far[c0:c1, :, n_right:k_hi].transpose(-1, -2)
+                right = scores_of(qr, k_far[c0:c1, :, n_right:k_hi])
                 r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(n_right, k_hi, device=dev)[None]
                 scores[..., n_right:] = torch.where(r < 0, right, scores[..., n_right:])
             # the band: only keys [lo, hi) can be within w of a query of the block; |r| < w there gets plain RoPE
             lo, hi = max(0, qa - w + 1), min(k_hi, qb + w - 1)
-            near = qn @ k_near[c0:c1, :, lo - band_lo : hi - band_lo].transpose(-1, -2)
+            near = scores_of(qn, k_near[c0:c1, :, lo - band_lo : hi - band_lo])
             r = torch.arange(qa, qb, device=dev)[:, None] - torch.arange(lo, hi, device=dev)[None]
             if causal and visibility is None:  # the only hidden keys of plain causal attention lie in the band
                 near.masked_fill_(r < 0, float("-inf"))
             scores[..., lo:hi] = torch.where(r < w if causal else r.abs() < w, near, scores[..., lo:hi])
             if vis is not None:
                 scores = scores.masked_fill(~vis, float("-inf"))
-            outs.append(torch.softmax(scores, dim=-1) @ vf[c0:c1, :, :k_hi])
-        chunks.append(torch.cat(outs, dim=2))
-    return torch.cat(chunks, dim=0).to(q.dtype)
+            probs = torch.softmax(scores, dim=-1)
+            Bc, Lb = probs.shape[0], b - a
+            out = probs.view(Bc, G, rep * Lb, k_hi) @ vf[c0:c1, :, :k_hi]  # [Bc, G, rep·Lb, d_v]
+            outs.append(out.view(Bc, G, rep, Lb, -1))
+        chunks.append(torch.cat(outs, dim=3))
+    return torch.cat(chunks, dim=0).reshape(q.shape[0], H, L, -1).to(q.dtype)

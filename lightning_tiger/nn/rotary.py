@@ -2,7 +2,7 @@
 
 Layout: queries/keys are ``[batch, seq, heads, head_dim]`` everywhere in ``lightning_tiger.nn`` (the layout a
 fused ``qkv`` projection produces; :class:`~lightning_tiger.nn.Attention` transposes to SDPA's
-``[batch, heads, seq, head_dim]`` afterwards). Formulas: SPEC §3.1 (RoFormer, Su et al. 2021); scaling
+``[batch, heads, seq, head_dim]`` afterwards). Formulas: RoFormer (Su et al. 2021, §3.2); scaling
 variants follow ``transformers.modeling_rope_utils`` (names and formulas), see :class:`RotaryEmbedding`.
 """
 
@@ -39,10 +39,10 @@ class RotaryEmbedding(nn.Module):
     .. math:: (x_a, x_b) \mapsto (x_a\cos p\theta_k - x_b\sin p\theta_k,\; x_a\sin p\theta_k + x_b\cos p\theta_k),
               \qquad \theta_k = \text{base}^{-2k/d}
 
-    so that ``<R_m q, R_n k>`` depends on ``n - m`` only (SPEC §3.1). The two layouts differ by a fixed
+    so that ``<R_m q, R_n k>`` depends on ``n - m`` only (Su et al. 2021, §3.2). The two layouts differ by a fixed
     permutation of the head dimension; pick the one your checkpoint was trained with.
 
-    Precision (SPEC §3.1): angles are computed with autocast disabled, as ``p·θ_k`` in fp64 (fp64 ``θ_k``)
+    Precision: angles are computed with autocast disabled, as ``p·θ_k`` in fp64 (fp64 ``θ_k``)
     reduced modulo 2π and then rounded to fp32, so positions ~1e5 keep ~1e-7 angle accuracy, where fp32
     ``p`` and ``θ_k`` (HF's way) are off by up to ~6e-3 rad there; MPS, which lacks fp64, uses fp32. The
     tables are ``[L, d/2]`` so the fp64 step costs nothing next to attention. ``inv_freq`` is a
@@ -81,7 +81,7 @@ class RotaryEmbedding(nn.Module):
     Shapes:
         ``forward(q [B, L, H, d], k [B, L, H_kv, d], positions [L] | [B, L] | None, offset)`` returns the
         rotated ``(q, k)`` in their input dtypes. ``positions`` may be integers or floats (random / fractional
-        positions, SPEC §3.3); default ``offset, ..., offset + L − 1``.
+        positions, Su's "Transformer升级之路：8"); default ``offset, ..., offset + L − 1``.
     """
 
     inv_freq: Tensor

@@ -1,4 +1,5 @@
-"""A pre-norm decoder-only Transformer LM built from :class:`~lightning_tiger.nn.Attention` (SPEC §3)."""
+"""A pre-norm decoder-only Transformer LM built from :class:`~lightning_tiger.nn.Attention` (RoPE: Su et al. 2021;
+ALiBi: Press et al. 2022)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ class TransformerLM(nn.Module):
     keys may be strings (YAML). Options: ``position``, ``window``, ``window_at``, ``sink_tokens``, ``logn``,
     ``logn_base``, ``rope_base``, ``rope_scaling``, ``interleaved``, ``num_kv_heads``, ``backend``,
     ``rerope_window``, ``rerope_leak``. Example,
-    HWFA (SPEC §3.3): ``window=L, layer_overrides={-1: {"position": "none", "window": None, "logn":
+    HWFA (Su, kexue.fm/archives/9603): ``window=L, layer_overrides={-1: {"position": "none", "window": None, "logn":
     "trained"}}`` with ``logn_base=L``.
 
     Args:

@@ -8,12 +8,18 @@ exponential decay with the distance that is strong for the fast-rotating pairs (
 slow ones. The decay only makes sense for ``j <= i`` (it would grow for ``j > i``): XPOS is for causal
 attention.
 
-Offsets and the KV cache: the scores depend on ``i − j`` only, so we multiply by ``ζ^{(i − c)/B}`` and
-``ζ^{−(j − c)/B}`` with a reference ``c`` chosen per call (the mean position of the call's queries) instead of
-the absolute ``ζ^{±i/B}``: mathematically identical, but the factors stay near 1 for the keys that matter (far
-keys only shrink) where the absolute form overflows fp16 beyond ~4500 positions and fp32 beyond ~35000.
-Hence the cache keeps keys rotated but *unscaled* and every call scales the keys it attends to at their
-absolute positions (an ``O(S·d)`` multiply next to the ``O(L·S·d)`` scores).
+Offsets, precision and the KV cache: the scores depend on ``i − j`` only, so we multiply by ``ζ^{(i − c)/B}``
+and ``ζ^{−(j − c)/B}`` with a reference ``c`` instead of the absolute ``ζ^{±i/B}`` (which overflows fp16 beyond
+~4500 positions and fp32 beyond ~35000). ``c`` is the *largest* query position of the call, so every visible key
+(``j <= c``) gets a factor ``<= 1`` (far keys only shrink); keys beyond ``c`` are invisible to every query of a
+causal call and get the factor 1 instead of a growing one. Query factors are ``>= 1`` and grow like
+``exp(|log ζ_0| · (c − i)/B)`` (``|log ζ_0| = log 3.5 ≈ 1.25``) over the call's span of query positions, so a
+caller must keep that span short: :class:`~lightning_tiger.nn.Attention` scales and attends in query blocks of
+:data:`QUERY_BLOCK` rows (factors ``<= 3.5^{span/512}``, about 3.5 for unit spacing) whatever the length.
+(Centring on the mean query position only halves the exponent: keys after the centre and queries before it still
+grow like ``exp(1.25 · T/1024)`` and overflow fp16 within one call of ~9000 positions.)
+Hence the cache keeps keys rotated but *unscaled* and every block scales the keys it attends to at their
+absolute positions (an ``O(S·d)`` multiply next to the block's ``O(QUERY_BLOCK·S·d)`` scores).
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["XPOS"]
+__all__ = ["QUERY_BLOCK", "XPOS"]
+
+#: query rows per block of :class:`~lightning_tiger.nn.Attention`'s XPOS path: query factors stay <= 3.5 for
+#: unit-spaced positions (``ζ_0^{−512/512} = 1.4/0.4``).
+QUERY_BLOCK = 512
 
 
 class XPOS(nn.Module):
@@ -69,11 +79,28 @@ class XPOS(nn.Module):
         return torch.exp(sign * rel * self.log_zeta_per_dim(dev).to(wide)).float()
 
     def forward(self, q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor) -> tuple[Tensor, Tensor]:
-        q_pos = q_pos.reshape(-1, q_pos.shape[-1])  # [B|1, L]
-        k_pos = k_pos.reshape(-1, k_pos.shape[-1])  # [B|1, S]
-        ref = q_pos.double().mean(-1, keepdim=True) if q_pos.shape[-1] else torch.zeros(1, 1, dtype=torch.float64)
+        """Scale pair ``t`` of each query by ``ζ_t^{(i − c)/B}`` and of each key by ``ζ_t^{−(min(j, c) − c)/B}``.
+
+        ``c`` is the largest query position per batch row, so key factors are ``<= 1`` and query factors are
+        ``>= 1``, bounded by ``ζ_0^{−span/B}`` with ``span`` the range of ``q_pos`` (keep it short: see the
+        module docstring). Scores ``⟨q_i, k_j⟩`` carry ``ζ^{(i − j)/B}`` exactly for ``j <= c``.
+
+        Args:
+            q: RoPE-rotated queries ``[B, H, L, d]``.
+            k: RoPE-rotated keys ``[B, H_kv, S, d]``.
+            q_pos: query positions ``[L]`` or ``[B|1, L]``.
+            k_pos: key positions ``[S]`` or ``[B|1, S]``.
+
+        Returns:
+            The scaled ``(q, k)`` in their dtypes (factors computed in fp64, applied in fp32).
+        """
+        if q_pos.shape[-1] == 0:
+            return q, k
+        q_pos = q_pos.reshape(-1, q_pos.shape[-1]).double()  # [B|1, L]
+        k_pos = k_pos.reshape(-1, k_pos.shape[-1]).double()  # [B|1, S]
+        ref = q_pos.amax(-1, keepdim=True)  # [B|1, 1]
         fq = self.factors(q_pos, ref, 1.0).unsqueeze(1)  # [B|1, 1, L, d]
-        fk = self.factors(k_pos, ref, -1.0).unsqueeze(1)
+        fk = self.factors(torch.minimum(k_pos, ref), ref, -1.0).unsqueeze(1)
         return (q.float() * fq).to(q.dtype), (k.float() * fk).to(k.dtype)
 
     def extra_repr(self) -> str:

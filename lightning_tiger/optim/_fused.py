@@ -1,11 +1,11 @@
 """Fused multi-tensor C++ kernels for Tiger and Lion (CPU), built on first use.
 
-Why fused (SPEC §1.3): an optimizer step is memory-bound. Fused AdamW moves 28 bytes per fp32 parameter; a
-Tiger/Lion step needs only 20 (read θ, g, m; write θ, m) and a non-final accumulation micro-step of Tiger only
-12 (read g; read and write m). A chain of ``torch._foreach_*`` calls re-reads the tensors once per call, so it
-moves several times that. The kernels in ``csrc/fused_optim.cpp`` make one pass over the data per tensor, with
-the math in fp32 and one rounding to the storage dtype, parallelised over (tensor, block) work items on ATen's
-intra-op thread pool (``torch.set_num_threads`` applies).
+Why fused: an optimizer step is memory-bound (bytes counted from the update rules below). Fused AdamW moves 28
+bytes per fp32 parameter; a Tiger/Lion step needs only 20 (read θ, g, m; write θ, m) and a non-final accumulation
+micro-step of Tiger only 12 (read g; read and write m). A chain of ``torch._foreach_*`` calls re-reads the tensors
+once per call, so it moves several times that. The kernels in ``csrc/fused_optim.cpp`` make one pass over the data
+per tensor, with the math in fp32 and one rounding to the storage dtype, parallelised over (tensor, block) work
+items on ATen's intra-op thread pool (``torch.set_num_threads`` applies).
 
 Design (measured by ``benchmarks/optimizer_step.py``):
 
@@ -18,7 +18,8 @@ Design (measured by ``benchmarks/optimizer_step.py``):
   timing: runs stay reproducible). So a finite step moves the minimal 20 bytes per fp32
   parameter (12 for a non-final micro-step) and is bit-identical to the exact rule; on a non-finite step the
   kept m and the shrunk θ equal the exact rule's to within float rounding (a few ulp of ``|m| + |b2·g|`` and
-  of ``|θ|``), not bit for bit. Deviation from SPEC §1.2 ("m unchanged"), hence documented: **``exact=True``**
+  of ``|θ|``), not bit for bit. Deviation from Tiger's non-finite rule ("m unchanged";
+  Su, "Tiger:一个“抠”到极致的优化器", and bojone/tiger ``tiger.py``), hence documented: **``exact=True``**
   restores the bit-exact rule at the cost of reading every gradient before writing (phase A ``isfinite`` over
   g, phase B the update: a tensor within ``group_bytes`` is handled whole by one thread, B from its caches; a
   larger one is shared by all threads and read twice, +4 bytes per parameter). Steps with ``b1 < 0.5``
@@ -70,7 +71,8 @@ rounding unless ``exact``, see above),
 ``θ_i ← θ_i·(1 − η·λ_i) − η·sign(m_i)`` (= θ − η·(sign(m) + λθ)) with η = ``lrs[i]`` · {1, max(RMS(θ_i), floor_i),
 max(RMS(θ_i[r]), floor_i) per row r of θ viewed as [shape[0], −1]} for lr_mode {0, 1, 2}; a tensor with
 ndim < 2 in mode 2 uses its whole-tensor RMS (as the reference does). sign(0) = 0, and the sign is that of the
-momentum as stored (its dtype may be bf16/fp16). ``lion_step_`` (SPEC §1.1, the paper's order):
+momentum as stored (its dtype may be bf16/fp16). ``lion_step_`` (Chen et al. 2023, "Symbolic Discovery of
+Optimization Algorithms", Algorithm 2, the paper's order):
 ``c = β1·m + (1−β1)·g; θ ← θ·(1 − η·λ) − η·sign(c); m ← β2·m + (1−β2)·g``.
 
 Supported: dense contiguous CPU tensors; params float32/bfloat16/float16, grads of the param dtype, momenta
@@ -91,6 +93,7 @@ visible line while compiling, a warning naming the cause and the fix on fallback
 from __future__ import annotations
 
 import math
+import operator
 import os
 import weakref
 from collections.abc import Sequence
@@ -216,8 +219,14 @@ def _sr_key_list(sr_keys: Sequence[int] | None, n: int) -> list[int]:
     for i, key in enumerate(sr_keys):
         if isinstance(key, Tensor):
             key = key.item()  # a 0-d int64 tensor (e.g. built by step_key from optimizer state)
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < 2**32:
-            raise ValueError(f"sr_keys[{i}] must be an int in [0, 2**32), got {key!r}")
+        try:  # any integer-like key (numpy integers included); floats and bools are refused
+            if isinstance(key, bool):
+                raise TypeError
+            key = operator.index(key)
+        except TypeError:
+            key = None
+        if key is None or not 0 <= key < 2**32:
+            raise ValueError(f"sr_keys[{i}] must be an int in [0, 2**32), got {sr_keys[i]!r}")
         keys.append(key)
     return keys
 
@@ -250,7 +259,8 @@ def tiger_step_(
         lr_modes: per tensor, 0 (η = lr), 1 (η = lr·max(RMS(θ), floor)) or 2 (per-row RMS).
         lrs, weight_decays, centers, rms_floor: per-tensor lr (bias/norm 0.5 factor included), λ, shrink centre
             c and RMS floor.
-        b1, b2: this micro-step's momentum coefficients (SPEC §1.2: b1 = β or 1, b2 = (1 − β)/k).
+        b1, b2: this micro-step's momentum coefficients (gradient accumulation folded into Tiger's
+            momentum, bojone/tiger ``tiger.py``: b1 = β or 1, b2 = (1 − β)/k).
         update: last micro-step of the window (θ moves); otherwise only m changes (12 bytes/param).
         shrink_ratio: s of the non-finite rule.
         exact: bit-exact non-finite rule (read g before writing); default: one pass with a rollback (module
@@ -320,7 +330,8 @@ def lion_step_(
     sr_keys: Sequence[int] | None = None,
     momentum_sr: bool = True,
 ) -> None:
-    """One fused Lion step over all tensors, in place (SPEC §1.1, the paper's order of operations).
+    """One fused Lion step over all tensors, in place (Chen et al. 2023, "Symbolic Discovery of
+    Optimization Algorithms", Algorithm 2: the paper's order of operations).
 
     ``c = β1·m + (1−β1)·g``; ``θ ← θ·(1 − lr·λ)``; ``θ ← θ − lr·sign(c)``; ``m ← β2·m + (1−β2)·g``, math in fp32.
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from lightning_tiger.nn import Attention, KVCache, TransformerLM
-from lightning_tiger.nn.rerope import rerope_relative_position
 
 
 def ref_rotate(x: torch.Tensor, pos: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -64,19 +63,11 @@ def ref_rerope(attn: Attention, x: torch.Tensor, window_on: bool = False) -> tor
     return out @ attn.out.weight.double().T
 
 
-def test_relative_position_function():
-    r = torch.arange(-12, 13)
-    got = rerope_relative_position(r, 4, None)
-    torch.testing.assert_close(got, torch.tensor([ref_relative(int(x), 4, None) for x in r], dtype=torch.float64))
-    got = rerope_relative_position(r, 4, 8.0)
-    torch.testing.assert_close(got, torch.tensor([ref_relative(int(x), 4, 8.0) for x in r], dtype=torch.float64))
-
-
 @pytest.mark.parametrize("leak", [None, 4.0])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("logn", ["none", "posthoc"])
 @pytest.mark.parametrize("block", [4, 64])
-def test_matches_explicit_reference(leak, causal, logn, block):
+def test_matches_explicit_reference(leak: float | None, causal: bool, logn: str, block: int) -> None:
     torch.manual_seed(0)
     attn = Attention(16, 4, num_kv_heads=2, causal=causal, logn=logn, logn_base=6, rerope_window=5, rerope_leak=leak)
     attn.rerope_block = block  # 4: many query blocks, each with far, band and (bidirectional) right-far keys
@@ -87,7 +78,7 @@ def test_matches_explicit_reference(leak, causal, logn, block):
     torch.testing.assert_close(out.double(), ref_rerope(attn, x), atol=2e-5, rtol=1e-4)
 
 
-def test_batch_chunked_tiles_match_reference(monkeypatch):
+def test_batch_chunked_tiles_match_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_tiger.nn.rerope as rerope
 
     monkeypatch.setattr(rerope, "TILE_SCORES", 1)  # one batch row per tile
@@ -101,7 +92,7 @@ def test_batch_chunked_tiles_match_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("sinks", [0, 2])
-def test_composes_with_window_and_sinks(sinks):
+def test_composes_with_window_and_sinks(sinks: int) -> None:
     torch.manual_seed(1)
     attn = Attention(16, 2, window=9, sink_tokens=sinks, rerope_window=3, rerope_leak=2.0).eval()
     attn.rerope_block = 5
@@ -111,7 +102,7 @@ def test_composes_with_window_and_sinks(sinks):
     torch.testing.assert_close(out.double(), ref_rerope(attn, x, window_on=True), atol=2e-5, rtol=1e-4)
 
 
-def test_training_uses_plain_rope_and_a_wide_window_changes_nothing():
+def test_training_uses_plain_rope_and_a_wide_window_changes_nothing() -> None:
     torch.manual_seed(2)
     x = torch.randn(2, 30, 16)
     plain = Attention(16, 2)
@@ -126,7 +117,7 @@ def test_training_uses_plain_rope_and_a_wide_window_changes_nothing():
 
 @pytest.mark.parametrize("leak", [None, 3.0])
 @pytest.mark.parametrize("logn", ["none", "posthoc"])
-def test_incremental_decode_equals_full_forward(leak, logn):
+def test_incremental_decode_equals_full_forward(leak: float | None, logn: str) -> None:
     torch.manual_seed(3)
     attn = Attention(32, 4, num_kv_heads=2, logn=logn, logn_base=4, rerope_window=6, rerope_leak=leak).eval()
     attn.rerope_block = 8
@@ -142,7 +133,7 @@ def test_incremental_decode_equals_full_forward(leak, logn):
     torch.testing.assert_close(cache.keys[0], k_raw.detach())
 
 
-def test_model_decode_with_rerope_and_cache_mode_guard():
+def test_model_decode_with_rerope_and_cache_mode_guard() -> None:
     torch.manual_seed(4)
     model = TransformerLM(vocab_size=50, dim=32, depth=2, num_heads=2, logn="posthoc", logn_base=8).eval()
     model.set_attention_options(rerope_window=4)
@@ -165,12 +156,12 @@ def test_model_decode_with_rerope_and_cache_mode_guard():
         ({"rerope_leak": 2.0}, "needs rerope_window"),
     ],
 )
-def test_bad_options_raise(opts, match):
+def test_bad_options_raise(opts: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Attention(16, 2, **opts)
 
 
-def test_unsupported_combinations_raise():
+def test_unsupported_combinations_raise() -> None:
     x = torch.randn(1, 6, 16)
     attn = Attention(16, 2, rerope_window=2).eval()
     with pytest.raises(ValueError, match="default positions"):
@@ -180,3 +171,16 @@ def test_unsupported_combinations_raise():
     attn.set_options(rope_scaling={"type": "ntk", "factor": 2})
     with pytest.raises(ValueError, match="rope_scaling"):
         attn(x)
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (2, 0)])
+def test_empty_inputs_return_empty_like_plain_attention(shape: tuple[int, int]) -> None:
+    attn = Attention(16, 4, num_kv_heads=2).eval()
+    x = torch.randn(*shape, 16)
+    with torch.no_grad():
+        plain = attn(x)
+        attn.set_options(rerope_window=4)
+        got = attn(x)
+        attn.set_options(rerope_leak=3.0)
+        leaky = attn(x)
+    assert got.shape == leaky.shape == plain.shape == (*shape, 16)
