@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import platform
 import statistics
@@ -120,35 +119,6 @@ def _bf16_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-def _kernel_tiger_step(model: nn.Module, stochastic: bool) -> Callable[[], None]:
-    """A bf16 Tiger step through the fused kernel, called the way ``Tiger`` calls it (for a tree whose ``Tiger``
-    has no ``stochastic_rounding`` option yet): RMS-scaled rate for matrices, half rate and no decay for
-    vectors, an RMS cache, and per-tensor keys ``step_key(stream_of(seed, i), step)``."""
-    from lightning_tiger.optim import _fused
-    from lightning_tiger.optim.stochastic_rounding import step_key, stream_of
-
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
-    moms = [torch.zeros_like(p) for p in params]
-    modes = [1 if p.ndim >= 2 else 0 for p in params]
-    lrs = [1e-3 if m else 0.5e-3 for m in modes]
-    wds = [0.01 if m else 0.0 for m in modes]
-    floors = [0.1 / (p[0].numel() ** 0.5) if p.ndim >= 2 else 0.0 for p in params]
-    streams = [stream_of(0, i) for i in range(len(params))]
-    cache = _fused.new_rms_cache()
-    counter = [0]
-
-    def step() -> None:
-        t = counter[0]
-        counter[0] += 1
-        keys = [step_key(s, t) for s in streams] if stochastic else None
-        _fused.tiger_step_(params, grads, moms, lr_modes=modes, lrs=lrs, weight_decays=wds, centers=[0.0] * len(params),
-                           rms_floor=floors, b1=0.965, b2=0.035, update=True, shrink_ratio=0.99, rms_cache=cache,
-                           sr_keys=keys)
-
-    return step
-
-
 def build_optimizers(model: nn.Module, skipped: dict[str, str]) -> dict[str, tuple[Callable[[], None], int]]:
     """name -> (one timed step, bytes moved per parameter); each optimizer on its own copy of the parameters."""
     from lightning_tiger.optim import Lion, Tiger, tiger_param_groups
@@ -175,14 +145,10 @@ def build_optimizers(model: nn.Module, skipped: dict[str, str]) -> dict[str, tup
     tiger_bm = Tiger(tiger_param_groups(_copy(model), weight_decay=0.01), lr=1e-3, beta=0.965,
                      momentum_dtype=torch.bfloat16)
     opts[ROW_BF16_MOM] = (tiger_bm.step, 16)
-    has_sr = "stochastic_rounding" in inspect.signature(Tiger).parameters
     for row, stochastic in ((ROW_BF16_SR, True), (ROW_BF16_RN, False)):
-        if has_sr:
-            opt = Tiger(tiger_param_groups(_bf16_copy(model), weight_decay=0.01), lr=1e-3, beta=0.965,
-                        stochastic_rounding=stochastic)
-            opts[row] = (opt.step, 10)
-        else:
-            opts[row + " [kernel]"] = (_kernel_tiger_step(_bf16_copy(model), stochastic), 10)
+        opt = Tiger(tiger_param_groups(_bf16_copy(model), weight_decay=0.01), lr=1e-3, beta=0.965,
+                    stochastic_rounding=stochastic)
+        opts[row] = (opt.step, 10)
     adam_bf16 = torch.optim.AdamW(_bf16_copy(model).parameters(), lr=1e-3, weight_decay=0.01, fused=True)
     opts["torch AdamW fused, bf16 θ+m+v+g"] = (adam_bf16.step, 14)
     for flavour, kw in (("single-tensor", dict(foreach=False)), ("foreach", dict(foreach=True)),
