@@ -173,6 +173,24 @@ def test_optimizer_hyperparameters(opt_name: str, arg: str, data: st.DataObject)
                      valid=OPT_VALID[opt_name][arg](value))
 
 
+#: Values at the edges of each documented range, so that a range narrower or wider than documented fails
+#: deterministically (random draws rarely land next to a bound).
+OPT_EDGES: dict[str, list[Any]] = {
+    "lr": [0.0, 1e-8, 10.0, -1e-12], "weight_decay": [0.0, 5.0, -1e-12], "beta": [0.0, 0.5, 0.999, 1.0, -1e-9],
+    "grad_accum_steps": [1, 7, 0], "shrink_ratio": [1e-6, 0.5, 1.0, 0.0, 1.0 + 1e-9], "rms_floor": [None, 0.0, 1.0],
+    "betas": [(0.0, 0.0), (0.9, 0.99), (0.999, 0.5), (1.0, 0.9), (0.9, 1.0), (-0.1, 0.9)],
+}
+OPT_EDGE_CASES = [(o, a, v) for o, args in OPT_VALID.items() for a in args if a in OPT_EDGES for v in OPT_EDGES[a]]
+
+
+@pytest.mark.parametrize(("opt_name", "arg", "value"), OPT_EDGE_CASES,
+                         ids=[f"{o}-{a}={v}" for o, a, v in OPT_EDGE_CASES])
+def test_optimizer_hyperparameter_edges(opt_name: str, arg: str, value: Any) -> None:
+    cls = _need("lightning_tiger.optim", opt_name)
+    works_or_refuses(lambda: _train(lambda m: cls(m.parameters(), **{arg: value})), [arg],
+                     valid=OPT_VALID[opt_name][arg](value))
+
+
 @pytest.mark.parametrize(("opt_name", "arg"), [c for c in OPT_CASES if c[1] in {"lr", "beta", "betas",
                                                                                "weight_decay", "grad_accum_steps",
                                                                                "shrink_ratio", "rms_floor"}])
