@@ -29,12 +29,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tiger.callbacks.nonfinite_guard import NonFiniteGuard
 from lightning_tiger.callbacks.optimizer_monitor import OptimizerMonitor
 from lightning_tiger.callbacks.use_optimizer import UseOptimizer
-
-optim = pytest.importorskip("lightning_tiger.optim")
-schedulers = pytest.importorskip("lightning_tiger.optim.schedulers")
-Tiger, Lion, PiecewiseLinearLR = optim.Tiger, optim.Lion, optim.PiecewiseLinearLR
-tiger_param_groups = optim.tiger_param_groups
-piecewise_linear = schedulers.piecewise_linear
+from lightning_tiger.optim import Lion, PiecewiseLinearLR, Tiger, tiger_param_groups
+from lightning_tiger.optim.schedulers import piecewise_linear
 
 
 class Net(L.LightningModule):
@@ -237,14 +233,65 @@ def test_fold_in_backward_guard_counts_tiger_flags_and_clipping_is_refused(tmp_p
             fit(tmp_path / "b", seeded(make_opt=fold_tiger), [cb], gradient_clip_val=1.0)
 
 
+class Probe(Callback):
+    """Copies, per batch and parameter name, what OptimizerMonitor's documented formulas read: θ, g and the
+    momentum before the step, and θ after it."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self._batch = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._batch = idx
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        rows = {}
+        for name, p in pl_module.named_parameters():
+            m = optimizer.state.get(p, {}).get("momentum")
+            rows[name] = (p.detach().double().clone(), None if p.grad is None else p.grad.double().clone(),
+                          None if m is None else m.double().clone())
+        self.before[self._batch] = rows
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.after[self._batch] = {name: p.detach().double().clone() for name, p in pl_module.named_parameters()}
+
+
 def test_monitor_and_guard_with_tiger_in_bf16(tmp_path: Path) -> None:
+    """The logged values equal OptimizerMonitor's documented formulas evaluated by hand on the logged step."""
+    lr = 5e-3
     mon = OptimizerMonitor(log_every_n_steps=4)
     guard = NonFiniteGuard()
+    probe = Probe()
     model = seeded(poison_batch=5)
-    fit(tmp_path, model, [guard, mon], precision="bf16-mixed")
+    fit(tmp_path, model, [guard, mon, probe], precision="bf16-mixed")
     assert guard.skipped == 1
     logged = mon.last_logged
-    # bias/norm kinds move by 0.5·lr; matrices by lr·RMS(θ) (< 0.5·lr here), embedding rows by lr·RMS(row) (≈ lr)
-    assert logged["optim/Tiger/lr_min"] < 0.5 * 5e-3 < logged["optim/Tiger/lr_max"]
-    assert 0.0 <= logged["optim/Tiger/sign_agreement"] <= 1.0
-    assert logged["optim/Tiger/update_rms"] > 0
+    # Optimizer steps 3 and 7 are logging steps ((step + 1) % 4 == 0, vetoed step 5 included in the count).
+    before, after = probe.before[7], probe.after[7]
+    n = sum(t.numel() for t, _, _ in before.values())
+    param_rms = math.sqrt(sum(float((t**2).sum()) for t, _, _ in before.values()) / n)
+    update_rms = math.sqrt(sum(float(((after[k] - t) ** 2).sum()) for k, (t, _, _) in before.items()) / n)
+    pairs = [(m, g) for _, g, m in before.values() if m is not None and g is not None]
+    assert len(pairs) == len(before), "every tensor has a momentum and a gradient at step 7"
+    agree = sum(int((torch.sign(m) == torch.sign(g)).sum()) for m, g in pairs) / sum(m.numel() for m, _ in pairs)
+    assert 0.05 < agree < 0.95, f"degenerate set-up: agreement {agree}"  # a value a constant could not fake
+    assert logged["optim/Tiger/param_rms"] == pytest.approx(param_rms, rel=1e-5)
+    assert logged["optim/Tiger/update_rms"] == pytest.approx(update_rms, rel=1e-4)
+    assert logged["optim/Tiger/sign_agreement"] == pytest.approx(agree, abs=1e-6)
+    # Effective lr (SPEC §1.2): bias / norm kinds 0.5·lr; matrices lr·RMS(θ); embedding rows lr·RMS(row). Every
+    # RMS here is far above the default floor 0.1/sqrt(fan_in) <= 0.036, so the floor does not enter.
+    kinds = {"emb.weight": "rows", "l1.weight": "rms", "l1.bias": "half", "ln.weight": "half", "ln.bias": "half",
+             "head.weight": "rms", "head.bias": "half"}
+    assert sorted(before) == sorted(kinds)
+    etas: list[float] = []
+    for name, (t, _, _) in before.items():
+        if kinds[name] == "half":
+            etas.append(0.5 * lr)
+        elif kinds[name] == "rms":
+            etas.append(lr * float(t.pow(2).mean().sqrt()))
+        else:
+            etas += [lr * float(r) for r in t.pow(2).mean(dim=1).sqrt()]
+    assert min(etas) / lr > 0.04
+    assert logged["optim/Tiger/lr_min"] == pytest.approx(min(etas), rel=1e-5)
+    assert logged["optim/Tiger/lr_max"] == pytest.approx(max(etas), rel=1e-5)

@@ -16,8 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tiger.callbacks.use_optimizer import UseOptimizer
-
-Tiger = pytest.importorskip("lightning_tiger.optim.tiger").Tiger
+from lightning_tiger.optim.tiger import Tiger
 
 N_BATCHES = 6
 

@@ -36,6 +36,19 @@ def test_w2_matches_brute_force_over_permutations() -> None:
         for p in itertools.permutations(range(6))
     )
     assert float(wasserstein2(x, y)) == pytest.approx(math.sqrt(best), rel=1e-10)
+
+
+def test_w2_pot_backend_matches_brute_force_over_permutations() -> None:
+    pytest.importorskip("ot", reason="backend='pot' needs POT (pip install pot; it is in the test extra)")
+    gen = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(6, 3, generator=gen, dtype=torch.float64),
+        torch.randn(6, 3, generator=gen).double() + 1,
+    )
+    best = min(
+        sum(float(((x[i] - y[p[i]]) ** 2).sum()) for i in range(6)) / 6
+        for p in itertools.permutations(range(6))
+    )
     assert float(wasserstein2(x, y, backend="pot")) == pytest.approx(math.sqrt(best), rel=1e-8)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -38,46 +39,46 @@ def _flatten(out: Any) -> Iterable[torch.Tensor]:
         yield torch.tensor(out)
 
 
-def wrong_type(*values: Any) -> bool:
-    """Any of ``values`` is of the wrong kind altogether (None, a bool, a list, a non-numeric junk string where a
-    number is expected): then any TypeError/ValueError is a fine refusal, whatever its message."""
-    return any(
-        v is None or isinstance(v, (bool, list, dict)) or type(v) is object
-        or (isinstance(v, str) and v in ("4", "abc"))
-        for v in values
-    )
+def is_int(v: Any, low: int | None = None, high: int | None = None) -> bool:
+    """``v`` is an int (not a bool) in ``[low, high]``."""
+    return type(v) is int and (low is None or v >= low) and (high is None or v <= high)
+
+
+def is_real(v: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> bool:
+    """``v`` is a finite real number (int or float, not a bool) in the given range."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return False
+    if low is not None and (v <= low if low_open else v < low):
+        return False
+    return high is None or (v < high if high_open else v <= high)
 
 
 def works_or_refuses(
-    fn: Callable[[], Any], names: str | Sequence[str], *, check_finite: bool = True, lenient: bool = False
+    fn: Callable[[], Any], names: str | Sequence[str], *, valid: bool, check_finite: bool = True
 ) -> Any:
-    """Run ``fn``: it must return finite tensors, or raise ValueError/TypeError naming one of ``names``.
+    """Run ``fn`` and check the outcome the documented accepted ranges predict.
 
-    With ``lenient=True`` (the value under test is not even a number, e.g. ``"abc"`` for a count) any
-    ValueError/TypeError is accepted, whatever its message: Python itself answers type misuse that way.
-
-    Anything else (IndexError, RuntimeError from a torch op, ZeroDivisionError, a NaN in the output) fails
-    the test with the exception or the offending output. Returns ``fn()``'s value, or None when it refused.
+    ``valid=True`` (every argument within its documented range): ``fn`` must return, with finite tensors; any
+    exception is a valid value wrongly refused. ``valid=False``: ``fn`` must raise ``ValueError``/``TypeError``
+    whose message names one of ``names`` as a word (the parameters at fault, not a broad word); returning is a bad value
+    wrongly accepted, and any other exception a crash. Returns ``fn()``'s value, or None when it refused.
     """
     names = [names] if isinstance(names, str) else list(names)
     try:
         out = fn()
     except (ValueError, TypeError) as exc:
+        if valid:
+            pytest.fail(f"a valid call was refused with {type(exc).__name__}: {exc}")
         msg = str(exc).lower()
-        if not lenient and not any(n.lower() in msg for n in names):
+        # the name as a whole word ("x" must not match "max", "dim" not "head_dim")
+        if not any(re.search(rf"(?<![a-z0-9_]){re.escape(n.lower())}(?![a-z0-9_])", msg) for n in names):
             pytest.fail(f"{type(exc).__name__} does not name the parameter (one of {names}): {exc}")
         return None
     except Exception as exc:
-        # A deliberate error raised by our own code that names the parameter is a clear refusal too (e.g. an
-        # option that only fails at backward, or a solver's step cap); one raised inside torch/numpy is not.
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        ours = tb is not None and "lightning_tiger" in tb.tb_frame.f_code.co_filename
-        if ours and isinstance(exc, (RuntimeError, NotImplementedError)) and any(n.lower() in str(exc).lower()
-                                                                                for n in names):
-            return None
-        pytest.fail(f"crashed with {type(exc).__name__} instead of a clear ValueError/TypeError: {exc}")
+        pytest.fail(f"crashed with {type(exc).__name__} instead of {'working' if valid else 'a clear refusal'}: {exc}")
+    if not valid:
+        pytest.fail(f"an invalid value was accepted (expected a ValueError/TypeError naming one of {names})")
     if check_finite:
         for t in _flatten(out):
             if t.is_floating_point() or t.is_complex():

@@ -1,15 +1,20 @@
-"""Bad input, property-based: every public constructor/function either works (finite output) or raises a clear
-ValueError/TypeError naming the offending parameter. Never a crash deep inside torch, never NaN output.
+"""Bad input, property-based: every public constructor/function works (finite output) on values inside its
+documented accepted range and raises a clear ValueError/TypeError naming the offending parameter on values outside
+it. Never a crash deep inside torch, never NaN output, never a valid value refused or a bad one accepted.
 
-Each property varies ONE argument at a time (others at their defaults), so the refusal must name exactly that
-argument. Values come from :mod:`tests.reliability._check`: ordinary and non-finite floats, out-of-range and
-non-integer counts, and values of the wrong type.
+Each property varies ONE argument at a time (others at their defaults), computes from the documented range
+(docstrings; where a docstring gives none, the range the error message states) whether the value is valid, and
+checks the outcome with :func:`tests.reliability._check.works_or_refuses`. Values come from
+:mod:`tests.reliability._check`: ordinary and non-finite floats, out-of-range and non-integer counts, and values of
+the wrong type.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.reliability._check import any_float, any_int, junk, works_or_refuses, wrong_type
+from tests.reliability._check import any_float, any_int, is_int, is_real, junk, works_or_refuses
 
 #: LT_HYPOTHESIS_EXAMPLES=200 for a thorough local run; the default keeps the file within the fast-suite budget.
 EXAMPLES = int(os.environ.get("LT_HYPOTHESIS_EXAMPLES", "8"))
@@ -29,11 +34,82 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=
 
 
 def _need(module: str, name: str) -> Any:
-    """The public object ``module.name``, or skip when that capability has not landed yet."""
-    mod = pytest.importorskip(module)
-    if not hasattr(mod, name):
-        pytest.skip(f"{module}.{name} does not exist yet")
-    return getattr(mod, name)
+    """The public object ``module.name`` (a missing one fails the test: every name here is public API)."""
+    return getattr(importlib.import_module(module), name)
+
+
+#: Library defects these properties found (each reproduced by the falsifying example hypothesis prints). Marked
+#: strict xfail so that the suite stays green until they are fixed and then fails (XPASS) until the entry is removed.
+_BOOL_INT = "accepts True as an integer count (bool is an int subclass) instead of refusing it"
+_STR_CMP = ("compares a non-int with '<' first: the raw TypeError \"'<' not supported between 'str' and 'int'\" "
+            "names no parameter")
+KNOWN_BUGS: dict[str, str] = {
+    "test_attention_options[num_kv_heads]": f"nn/attention.py Attention(num_kv_heads=True) {_BOOL_INT}",
+    "test_attention_options[logn_base]": f"nn/attention.py Attention(logn='posthoc', logn_base='4') {_STR_CMP}",
+    "test_attention_options[max_seq_len]": f"nn/attention.py / rotary.py max_seq_len='4' {_STR_CMP}",
+    "test_transformer_lm_args[num_heads]": f"nn/transformer.py TransformerLM(num_heads='4') {_STR_CMP}; "
+                                           "num_heads=True crashes in split_with_sizes",
+    "test_causal_lm_module_args[warmup_steps]": f"modules/causal_lm.py warmup_steps='4' {_STR_CMP}; True {_BOOL_INT}",
+    "test_causal_lm_module_args[total_steps]": f"modules/causal_lm.py total_steps='4' {_STR_CMP}; True {_BOOL_INT}",
+    "test_causal_lm_module_args[max_position]": f"modules/causal_lm.py max_position='4' {_STR_CMP}; True {_BOOL_INT}",
+    "test_causal_lm_module_args[metric_last_n]": f"modules/causal_lm.py metric_last_n='4' {_STR_CMP}; 2.5 accepted",
+    "test_causal_lm_module_args[train_len]": f"modules/causal_lm.py train_len='4' {_STR_CMP}; True {_BOOL_INT}",
+    "test_sampler_steps[annealed_langevin]": f"modules/score_samplers.py annealed_langevin(steps=True) {_BOOL_INT}",
+    "test_adaptive_ode": "modules/score_samplers.py ode_adaptive(max_steps=0) is accepted (documented cap >= 1)",
+    "test_diffusion_module_args[ScoreMatchingModule-sample_steps]": f"ScoreMatchingModule(sample_steps=True) "
+                                                                    f"{_BOOL_INT}",
+    "test_diffusion_module_args[RectifiedFlowModule-lr]": "RectifiedFlowModule(lr=inf) is accepted (lr must be > 0, "
+                                                          "finite)",
+    "test_diffusion_sample_args[ScoreMatchingModule]": "ScoreMatchingModule.sample(n=True) crashes inside torch.randn",
+    "test_toy_data_module[num_val]": f"data/toy2d.py ToyDataModule(num_val=True) {_BOOL_INT}; sample_toy then "
+                                     "refuses it as 'n'",
+    "test_toy_data_module[seed]": "data/toy2d.py ToyDataModule(seed=True): RuntimeError from torch manual_seed",
+    "test_gaussian_mixture": "data/toy2d.py GaussianMixture(means=[[nan, 0]]) is accepted (NaN samples)",
+    "test_digits_data_module": "data/digits.py DigitsDataModule(seed=True): RuntimeError from torch manual_seed",
+    "test_char_corpus_data_module[eval_lengths]": "data/char_corpus.py eval_lengths='64' is read as (6, 4) (and "
+                                                   "(8.5,) truncated) instead of refused",
+    **{f"test_functional_metrics_inputs[empty-{fn}]": "metrics/functional.py _as_2d: an empty [0, 2] sample crashes "
+       "in reshape(0, -1) (RuntimeError) before the 'must be non-empty' check"
+       for fn in ("wasserstein2", "sliced_wasserstein2", "mmd2_unbiased", "frechet_distance", "wasserstein2_1d")},
+    "test_metric_classes_inputs[sizes-WassersteinDistance]": "metrics/wasserstein.py compute(): the error names "
+                                                             "'x and y', not preds/target",
+    "test_metric_classes_inputs[mixed_dtype-WassersteinDistance]": "metrics/wasserstein.py compute(): the error "
+                                                                   "names 'x and y', not preds/target",
+    "test_metric_classes_inputs[empty-FrechetDistance]": "metrics/frechet.py: empty updates crash in "
+                                                         "reshape(0, -1) (RuntimeError)",
+    "test_resumable_batch_sampler": f"data/resumable.py ResumableBatchSampler(num_samples='4') {_STR_CMP}",
+}
+
+
+@pytest.fixture(autouse=True)
+def _known_library_bugs(request: pytest.FixtureRequest) -> None:
+    reason = KNOWN_BUGS.get(request.node.name)
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def _one_of(*choices: Any) -> Any:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def _opt_int(low: int) -> Any:
+    return lambda v: v is None or is_int(v, low)
+
+
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _opt_bool(v: Any) -> bool:
+    return v is None or isinstance(v, bool)
+
+
+#: the floating dtypes a ``momentum_dtype`` may name (Tiger/Lion docstrings: "floating dtype (or its name)").
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _float_dtype(v: Any) -> bool:
+    return v is None or v in _FLOAT_DTYPES or (isinstance(v, str) and getattr(torch, v, None) in _FLOAT_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------------ optimizers
@@ -69,6 +145,21 @@ OPT_ARGS = {
         "foreach": st.sampled_from([True, False, None, "no"]),
     },
 }
+#: documented ranges (Tiger/Lion docstrings and their ``_validated``): lr >= 0, beta in [0, 1), weight_decay >= 0,
+#: grad_accum_steps an int >= 1, shrink_ratio in (0, 1], rms_floor None or >= 0, betas a pair in [0, 1).
+_NONNEG = lambda v: is_real(v, 0)  # noqa: E731
+OPT_VALID: dict[str, dict[str, Any]] = {
+    "Tiger": {
+        "lr": _NONNEG, "beta": lambda v: is_real(v, 0, 1, high_open=True), "weight_decay": _NONNEG,
+        "grad_accum_steps": lambda v: is_int(v, 1), "shrink_ratio": lambda v: is_real(v, 0, 1, low_open=True),
+        "rms_floor": lambda v: v is None or is_real(v, 0), "momentum_dtype": _float_dtype,
+        "fold_in_backward": _bool, "foreach": _opt_bool,
+    },
+    "Lion": {
+        "lr": _NONNEG, "weight_decay": _NONNEG, "momentum_dtype": _float_dtype, "foreach": _opt_bool,
+        "betas": lambda v: isinstance(v, tuple) and len(v) == 2 and all(is_real(b, 0, 1, high_open=True) for b in v),
+    },
+}
 OPT_CASES = [(opt, arg) for opt, args in OPT_ARGS.items() for arg in args]
 
 
@@ -78,9 +169,26 @@ OPT_CASES = [(opt, arg) for opt, args in OPT_ARGS.items() for arg in args]
 def test_optimizer_hyperparameters(opt_name: str, arg: str, data: st.DataObject) -> None:
     cls = _need("lightning_tiger.optim", opt_name)
     value = data.draw(OPT_ARGS[opt_name][arg], label=arg)
-    names = [arg, "beta"] if arg == "betas" else [arg]
-    works_or_refuses(lambda: _train(lambda m: cls(m.parameters(), **{arg: value})), names,
-                     lenient=wrong_type(value))
+    works_or_refuses(lambda: _train(lambda m: cls(m.parameters(), **{arg: value})), [arg],
+                     valid=OPT_VALID[opt_name][arg](value))
+
+
+#: Values at the edges of each documented range, so that a range narrower or wider than documented fails
+#: deterministically (random draws rarely land next to a bound).
+OPT_EDGES: dict[str, list[Any]] = {
+    "lr": [0.0, 1e-8, 10.0, -1e-12], "weight_decay": [0.0, 5.0, -1e-12], "beta": [0.0, 0.5, 0.999, 1.0, -1e-9],
+    "grad_accum_steps": [1, 7, 0], "shrink_ratio": [1e-6, 0.5, 1.0, 0.0, 1.0 + 1e-9], "rms_floor": [None, 0.0, 1.0],
+    "betas": [(0.0, 0.0), (0.9, 0.99), (0.999, 0.5), (1.0, 0.9), (0.9, 1.0), (-0.1, 0.9)],
+}
+OPT_EDGE_CASES = [(o, a, v) for o, args in OPT_VALID.items() for a in args if a in OPT_EDGES for v in OPT_EDGES[a]]
+
+
+@pytest.mark.parametrize(("opt_name", "arg", "value"), OPT_EDGE_CASES,
+                         ids=[f"{o}-{a}={v}" for o, a, v in OPT_EDGE_CASES])
+def test_optimizer_hyperparameter_edges(opt_name: str, arg: str, value: Any) -> None:
+    cls = _need("lightning_tiger.optim", opt_name)
+    works_or_refuses(lambda: _train(lambda m: cls(m.parameters(), **{arg: value})), [arg],
+                     valid=OPT_VALID[opt_name][arg](value))
 
 
 @pytest.mark.parametrize(("opt_name", "arg"), [c for c in OPT_CASES if c[1] in {"lr", "beta", "betas",
@@ -97,7 +205,10 @@ def test_optimizer_per_group_hyperparameters(opt_name: str, arg: str, data: st.D
         params = list(m.parameters())
         return cls([{"params": params[:2]}, {"params": params[2:], arg: value}])
 
-    works_or_refuses(lambda: _train(build), [arg, "beta"] if arg == "betas" else [arg], lenient=wrong_type(value))
+    works_or_refuses(lambda: _train(build), [arg], valid=OPT_VALID[opt_name][arg](value))
+
+
+_KINDS = ("matrix", "embedding", "bias", "norm_scale", "norm_shift")
 
 
 @SETTINGS
@@ -110,7 +221,13 @@ def test_tiger_param_group_kind(kwargs: dict[str, Any], kind: Any) -> None:
     def build(m: nn.Module) -> torch.optim.Optimizer:
         return tiger([{"params": list(m.parameters()), "kind": kind, **kwargs}])
 
-    works_or_refuses(lambda: _train(build), ["kind", *kwargs])
+    # A kind is a ParamKind or its string value, case-insensitive (ParamKind.parse).
+    valid = isinstance(kind, str) and kind.lower() in _KINDS and all(_NONNEG(v) for v in kwargs.values())
+    works_or_refuses(lambda: _train(build), ["kind", *kwargs], valid=valid)
+
+
+_OVERRIDES_FAULT = {None: None, "{}": None, "{'bias': {'lr': -1.0}}": "lr", "{'bogus': {'lr': 1.0}}": "bogus",
+                    "{'matrix': {'weight_decay': nan}}": "weight_decay", "'x'": "overrides"}
 
 
 @SETTINGS
@@ -120,15 +237,11 @@ def test_tiger_param_group_kind(kwargs: dict[str, Any], kind: Any) -> None:
 def test_tiger_param_groups_builder(weight_decay: float, overrides: Any) -> None:
     tiger_param_groups = _need("lightning_tiger.optim", "tiger_param_groups")
     tiger = _need("lightning_tiger.optim", "Tiger")
-    import inspect
-
-    sig = inspect.signature(tiger_param_groups)
-    kwargs: dict[str, Any] = {"weight_decay": weight_decay} if "weight_decay" in sig.parameters else {}
-    extra = [p for p in sig.parameters if p not in ("module", "model", "weight_decay")]
-    if overrides is not None and extra:
-        kwargs[extra[0]] = overrides
-    names = ["weight_decay", "lr", "kind", "bias", "matrix", "bogus", *extra]
-    works_or_refuses(lambda: _train(lambda m: tiger(tiger_param_groups(m, **kwargs))), names)
+    fault = _OVERRIDES_FAULT[None if overrides is None else repr(overrides)]
+    names = ([] if _NONNEG(weight_decay) else ["weight_decay"]) + ([] if fault is None else [fault])
+    works_or_refuses(lambda: _train(lambda m: tiger(tiger_param_groups(m, weight_decay=weight_decay,
+                                                                       overrides=overrides))),
+                     names, valid=not names)
 
 
 schedules = st.dictionaries(
@@ -138,6 +251,27 @@ schedules = st.dictionaries(
                      st.sampled_from([None, "0.5", [1.0]])),
     max_size=4,
 )
+
+
+def _schedule_valid(schedule: Any) -> bool:
+    """PiecewiseLinearLR: a non-empty ``{step: multiplier}`` mapping (or list of pairs); steps integers >= 0 (YAML
+    strings and integral floats of them allowed), each once; multipliers finite floats >= 0 (numeric strings
+    allowed)."""
+    if not isinstance(schedule, dict) or not schedule:
+        return False
+    steps = set()
+    for key, value in schedule.items():
+        try:
+            step = float(key.strip()) if isinstance(key, str) else float(key)
+            mult = float(value)
+        except (TypeError, ValueError):
+            return False
+        if isinstance(key, bool) or isinstance(value, bool) or not math.isfinite(step) or step != int(step):
+            return False
+        if step < 0 or int(step) in steps or not (math.isfinite(mult) and mult >= 0):
+            return False
+        steps.add(int(step))
+    return True
 
 
 @SETTINGS
@@ -157,7 +291,8 @@ def test_piecewise_linear_schedule(schedule: Any, from_zero: Any) -> None:
         sched.load_state_dict(state)
         return lrs
 
-    lrs = works_or_refuses(run, ["schedule", "from_zero"], check_finite=False)
+    lrs = works_or_refuses(run, ["schedule", "from_zero"], check_finite=False,
+                           valid=_schedule_valid(schedule) and isinstance(from_zero, bool))
     if lrs is not None:
         assert all(lr >= 0 and lr == lr and lr != float("inf") for lr in lrs), lrs
 
@@ -177,6 +312,33 @@ ATTN_ARGS: dict[str, st.SearchStrategy] = {
 }
 
 
+def _scaling_valid(v: Any) -> bool:
+    """RotaryEmbedding's scaling: None, or a dict whose "type" (absent = default RoPE, as in HF configs) is one
+    of linear / ntk / dynamic / yarn / llama3 with factor >= 1."""
+    if v is None:
+        return True
+    if not isinstance(v, dict):
+        return False
+    kind = v.get("type")
+    return kind is None or (kind in ("linear", "ntk") and is_real(v.get("factor"), 1))
+
+
+#: Attention(dim=16, num_heads=4, ...) varying one argument; head_dim = dim / num_heads must be even for RoPE.
+ATTN_VALID: dict[str, Any] = {
+    "dim": lambda v: is_int(v, 1) and v % 4 == 0 and (v // 4) % 2 == 0,
+    "num_heads": lambda v: is_int(v, 1) and 16 % v == 0 and (16 // v) % 2 == 0,
+    "num_kv_heads": lambda v: v is None or (is_int(v, 1) and 4 % v == 0),
+    "position": _one_of("rope", "alibi", "none"), "window": _opt_int(1),
+    "window_at": _one_of("both", "train", "inference"), "sink_tokens": lambda v: is_int(v, 0),
+    "logn": _one_of("none"),  # "trained" / "posthoc" need logn_base, not given here
+    "logn_base": lambda v: is_int(v, 2),  # with logn="posthoc": the training length, >= 2
+    "dropout": lambda v: is_real(v, 0, 1, high_open=True), "rope_base": lambda v: is_real(v, 1, low_open=True),
+    "rope_scaling": _scaling_valid, "backend": _one_of("auto", "sdpa", "math", "flex"),
+    "head_dim": lambda v: v is None or (is_int(v, 2) and v % 2 == 0), "max_seq_len": _opt_int(1),
+    "causal": _bool,
+}
+
+
 @pytest.mark.parametrize("arg", list(ATTN_ARGS))
 @SETTINGS
 @given(data=st.data())
@@ -184,23 +346,22 @@ def test_attention_options(arg: str, data: st.DataObject) -> None:
     attention = _need("lightning_tiger.nn", "Attention")
     value = data.draw(ATTN_ARGS[arg], label=arg)
     kwargs: dict[str, Any] = {"dim": 16, "num_heads": 4, arg: value}
-    names = [arg, "num_heads", "dim", "head_dim"] if arg in ("dim", "num_heads", "num_kv_heads", "head_dim") \
-        else [arg, "rope_scaling", "scaling", "type", "factor"] if arg == "rope_scaling" \
-        else [arg, "base"] if arg == "rope_base" else [arg]
+    if arg == "logn_base":
+        kwargs["logn"] = "posthoc"
+    names = {"dim": ["dim", "head_dim"], "num_heads": ["num_heads", "head_dim"], "logn": ["logn", "logn_base"],
+             "rope_scaling": ["scaling"], "rope_base": ["base"]}.get(arg, [arg])
 
     def run() -> torch.Tensor:
         attn = attention(**kwargs)
-        x = torch.randn(2, 9, attn_dim(kwargs))
+        x = torch.randn(2, 9, kwargs["dim"])
+        if kwargs.get("backend") == "flex":  # documented: no CPU backward in torch 2.13, so inference only
+            with torch.no_grad():
+                return attn(x)
         out = attn(x)
-        out = out[0] if isinstance(out, tuple) else out
         out.float().sum().backward()
         return out
 
-    works_or_refuses(run, names, lenient=wrong_type(value))
-
-
-def attn_dim(kwargs: dict[str, Any]) -> int:
-    return int(kwargs["dim"])
+    works_or_refuses(run, names, valid=ATTN_VALID[arg](value))
 
 
 @SETTINGS
@@ -216,7 +377,10 @@ def test_attention_input_shapes(shape: list[int], dim_last: int, dtype: torch.dt
     pos = {None: None, "ok": torch.arange(seq), "short": torch.arange(max(seq - 1, 0)),
            "float": torch.arange(seq).float() * 0.5, "2d": torch.arange(seq).repeat(full[0], 1) if len(full) == 3
            else torch.zeros(1, 1, dtype=torch.long)}[positions]
-    works_or_refuses(lambda: attn(x, positions=pos), ["x", "positions", "dtype", "shape", "dim"])
+    # Documented: x [B, L, dim] floating; positions [L] | [B, L], integer or float (RoPE).
+    x_ok = len(full) == 3 and dim_last == 8 and dtype == torch.float32
+    pos_ok = positions != "short" or seq == 0
+    works_or_refuses(lambda: attn(x, positions=pos), ["x"] if not x_ok else ["positions"], valid=x_ok and pos_ok)
 
 
 @SETTINGS
@@ -226,13 +390,16 @@ def test_rotary_embedding(head_dim: Any, base: Any, interleaved: Any, scaling: A
     rotary = _need("lightning_tiger.nn", "RotaryEmbedding")
     kw = {"head_dim": head_dim, "base": base, "interleaved": interleaved, "scaling": scaling,
           "max_seq_len": max_seq_len}
+    checks = {"head_dim": is_int(head_dim, 2) and head_dim % 2 == 0, "base": is_real(base, 1, low_open=True),
+              "interleaved": _bool(interleaved), "scaling": _scaling_valid(scaling),
+              "max_seq_len": _opt_int(1)(max_seq_len)}
 
     def run() -> tuple[torch.Tensor, torch.Tensor]:
         rope = rotary(**kw)
-        q = torch.randn(1, 7, 2, int(head_dim))
+        q = torch.randn(1, 7, 2, head_dim)
         return rope(q, q.clone())
 
-    works_or_refuses(run, [*kw, "factor", "type", "window"], lenient=wrong_type(head_dim, base, interleaved))
+    works_or_refuses(run, [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 @SETTINGS
@@ -241,31 +408,39 @@ def test_rotary_embedding(head_dim: Any, base: Any, interleaved: Any, scaling: A
 def test_alibi(num_heads: Any, causal: bool, q_len: int, k_len: int, offset: int | None) -> None:
     alibi_cls = _need("lightning_tiger.nn", "ALiBi")
     alibi_slopes = _need("lightning_tiger.nn", "alibi_slopes")
-    works_or_refuses(lambda: alibi_slopes(num_heads), "num_heads", lenient=wrong_type(num_heads))
-    works_or_refuses(lambda: alibi_cls(num_heads, causal=causal)(q_len, k_len, offset=offset),
-                     ["num_heads", "q_len", "k_len", "offset"], lenient=wrong_type(num_heads))
+    heads_ok = is_int(num_heads, 1)
+    slopes = works_or_refuses(lambda: alibi_slopes(num_heads), "num_heads", valid=heads_ok)
+    if heads_ok:
+        assert slopes.shape == (num_heads,)
+    # q_len, k_len >= 0; offset: any absolute position of the first query (default k_len - q_len).
+    lens_ok = q_len >= 0 and k_len >= 0
+    bias = works_or_refuses(lambda: alibi_cls(num_heads, causal=causal)(q_len, k_len, offset=offset),
+                            ["num_heads"] if not heads_ok else ["q_len", "k_len"], valid=heads_ok and lens_ok)
+    if bias is not None:
+        assert bias.shape == (num_heads, q_len, k_len)
 
 
 @SETTINGS
 @given(head_dim=any_int, gen=st.sampled_from(["none", "ok", "asym", "odd", "nan", "3d"]))
 def test_general_rotary(head_dim: Any, gen: str) -> None:
     cls = _need("lightning_tiger.nn", "GeneralRotaryEmbedding")
+    d = max(head_dim, 1) if is_int(head_dim) else 4
 
     def generator() -> torch.Tensor | None:
         if gen == "none":
             return None
-        d = int(head_dim) if isinstance(head_dim, int) and not isinstance(head_dim, bool) else 4
-        d = max(d, 1)
         a = torch.randn(d, d)
         return {"ok": a - a.T, "asym": a, "odd": torch.zeros(d + 1, d + 1), "nan": (a - a.T) * float("nan"),
                 "3d": torch.zeros(2, d, d)}[gen]
 
     def run() -> Any:
         rope = cls(head_dim, generator=generator())
-        q = torch.randn(1, 5, 2, int(head_dim))
+        q = torch.randn(1, 5, 2, head_dim)
         return rope(q, q)
 
-    works_or_refuses(run, ["head_dim", "generator"], lenient=wrong_type(head_dim))
+    # head_dim even >= 2; generator None or a finite skew-symmetric [head_dim, head_dim] tensor.
+    dim_ok = is_int(head_dim, 2) and head_dim % 2 == 0
+    works_or_refuses(run, ["head_dim"] if not dim_ok else ["generator"], valid=dim_ok and gen in ("none", "ok"))
 
 
 @SETTINGS
@@ -273,9 +448,12 @@ def test_general_rotary(head_dim: Any, gen: str) -> None:
        mode=st.sampled_from(["sorted_int", "equal_mean_float", "uniform"]))
 def test_random_positions(batch: Any, seq_len: Any, max_position: Any, mode: str) -> None:
     fn = _need("lightning_tiger.nn", "random_positions")
+    checks = {"batch": is_int(batch, 1), "seq_len": is_int(seq_len, 1), "max_position": is_int(max_position, 1),
+              "mode": mode in ("sorted_int", "equal_mean_float")}
+    if all(checks.values()) and mode == "sorted_int":
+        checks["max_position"] = max_position >= seq_len  # "sorted_int" needs L >= N
     out = works_or_refuses(lambda: fn(batch, seq_len, max_position, mode=mode),
-                           ["batch", "seq_len", "max_position", "mode"],
-                           lenient=wrong_type(batch, seq_len, max_position))
+                           [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
     if out is not None:
         assert out.shape == (batch, seq_len)
         assert (out >= 0).all() and (out <= max_position).all()
@@ -289,6 +467,16 @@ LM_ARGS: dict[str, st.SearchStrategy] = {
 }
 
 
+#: TransformerLM(vocab_size=11, dim=16, depth=1, num_heads=2, ...) varying one argument.
+LM_VALID: dict[str, Any] = {
+    "vocab_size": lambda v: is_int(v, 1), "dim": lambda v: is_int(v, 1) and v % 2 == 0 and (v // 2) % 2 == 0,
+    "depth": lambda v: is_int(v, 1), "num_heads": lambda v: is_int(v, 1) and 16 % v == 0 and (16 // v) % 2 == 0,
+    "mlp": _one_of("swiglu", "gelu"), "mlp_ratio": lambda v: is_real(v, 0, low_open=True),
+    "hidden_dim": _opt_int(1), "dropout": ATTN_VALID["dropout"], "position": ATTN_VALID["position"],
+    "window": _opt_int(1), "tie_embeddings": _bool,
+}
+
+
 @pytest.mark.parametrize("arg", list(LM_ARGS))
 @SETTINGS
 @given(data=st.data())
@@ -299,9 +487,10 @@ def test_transformer_lm_args(arg: str, data: st.DataObject) -> None:
 
     def run() -> torch.Tensor:
         lm = lm_cls(**kwargs)
-        return lm(torch.randint(0, int(kwargs["vocab_size"]), (2, 6)))
+        return lm(torch.randint(0, kwargs["vocab_size"], (2, 6)))
 
-    works_or_refuses(run, [arg, "num_heads", "dim", "head_dim"], lenient=wrong_type(value))
+    names = {"num_heads": ["num_heads", "head_dim"], "dim": ["dim", "head_dim"]}.get(arg, [arg])
+    works_or_refuses(run, names, valid=LM_VALID[arg](value))
 
 
 @SETTINGS
@@ -311,7 +500,10 @@ def test_transformer_lm_tokens(tokens: str) -> None:
     t = {"ok": torch.randint(0, 11, (2, 5)), "oov": torch.full((2, 5), 11), "neg": torch.full((2, 5), -1),
          "float": torch.rand(2, 5), "1d": torch.randint(0, 11, (5,)), "3d": torch.randint(0, 11, (2, 5, 1)),
          "empty": torch.zeros(2, 0, dtype=torch.long)}[tokens]
-    works_or_refuses(lambda: lm(t), ["tokens", "vocab", "shape", "dtype"])
+    # Documented: tokens [B, L] integer ids in [0, vocab_size); an empty sequence gives empty logits.
+    out = works_or_refuses(lambda: lm(t), ["tokens"], valid=tokens in ("ok", "empty"))
+    if out is not None:
+        assert out.shape == (*t.shape, 11)
 
 
 CLM_ARGS: dict[str, st.SearchStrategy] = {
@@ -321,6 +513,16 @@ CLM_ARGS: dict[str, st.SearchStrategy] = {
     "max_position": st.one_of(any_int, st.none()), "metric_last_n": st.one_of(any_int, st.none()),
     "train_len": st.one_of(any_int, st.none()), "model": st.sampled_from([None, {"vocab_size": 11, "dim": 16},
                                                                           {"vocab_size": 11, "bogus": 1}, "gpt"]),
+}
+#: CausalLMModule's documented ranges (its docstring and error messages): lr > 0, beta in [0, 1), weight_decay >= 0,
+#: warmup_steps an int >= 0, min_lr_ratio in [0, 1], total_steps / max_position / metric_last_n / train_len None
+#: or an int >= 1, model a TransformerLM kwargs dict, an nn.Module or None.
+CLM_VALID: dict[str, Any] = {
+    "lr": lambda v: is_real(v, 0, low_open=True), "beta": OPT_VALID["Tiger"]["beta"], "weight_decay": _NONNEG,
+    "warmup_steps": lambda v: is_int(v, 0), "min_lr_ratio": lambda v: is_real(v, 0, 1),
+    "total_steps": _opt_int(1), "train_positions": _one_of("contiguous", "random_int", "random_float"),
+    "max_position": _opt_int(1), "metric_last_n": _opt_int(1), "train_len": _opt_int(1),
+    "model": lambda v: v is None or v == {"vocab_size": 11, "dim": 16},
 }
 
 
@@ -342,10 +544,9 @@ def test_causal_lm_module_args(arg: str, data: st.DataObject) -> None:
         loss = out["loss"] if isinstance(out, dict) else out
         return loss, opt
 
-    names = [arg, "vocab_size", "bogus", "model"] if arg == "model" else \
-        [arg, "seq", "train_len", "max_position", "total_steps", "warmup"]
+    names = ["bogus"] if value == {"vocab_size": 11, "bogus": 1} else [arg]
     with _quiet():
-        works_or_refuses(run, names, lenient=wrong_type(value))
+        works_or_refuses(run, names, valid=CLM_VALID[arg](value))
 
 
 @contextlib.contextmanager
@@ -378,7 +579,10 @@ def test_sde_parameters(name: str, a: float, b: float, t: list[float]) -> None:
         xt = sde.marginal(x0, tt, torch.randn_like(x0))
         return alpha, sigma, xt, sde.drift(x0, tt), sde.diffusion(tt), sde.prior_sample((3, 2)), sde.prior_std
 
-    works_or_refuses(run, list(kw))
+    # Documented: lower parameter finite and > 0, upper finite and > lower.
+    low_ok = is_real(a, 0, low_open=True)
+    names = [SDE_ARGS[name][0]] if not low_ok else [SDE_ARGS[name][1]]
+    works_or_refuses(run, names, valid=low_ok and is_real(b) and b > a)
 
 
 def _gauss_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -395,12 +599,12 @@ def test_sampler_steps(sampler: str, steps: Any, t_end: float, n: int) -> None:
     fn = _need("lightning_tiger.modules.score_samplers", sampler)
     sde = _need("lightning_tiger.modules", "VESDE" if sampler == "annealed_langevin" else "VPSDE")()
     kwargs: dict[str, Any] = {} if sampler == "annealed_langevin" else {"t_end": t_end}
-    if steps is not None and not isinstance(steps, (int, float)):
-        names = ["steps"]
-    else:
-        names = ["steps", "t_end", "eps"]
-    works_or_refuses(lambda: fn(_gauss_score, sde, torch.randn(n, 2), steps, **kwargs), names,
-                     lenient=wrong_type(steps))
+    # steps an int >= 1; t_end in [0, T) with T = 1 (annealed Langevin has no t_end); any batch size, 0 included.
+    checks = {"steps": is_int(steps, 1), "t_end": "t_end" not in kwargs or is_real(t_end, 0, 1, high_open=True)}
+    out = works_or_refuses(lambda: fn(_gauss_score, sde, torch.randn(n, 2), steps, **kwargs),
+                           [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
+    if out is not None:
+        assert out.shape == (n, 2)
 
 
 @SETTINGS
@@ -409,8 +613,9 @@ def test_sampler_steps(sampler: str, steps: Any, t_end: float, n: int) -> None:
 def test_predictor_corrector_options(snr: float, corrector_steps: Any) -> None:
     fn = _need("lightning_tiger.modules.score_samplers", "predictor_corrector")
     sde = _need("lightning_tiger.modules", "VPSDE")()
+    checks = {"snr": is_real(snr, 0, low_open=True), "corrector_steps": is_int(corrector_steps, 0)}
     works_or_refuses(lambda: fn(_gauss_score, sde, torch.randn(4, 2), 5, snr=snr, corrector_steps=corrector_steps),
-                     ["snr", "corrector_steps"], lenient=wrong_type(corrector_steps))
+                     [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 @SETTINGS
@@ -418,8 +623,18 @@ def test_predictor_corrector_options(snr: float, corrector_steps: Any) -> None:
 def test_adaptive_ode(rtol: float, atol: float, max_steps: Any) -> None:
     fn = _need("lightning_tiger.modules.score_samplers", "ode_adaptive")
     sde = _need("lightning_tiger.modules", "VPSDE")()
-    works_or_refuses(lambda: fn(_gauss_score, sde, torch.randn(4, 2), rtol=rtol, atol=atol, max_steps=max_steps),
-                     ["rtol", "atol", "max_steps"], lenient=wrong_type(max_steps))
+    checks = {"rtol": is_real(rtol, 0, low_open=True), "atol": is_real(atol, 0, low_open=True),
+              "max_steps": is_int(max_steps, 1)}
+
+    def run() -> Any:
+        try:
+            return fn(_gauss_score, sde, torch.randn(4, 2), rtol=rtol, atol=atol, max_steps=max_steps)
+        except RuntimeError as exc:
+            # Documented: more than max_steps attempted steps raise RuntimeError (tiny tolerances, small caps).
+            assert "max_steps" in str(exc), exc
+            return None
+
+    works_or_refuses(run, [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 @pytest.mark.slow
@@ -435,12 +650,19 @@ def test_flow_integrate(steps: Any, solver: Any, z0: str) -> None:
         sol = integrate(lambda x, t: -x, z, steps=steps, solver=solver)
         return getattr(sol, "x", None) if not isinstance(sol, torch.Tensor) else sol
 
+    # steps an int >= 1 (the fixed-step solvers; the adaptive one starts from 1/steps too); solver one of
+    # euler / heun / adaptive; z0 any [b, *shape] (a 1-D z0 is b samples of shape ()).
+    checks = {"steps": is_int(steps, 1), "solver": solver in ("euler", "heun", "adaptive")}
     if z0 == "nan":
-        # NaN in is NaN out: the solver may propagate it (documented) or refuse; it must not crash.
-        with contextlib.suppress(ValueError, TypeError):
-            run()
+        # NaN in is NaN out (documented): the solver propagates it; a bad steps/solver is still refused.
+        out = works_or_refuses(run, [k for k, ok in checks.items() if not ok], valid=all(checks.values()),
+                               check_finite=False)
+        if out is not None:
+            assert torch.isnan(out).all()
         return
-    works_or_refuses(run, ["steps", "solver", "z0", "shape"], lenient=wrong_type(steps, solver))
+    out = works_or_refuses(run, [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
+    if out is not None:
+        assert out.shape == z.shape
 
 
 @SETTINGS
@@ -448,8 +670,10 @@ def test_flow_integrate(steps: Any, solver: Any, z0: str) -> None:
 def test_time_mlp(data_dim: Any, hidden_dim: Any, depth: Any, time_dim: Any) -> None:
     cls = _need("lightning_tiger.nn", "TimeMLP")
     kw = {"data_dim": data_dim, "hidden_dim": hidden_dim, "depth": depth, "time_dim": time_dim}
-    works_or_refuses(lambda: cls(**kw)(torch.randn(3, int(data_dim)), torch.rand(3)), list(kw),
-                     lenient=wrong_type(*kw.values()))
+    checks = {"data_dim": is_int(data_dim, 1), "hidden_dim": is_int(hidden_dim, 1), "depth": is_int(depth, 1),
+              "time_dim": is_int(time_dim, 2)}  # TimeEmbedding's dim >= 2
+    works_or_refuses(lambda: cls(**kw)(torch.randn(3, data_dim), torch.rand(3)),
+                     [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 @SETTINGS
@@ -459,7 +683,13 @@ def test_time_mlp(data_dim: Any, hidden_dim: Any, depth: Any, time_dim: Any) -> 
 def test_time_embedding(dim: Any, max_period: float, scale: float) -> None:
     cls = _need("lightning_tiger.nn", "TimeEmbedding")
     kw = {"dim": dim, "max_period": max_period, "scale": scale}
-    works_or_refuses(lambda: cls(**kw)(torch.rand(5)), list(kw), lenient=wrong_type(dim))
+    # dim >= 2 (docstring); max_period P > 1 and scale s > 0, finite (the ranges its errors state).
+    checks = {"dim": is_int(dim, 2), "max_period": is_real(max_period, 1, low_open=True),
+              "scale": is_real(scale, 0, low_open=True)}
+    out = works_or_refuses(lambda: cls(**kw)(torch.rand(5)), [k for k, ok in checks.items() if not ok],
+                           valid=all(checks.values()))
+    if out is not None:
+        assert out.shape == (5, dim)
 
 
 @SETTINGS
@@ -467,20 +697,31 @@ def test_time_embedding(dim: Any, max_period: float, scale: float) -> None:
 def test_small_unet(in_channels: Any, base_channels: Any, time_dim: Any) -> None:
     cls = _need("lightning_tiger.nn", "SmallUNet")
     kw = {"in_channels": in_channels, "base_channels": base_channels, "time_dim": time_dim}
-    works_or_refuses(lambda: cls(**kw)(torch.randn(2, int(in_channels), 8, 8), torch.rand(2)), list(kw),
-                     lenient=wrong_type(*kw.values()))
-
-
-def _diffusion_module(name: str) -> Any:
-    return _need("lightning_tiger.modules", name)
+    checks = {"in_channels": is_int(in_channels, 1), "base_channels": is_int(base_channels, 1),
+              "time_dim": is_int(time_dim, 2)}
+    works_or_refuses(lambda: cls(**kw)(torch.randn(2, in_channels, 8, 8), torch.rand(2)),
+                     [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 DIFF_ARGS: dict[str, dict[str, st.SearchStrategy]] = {
     "ScoreMatchingModule": {"sde": st.sampled_from(["vp", "subvp", "ve", "VP", "bogus", None]),
                             "weighting": st.sampled_from(["sigma2", "likelihood", "none", "bogus", None]),
-                            "lr": any_float, "t_eps": any_float, "ema_decay": any_float},
-    "RectifiedFlowModule": {"lr": any_float, "t_eps": any_float, "solver": st.sampled_from(["euler", "heun", "x"]),
-                            "val_steps": st.sampled_from([(1, 2), (0,), (-1,), "x", ()]), "sample_steps": any_int},
+                            "lr": any_float, "t_eps": any_float, "sample_steps": any_int},
+    "RectifiedFlowModule": {"lr": any_float, "t_eps": any_float,
+                            "val_solver": st.sampled_from(["euler", "heun", "adaptive", "x"]),
+                            "val_steps": st.sampled_from([(1, 2), (0,), (-1,), "x", ()])},
+}
+#: documented ranges (module docstrings and the ranges their errors state): lr > 0; ScoreMatchingModule t_eps in
+#: (0, 1), RectifiedFlowModule t_eps in [0, 1); val_steps a non-empty list of ints >= 1.
+DIFF_VALID: dict[str, dict[str, Any]] = {
+    "ScoreMatchingModule": {"sde": lambda v: isinstance(v, str) and v.lower() in ("vp", "subvp", "ve"),
+                            "weighting": _one_of("sigma2", "likelihood", "none"),
+                            "lr": CLM_VALID["lr"], "t_eps": lambda v: is_real(v, 0, 1, low_open=True, high_open=True),
+                            "sample_steps": lambda v: is_int(v, 1)},
+    "RectifiedFlowModule": {"lr": CLM_VALID["lr"], "t_eps": lambda v: is_real(v, 0, 1, high_open=True),
+                            "val_solver": _one_of("euler", "heun", "adaptive"),
+                            "val_steps": lambda v: isinstance(v, tuple) and len(v) > 0
+                            and all(is_int(k, 1) for k in v)},
 }
 DIFF_CASES = [(m, a) for m, args in DIFF_ARGS.items() for a in args]
 
@@ -489,11 +730,7 @@ DIFF_CASES = [(m, a) for m, args in DIFF_ARGS.items() for a in args]
 @SETTINGS
 @given(data=st.data())
 def test_diffusion_module_args(module: str, arg: str, data: st.DataObject) -> None:
-    import inspect
-
-    cls = _diffusion_module(module)
-    if arg not in inspect.signature(cls.__init__).parameters:
-        pytest.skip(f"{module} has no argument {arg!r}")
+    cls = _need("lightning_tiger.modules", module)
     net = _need("lightning_tiger.nn", "TimeMLP")(data_dim=2, hidden_dim=16, depth=1, time_dim=8)
     value = data.draw(DIFF_ARGS[module][arg], label=arg)
 
@@ -503,7 +740,7 @@ def test_diffusion_module_args(module: str, arg: str, data: st.DataObject) -> No
         return loss["loss"] if isinstance(loss, dict) else loss
 
     with _quiet():
-        works_or_refuses(run, [arg], lenient=wrong_type(value))
+        works_or_refuses(run, [arg], valid=DIFF_VALID[module][arg](value))
 
 
 @pytest.mark.slow
@@ -511,12 +748,14 @@ def test_diffusion_module_args(module: str, arg: str, data: st.DataObject) -> No
 @SETTINGS
 @given(n=any_int, steps=any_int)
 def test_diffusion_sample_args(module: str, n: Any, steps: Any) -> None:
-    cls = _diffusion_module(module)
+    cls = _need("lightning_tiger.modules", module)
     net = _need("lightning_tiger.nn", "TimeMLP")(data_dim=2, hidden_dim=16, depth=1, time_dim=8)
-    import inspect
-
-    m = cls(net) if "shape" not in inspect.signature(cls.__init__).parameters else cls(net, shape=(2,))
-    works_or_refuses(lambda: m.sample(n, steps=steps), ["n", "steps", "num_samples"], lenient=wrong_type(n, steps))
+    m = cls(net)
+    checks = {"n": is_int(n, 1), "steps": is_int(steps, 1)}  # both modules' sample(): n >= 1, steps >= 1
+    out = works_or_refuses(lambda: m.sample(n, steps=steps), [k for k, ok in checks.items() if not ok],
+                           valid=all(checks.values()))
+    if out is not None:
+        assert out.shape == (n, 2)
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -524,6 +763,15 @@ TOY_ARGS: dict[str, st.SearchStrategy] = {
     "name": st.sampled_from(["moons", "8gaussians", "checkerboard", "spirals", "swissroll", "mnist", None]),
     "num_train": any_int, "num_val": any_int, "batch_size": any_int, "seed": any_int,
     "noise": st.one_of(st.none(), any_float), "num_workers": st.sampled_from([0, -1, "2", None]),
+}
+
+
+TOY_NAMES = ("moons", "8gaussians", "checkerboard", "spirals", "scurve", "gmm")  # ToyDataModule's docstring
+#: ToyDataModule: name in TOY_NAMES, counts ints >= 1, seed an int, noise None or >= 0, num_workers an int >= 0.
+TOY_VALID: dict[str, Any] = {
+    "name": lambda v: v in TOY_NAMES, "num_train": lambda v: is_int(v, 1), "num_val": lambda v: is_int(v, 1),
+    "batch_size": lambda v: is_int(v, 1), "seed": is_int, "noise": lambda v: v is None or is_real(v, 0),
+    "num_workers": lambda v: is_int(v, 0),
 }
 
 
@@ -540,7 +788,7 @@ def test_toy_data_module(arg: str, data: st.DataObject) -> None:
         dm.setup("fit")
         return next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
 
-    works_or_refuses(run, [arg], lenient=wrong_type(value))
+    works_or_refuses(run, [arg], valid=TOY_VALID[arg](value))
 
 
 @SETTINGS
@@ -548,7 +796,11 @@ def test_toy_data_module(arg: str, data: st.DataObject) -> None:
 @example(name="moons", n=4, noise=-1.0).via("negative noise")
 def test_sample_toy(name: Any, n: Any, noise: Any) -> None:
     fn = _need("lightning_tiger.data", "sample_toy")
-    works_or_refuses(lambda: fn(name, n, noise=noise), ["name", "n", "noise"], lenient=wrong_type(name, n))
+    checks = {"name": TOY_VALID["name"](name), "n": is_int(n, 0), "noise": TOY_VALID["noise"](noise)}
+    out = works_or_refuses(lambda: fn(name, n, noise=noise), [k for k, ok in checks.items() if not ok],
+                           valid=all(checks.values()))
+    if out is not None:
+        assert out.shape == (n, 2)
 
 
 @SETTINGS
@@ -563,7 +815,16 @@ def test_gaussian_mixture(means: Any, stds: Any, weights: Any) -> None:
         x = gm.sample(5)
         return x, gm.log_prob(x), gm.score(x)
 
-    works_or_refuses(run, ["means", "stds", "weights"])
+    # Documented: means [K, d] (finite), stds [K] or one float, > 0; weights [K], non-negative with a positive sum
+    # (normalised), or None.
+    k = len(means) if means in ([[0.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]) else None
+    checks = {
+        "means": k is not None,
+        "stds": is_real(stds, 0, low_open=True) or (isinstance(stds, list) and len(stds) == k
+                                                     and all(is_real(v, 0, low_open=True) for v in stds)),
+        "weights": weights is None or (len(weights) == k and min(weights) >= 0 and sum(weights) > 0),
+    }
+    works_or_refuses(run, [n for n, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 @SETTINGS
@@ -572,20 +833,33 @@ def test_gaussian_mixture(means: Any, stds: Any, weights: Any) -> None:
 def test_digits_data_module(batch_size: Any, val_fraction: float, seed: Any) -> None:
     cls = _need("lightning_tiger.data", "DigitsDataModule")
     kw = {"batch_size": batch_size, "val_fraction": val_fraction, "seed": seed}
+    checks = {"batch_size": is_int(batch_size, 1), "val_fraction": is_real(val_fraction, 0, 1, low_open=True,
+                                                                           high_open=True), "seed": is_int(seed)}
 
     def run() -> Any:
         dm = cls(**kw)
         dm.setup("fit")
         return next(iter(dm.train_dataloader()))
 
-    works_or_refuses(run, list(kw), lenient=wrong_type(*kw.values()))
+    works_or_refuses(run, [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
 CHAR_ARGS: dict[str, st.SearchStrategy] = {
     "seq_len": any_int, "batch_size": any_int, "val_fraction": any_float, "max_chars": st.one_of(any_int, st.none()),
     "eval_lengths": st.sampled_from([(), (8,), (8, -1), (0,), "64", (8.5,)]), "num_eval_windows": any_int,
     "vocab": st.sampled_from(["bytes", "chars", "words"]), "batches_per_epoch": any_int,
-    "source": st.sampled_from([None, "/nonexistent/path", ""]),
+    "source": st.sampled_from([None, "/nonexistent/path"]),
+}
+#: CharCorpusDataModule(source=<12 small files>, seq_len=8, eval_lengths=(8, 16), ...) varying one argument:
+#: counts positive ints, val_fraction in (0, 1), max_chars None or >= seq_len + 1, eval_lengths distinct
+#: positive ints, vocab "bytes" | "chars", source None (the standard library) or an existing path.
+CHAR_VALID: dict[str, Any] = {
+    "seq_len": lambda v: is_int(v, 1), "batch_size": lambda v: is_int(v, 1),
+    "val_fraction": lambda v: is_real(v, 0, 1, low_open=True, high_open=True), "max_chars": _opt_int(9),
+    "eval_lengths": lambda v: isinstance(v, tuple) and len(v) > 0 and all(is_int(t, 1) for t in v)
+    and len(set(v)) == len(v),
+    "num_eval_windows": lambda v: is_int(v, 1), "vocab": _one_of("bytes", "chars"),
+    "batches_per_epoch": lambda v: is_int(v, 1), "source": lambda v: v is None,
 }
 
 
@@ -609,8 +883,7 @@ def test_char_corpus_data_module(arg: str, data: st.DataObject, tmp_path_factory
         batch = next(iter(dm.train_dataloader()))
         return batch
 
-    works_or_refuses(run, [arg, "source", "seq_len", "eval_lengths", "val_fraction", "held-out", "files"],
-                     lenient=wrong_type(value))
+    works_or_refuses(run, [arg], valid=CHAR_VALID[arg](value))
 
 
 # -------------------------------------------------------------------------------------------------- metrics
@@ -628,6 +901,11 @@ _METRIC_INPUTS = {
     "list": lambda: ([[0.0, 1.0]] * 6, [[0.0, 1.0]] * 6),
 }
 METRIC_FNS = ["wasserstein2", "sliced_wasserstein2", "mmd2_unbiased", "frechet_distance", "wasserstein2_1d"]
+#: Documented input rules of lightning_tiger.metrics.functional: floating tensors of one dtype, [n] or [n, *features]
+#: (flattened), the same number of features, non-empty, finite; wasserstein2 needs equal sizes, mmd2_unbiased and
+#: frechet_distance at least 2 samples each, wasserstein2_1d a single feature.
+_BAD_FOR_ALL = {"dims", "empty", "int", "mixed_dtype", "nan", "list"}
+_FN_INVALID = {"wasserstein2": {"sizes"}, "mmd2_unbiased": {"one"}, "frechet_distance": {"one"}}
 
 
 @pytest.mark.parametrize("fn_name", METRIC_FNS)
@@ -637,15 +915,15 @@ def test_functional_metrics_inputs(fn_name: str, case: str) -> None:
     x, y = _METRIC_INPUTS[case]()
     if fn_name == "wasserstein2_1d" and case in ("ok", "sizes", "mixed_dtype", "int", "one", "3d"):
         x, y = (x[..., 0], y[..., 0]) if isinstance(x, torch.Tensor) else (x, y)
-    names = ["x", "y", "feats", "size", "shape", "dtype", "sample", "finite", "nan", "preds", "target"]
-    if case == "nan":
-        # NaN in: either refused or NaN out, never a crash (an exception from scipy/linalg deep inside).
-        try:
-            fn(x, y)
-        except (ValueError, TypeError) as exc:
-            assert any(n in str(exc).lower() for n in names), exc
-        return
-    works_or_refuses(lambda: fn(x, y), names)
+    names = ["feats_x", "feats_y"] if fn_name == "frechet_distance" else ["x", "y"]
+    valid = case not in _BAD_FOR_ALL and case not in _FN_INVALID.get(fn_name, set())
+    works_or_refuses(lambda: fn(x, y), names, valid=valid)
+
+
+#: The metric classes accumulate two updates of each input, then compute: totals of 12 (or 2 for "one") samples;
+#: an empty update is allowed, but compute() needs samples; WassersteinDistance needs equal totals; the
+#: two-sample metrics need one dtype, FrechetDistance works in float64 whatever the inputs' floating dtype.
+_CLASS_INVALID = {"WassersteinDistance": {"sizes"}}
 
 
 @pytest.mark.parametrize("metric", ["WassersteinDistance", "SlicedWassersteinDistance", "MMD", "FrechetDistance"])
@@ -653,9 +931,9 @@ def test_functional_metrics_inputs(fn_name: str, case: str) -> None:
 def test_metric_classes_inputs(metric: str, case: str) -> None:
     cls = _need("lightning_tiger.metrics", metric)
     x, y = _METRIC_INPUTS[case]()
-    names = ["x", "y", "feats", "size", "shape", "dtype", "sample", "preds", "target", "feature", "dim", "empty",
-             "update"]
-    works_or_refuses(lambda: _run_metric(cls, x, y), names)
+    bad = (_BAD_FOR_ALL - {"mixed_dtype"}) if metric == "FrechetDistance" else _BAD_FOR_ALL
+    valid = case not in bad and case not in _CLASS_INVALID.get(metric, set())
+    works_or_refuses(lambda: _run_metric(cls, x, y), ["preds", "target"], valid=valid)
 
 
 def _run_metric(cls: Any, x: Any, y: Any) -> Any:
@@ -663,6 +941,17 @@ def _run_metric(cls: Any, x: Any, y: Any) -> Any:
     m.update(x, y)
     m.update(x, y)  # states of two calls must concatenate (sizes may differ per call)
     return m.compute()
+
+
+_POT = importlib.util.find_spec("ot") is not None
+METRIC_ARG_VALID: dict[str, Any] = {
+    "max_samples": _opt_int(1),
+    "backend": lambda v: v in ("auto", "scipy") or (v == "pot" and _POT),  # "pot" needs POT installed
+    "num_projections": lambda v: is_int(v, 1),
+    # a positive (finite) bandwidth, a non-empty list of them, or None for the median heuristic
+    "bandwidths": lambda v: v is None or is_real(v, 0, low_open=True)
+    or (isinstance(v, list) and len(v) > 0 and all(is_real(h, 0, low_open=True) for h in v)),
+}
 
 
 @SETTINGS
@@ -676,7 +965,8 @@ def test_metric_constructor_args(kw: dict[str, Any]) -> None:
     for arg, value in kw.items():
         cls = _need("lightning_tiger.metrics", classes[arg])
         works_or_refuses(lambda cls=cls, arg=arg, value=value: _run_metric(
-            lambda: cls(**{arg: value}), torch.randn(8, 2), torch.randn(8, 2)), [arg])
+            lambda: cls(**{arg: value}), torch.randn(8, 2), torch.randn(8, 2)), [arg],
+            valid=METRIC_ARG_VALID[arg](value))
 
 
 # ------------------------------------------------------------------------------------------------ callbacks
@@ -685,9 +975,10 @@ def test_metric_constructor_args(kw: dict[str, Any]) -> None:
        shrink_ratio=any_float)
 def test_nonfinite_guard_args(action: Any, max_consecutive: Any, shrink_ratio: Any) -> None:
     cls = _need("lightning_tiger.callbacks", "NonFiniteGuard")
+    checks = {"action": action in ("skip", "shrink"), "max_consecutive": _opt_int(1)(max_consecutive),
+              "shrink_ratio": OPT_VALID["Tiger"]["shrink_ratio"](shrink_ratio)}
     works_or_refuses(lambda: cls(action=action, max_consecutive=max_consecutive, shrink_ratio=shrink_ratio),
-                     ["action", "max_consecutive", "shrink_ratio"], check_finite=False,
-                     lenient=wrong_type(max_consecutive))
+                     [k for k, ok in checks.items() if not ok], check_finite=False, valid=all(checks.values()))
 
 
 @SETTINGS
@@ -699,11 +990,18 @@ def test_use_optimizer_args(cls_name: Any, param_groups: str, kwargs: dict[str, 
     cls = _need("lightning_tiger.callbacks", "UseOptimizer")
 
     def run() -> Any:
-        cb = cls(cls_name, kwargs, param_groups=param_groups)
-        return cb
+        return cls(cls_name, kwargs, param_groups=param_groups)
 
-    works_or_refuses(run, ["optimizer_class", "optimizer", "param_groups", "lr", "bogus", "beta", "kwargs"],
-                     check_finite=False)
+    # Construction checks what it can know without a module (documented): the class (import path or a bare name
+    # from lightning_tiger.optim / torch.optim), param_groups, and that the optimizer accepts each keyword. Value
+    # ranges (lr=-1, beta=2) are the optimizer's to refuse when it is built (tested above).
+    class_ok = cls_name in ("lightning_tiger.optim.Tiger", "torch.optim.AdamW", "Tiger")
+    checks = {"optimizer_class": class_ok, "param_groups": param_groups in ("auto", "tiger", "plain"),
+              "kwargs": not class_ok or ("bogus" not in kwargs and not ("beta" in kwargs and "AdamW" in cls_name))}
+    names = [k for k, ok in checks.items() if not ok]
+    if "kwargs" in names:
+        names += [k for k in kwargs if k in ("bogus", "beta")]
+    works_or_refuses(run, names, check_finite=False, valid=all(checks.values()))
 
 
 @SETTINGS
@@ -716,25 +1014,29 @@ def test_resumable_batch_sampler(num_samples: Any, batch_size: Any, rank: Any, w
     def run() -> list[list[int]]:
         return list(ResumableBatchSampler(num_samples, batch_size, rank=rank, world_size=world_size))
 
-    batches = works_or_refuses(run, ["num_samples", "batch_size", "rank", "world_size"], check_finite=False,
-                               lenient=wrong_type(num_samples, batch_size))
+    # num_samples, batch_size ints >= 1; without a trainer world_size defaults to 1 and rank to 0, and
+    # 0 <= rank < world_size.
+    ws = 1 if world_size is None else world_size
+    checks = {"num_samples": is_int(num_samples, 1), "batch_size": is_int(batch_size, 1),
+              "world_size": is_int(ws, 1)}
+    checks["rank"] = not checks["world_size"] or 0 <= (0 if rank is None else rank) < ws
+    batches = works_or_refuses(run, [k for k, ok in checks.items() if not ok], check_finite=False,
+                               valid=all(checks.values()))
     if batches:
         flat = [i for b in batches for i in b]
         assert all(0 <= i < num_samples for i in flat) and len(set(flat)) == len(flat)
 
 
 def test_every_public_name_is_importable() -> None:
-    """Names planned in the ``_EXPORTS`` maps resolve (or their file is simply not there yet)."""
+    """Every name in the ``_EXPORTS`` maps resolves (a listed name whose file is missing is an error)."""
     missing = []
     for sub in ("optim", "callbacks", "nn", "modules", "data", "metrics", "plugins"):
         pkg = importlib.import_module(f"lightning_tiger.{sub}")
-        for name, rel in getattr(pkg, "_EXPORTS", {}).items():
+        exports = getattr(pkg, "_EXPORTS", {})
+        assert exports, f"lightning_tiger.{sub} has no _EXPORTS map"
+        for name in exports:
             try:
                 getattr(pkg, name)
-            except ModuleNotFoundError as exc:
-                if f"lightning_tiger.{sub}{rel}" in str(exc):
-                    continue  # planned file not landed yet
-                missing.append(f"{sub}.{name}: {exc}")
             except Exception as exc:
                 missing.append(f"{sub}.{name}: {type(exc).__name__}: {exc}")
     assert not missing, missing
