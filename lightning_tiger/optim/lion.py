@@ -88,13 +88,19 @@ class Lion(torch.optim.Optimizer):
             raise ValueError("compensation='kahan' runs in PyTorch (foreach/single-tensor paths): use fused=None "
                              "or fused=False with it")
         super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
         if self.fused:
-            all_params = [p for g in self.param_groups for p in g["params"]]
             if not F.fused_available_for(all_params):
                 raise RuntimeError(
-                    "fused=True but the compiled Lion kernels are unavailable here (no C++ compiler, or "
-                    "lightning_tiger.optim._fused failed to build); use fused=None to fall back to PyTorch"
+                    "fused=True but the compiled Lion kernels are unavailable here (no C++ compiler, or the build "
+                    "failed: see the FusedKernelWarning, or run `python -m lightning_tiger.optim.build`); use "
+                    "fused=None to fall back to PyTorch"
                 )
+        elif self.fused is None and any(p.device.type == "cpu" for p in all_params):
+            # Build (or load) the kernels now, so that a first build's one visible line comes while the run is set
+            # up rather than as a silent stall of the first step; every rank constructs its optimizer, so the
+            # ranks' agreement on the kernel stays symmetric.
+            F.fused_available_for([p for p in all_params if p.device.type == "cpu"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validated like the constructor's arguments."""

@@ -269,13 +269,19 @@ class Tiger(torch.optim.Optimizer):
         self._param_group: dict[Tensor, dict[str, Any]] = {}
         self._static: dict[int, tuple[tuple, tuple[int, bool, float, float]]] = {}  # id(param) -> see _settings
         super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
         if self.fused:
-            all_params = [p for g in self.param_groups for p in g["params"]]
             if not F.fused_available_for(all_params):
                 raise RuntimeError(
-                    "fused=True but the compiled Tiger kernels are unavailable here (no C++ compiler, or "
-                    "lightning_tiger.optim._fused failed to build); use fused=None to fall back to PyTorch"
+                    "fused=True but the compiled Tiger kernels are unavailable here (no C++ compiler, or the build "
+                    "failed: see the FusedKernelWarning, or run `python -m lightning_tiger.optim.build`); use "
+                    "fused=None to fall back to PyTorch"
                 )
+        elif self.fused is None and any(p.device.type == "cpu" for p in all_params):
+            # Build (or load) the kernels now, so that a first build's one visible line comes while the run is set
+            # up rather than as a silent stall of the first step; every rank constructs its optimizer, so the
+            # ranks' agreement on the kernel stays symmetric.
+            F.fused_available_for([p for p in all_params if p.device.type == "cpu"])
         if self.fold_in_backward:
             _refuse_distributed()
             self._hooks.active = True
