@@ -44,11 +44,6 @@ _BOOL_INT = "accepts True as an integer count (bool is an int subclass) instead 
 _STR_CMP = ("compares a non-int with '<' first: the raw TypeError \"'<' not supported between 'str' and 'int'\" "
             "names no parameter")
 KNOWN_BUGS: dict[str, str] = {
-    "test_attention_options[num_kv_heads]": f"nn/attention.py Attention(num_kv_heads=True) {_BOOL_INT}",
-    "test_attention_options[logn_base]": f"nn/attention.py Attention(logn='posthoc', logn_base='4') {_STR_CMP}",
-    "test_attention_options[max_seq_len]": f"nn/attention.py / rotary.py max_seq_len='4' {_STR_CMP}",
-    "test_transformer_lm_args[num_heads]": f"nn/transformer.py TransformerLM(num_heads='4') {_STR_CMP}; "
-                                           "num_heads=True crashes in split_with_sizes",
     "test_causal_lm_module_args[warmup_steps]": f"modules/causal_lm.py warmup_steps='4' {_STR_CMP}; True {_BOOL_INT}",
     "test_causal_lm_module_args[total_steps]": f"modules/causal_lm.py total_steps='4' {_STR_CMP}; True {_BOOL_INT}",
     "test_causal_lm_module_args[max_position]": f"modules/causal_lm.py max_position='4' {_STR_CMP}; True {_BOOL_INT}",
