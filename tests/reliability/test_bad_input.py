@@ -44,18 +44,10 @@ _BOOL_INT = "accepts True as an integer count (bool is an int subclass) instead 
 _STR_CMP = ("compares a non-int with '<' first: the raw TypeError \"'<' not supported between 'str' and 'int'\" "
             "names no parameter")
 KNOWN_BUGS: dict[str, str] = {
-    "test_causal_lm_module_args[warmup_steps]": f"modules/causal_lm.py warmup_steps='4' {_STR_CMP}; True {_BOOL_INT}",
-    "test_causal_lm_module_args[total_steps]": f"modules/causal_lm.py total_steps='4' {_STR_CMP}; True {_BOOL_INT}",
-    "test_causal_lm_module_args[max_position]": f"modules/causal_lm.py max_position='4' {_STR_CMP}; True {_BOOL_INT}",
-    "test_causal_lm_module_args[metric_last_n]": f"modules/causal_lm.py metric_last_n='4' {_STR_CMP}; 2.5 accepted",
-    "test_causal_lm_module_args[train_len]": f"modules/causal_lm.py train_len='4' {_STR_CMP}; True {_BOOL_INT}",
-    "test_sampler_steps[annealed_langevin]": f"modules/score_samplers.py annealed_langevin(steps=True) {_BOOL_INT}",
-    "test_adaptive_ode": "modules/score_samplers.py ode_adaptive(max_steps=0) is accepted (documented cap >= 1)",
-    "test_diffusion_module_args[ScoreMatchingModule-sample_steps]": f"ScoreMatchingModule(sample_steps=True) "
-                                                                    f"{_BOOL_INT}",
-    "test_diffusion_module_args[RectifiedFlowModule-lr]": "RectifiedFlowModule(lr=inf) is accepted (lr must be > 0, "
-                                                          "finite)",
-    "test_diffusion_sample_args[ScoreMatchingModule]": "ScoreMatchingModule.sample(n=True) crashes inside torch.randn",
+    "test_diffusion_sample_args[ScoreMatchingModule]": "(n=True is now refused) the property counts steps=None as "
+                                                       "invalid, but ScoreMatchingModule.sample documents steps=None "
+                                                       "-> sample_steps: a test defect (check should be "
+                                                       "`steps is None or is_int(steps, 1)`)",
     "test_toy_data_module[num_val]": f"data/toy2d.py ToyDataModule(num_val=True) {_BOOL_INT}; sample_toy then "
                                      "refuses it as 'n'",
     "test_toy_data_module[seed]": "data/toy2d.py ToyDataModule(seed=True): RuntimeError from torch manual_seed",
