@@ -48,13 +48,6 @@ KNOWN_BUGS: dict[str, str] = {
                                                        "invalid, but ScoreMatchingModule.sample documents steps=None "
                                                        "-> sample_steps: a test defect (check should be "
                                                        "`steps is None or is_int(steps, 1)`)",
-    "test_toy_data_module[num_val]": f"data/toy2d.py ToyDataModule(num_val=True) {_BOOL_INT}; sample_toy then "
-                                     "refuses it as 'n'",
-    "test_toy_data_module[seed]": "data/toy2d.py ToyDataModule(seed=True): RuntimeError from torch manual_seed",
-    "test_gaussian_mixture": "data/toy2d.py GaussianMixture(means=[[nan, 0]]) is accepted (NaN samples)",
-    "test_digits_data_module": "data/digits.py DigitsDataModule(seed=True): RuntimeError from torch manual_seed",
-    "test_char_corpus_data_module[eval_lengths]": "data/char_corpus.py eval_lengths='64' is read as (6, 4) (and "
-                                                   "(8.5,) truncated) instead of refused",
     **{f"test_functional_metrics_inputs[empty-{fn}]": "metrics/functional.py _as_2d: an empty [0, 2] sample crashes "
        "in reshape(0, -1) (RuntimeError) before the 'must be non-empty' check"
        for fn in ("wasserstein2", "sliced_wasserstein2", "mmd2_unbiased", "frechet_distance", "wasserstein2_1d")},
@@ -64,7 +57,6 @@ KNOWN_BUGS: dict[str, str] = {
                                                                    "names 'x and y', not preds/target",
     "test_metric_classes_inputs[empty-FrechetDistance]": "metrics/frechet.py: empty updates crash in "
                                                          "reshape(0, -1) (RuntimeError)",
-    "test_resumable_batch_sampler": f"data/resumable.py ResumableBatchSampler(num_samples='4') {_STR_CMP}",
 }
 
 
