@@ -48,15 +48,6 @@ KNOWN_BUGS: dict[str, str] = {
                                                        "invalid, but ScoreMatchingModule.sample documents steps=None "
                                                        "-> sample_steps: a test defect (check should be "
                                                        "`steps is None or is_int(steps, 1)`)",
-    **{f"test_functional_metrics_inputs[empty-{fn}]": "metrics/functional.py _as_2d: an empty [0, 2] sample crashes "
-       "in reshape(0, -1) (RuntimeError) before the 'must be non-empty' check"
-       for fn in ("wasserstein2", "sliced_wasserstein2", "mmd2_unbiased", "frechet_distance", "wasserstein2_1d")},
-    "test_metric_classes_inputs[sizes-WassersteinDistance]": "metrics/wasserstein.py compute(): the error names "
-                                                             "'x and y', not preds/target",
-    "test_metric_classes_inputs[mixed_dtype-WassersteinDistance]": "metrics/wasserstein.py compute(): the error "
-                                                                   "names 'x and y', not preds/target",
-    "test_metric_classes_inputs[empty-FrechetDistance]": "metrics/frechet.py: empty updates crash in "
-                                                         "reshape(0, -1) (RuntimeError)",
 }
 
 
