@@ -67,7 +67,8 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
         allow_none: accept ``None`` (and return it).
 
     Returns:
-        ``float(value)``, or None for an allowed None.
+        ``float(value)`` (``-0.0`` as ``0.0``: some consumers, e.g. NumPy's ``scale >= 0`` checks, refuse it), or
+        None for an allowed None.
 
     Raises:
         TypeError: ``value`` is not a real number.
@@ -86,7 +87,7 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
         ok = value < high if high_open else value <= high
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value}")
-    return value
+    return value + 0.0  # -0.0 + 0.0 == +0.0
 
 
 def check_int_sequence(name: str, value: Any, *, low: int | None = None, high: int | None = None,

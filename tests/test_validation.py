@@ -86,3 +86,8 @@ def test_check_int_sequence_refuses(value, kw, exc, fragment):
     with pytest.raises(exc) as info:
         check_int_sequence("lengths", value, **kw)
     assert fragment in str(info.value)
+
+
+def test_check_real_returns_positive_zero_for_negative_zero():
+    out = check_real("noise", -0.0, low=0.0)
+    assert out == 0.0 and math.copysign(1.0, out) == 1.0

@@ -199,7 +199,7 @@ def sample_toy(name: str, n: int, *, generator: torch.Generator | None = None,
     if name not in TOY_NAMES:
         raise ValueError(f"name must be one of {TOY_NAMES}, got {name!r}")
     check_int("n", n, low=0)
-    check_real("noise", noise, low=0.0, allow_none=True)
+    noise = check_real("noise", noise, low=0.0, allow_none=True)  # -0.0 comes back as 0.0 (sklearn refuses -0.0)
     if n == 0:
         return torch.zeros(0, 2)
     if name == "moons":

@@ -106,6 +106,9 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, h: flo
     negative (NaN steps) for coarse grids (β(1)·h > 1, e.g. 10 steps of VP); exp(−β h) stays in (0, 1).
     A fixed ``snr`` keeps a Langevin bias that does not vanish as steps → ∞ (ULA at relative step ≈ snr²).
     """
+    if x.numel() == 0:
+        # An empty batch has no norms to average (reshape(0, -1) is ambiguous); nothing to correct.
+        return x, x
     a = math.exp(-float(sde.beta(t)) * h) if isinstance(sde, VPSDE) else 1.0
     mean = x
     for _ in range(n_steps):
