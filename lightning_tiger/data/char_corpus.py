@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tiger.data.resumable import EpochCursor
+from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
 __all__ = ["CharCorpusDataModule"]
 
@@ -233,15 +234,11 @@ class CharCorpusDataModule(L.LightningDataModule):
             ("batches_per_epoch", batches_per_epoch),
             ("eval_tokens_per_batch", eval_tokens_per_batch),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        eval_lengths = tuple(int(t) for t in eval_lengths)
-        if not eval_lengths or any(t < 1 for t in eval_lengths) or len(set(eval_lengths)) != len(eval_lengths):
-            raise ValueError(f"eval_lengths must be distinct positive integers, got {eval_lengths}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if max_chars is not None and max_chars < seq_len + 1:
-            raise ValueError(f"max_chars must be None or >= seq_len + 1 = {seq_len + 1}, got {max_chars}")
+            check_int(name, value, low=1)
+        # A string is refused, not iterated ("64" would be read as (6, 4)), and 8.5 is refused, not truncated.
+        eval_lengths = check_int_sequence("eval_lengths", eval_lengths, low=1, distinct=True)
+        check_real("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int("max_chars", max_chars, low=seq_len + 1, allow_none=True)
         if vocab not in ("bytes", "chars"):
             raise ValueError(f"vocab must be 'bytes' or 'chars', got {vocab!r}")
         self.source = source

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_tiger.data.in_memory import InMemoryDataModule
+from lightning_tiger.validation import check_int, check_real
 
 
 def load_digits_images() -> Tensor:
@@ -33,12 +34,10 @@ class DigitsDataModule(InMemoryDataModule):
     def __init__(self, batch_size: int = 128, val_fraction: float = 0.5, seed: int = 0,
                  num_workers: int = 0) -> None:
         super().__init__(batch_size, seed, num_workers)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        check_int("batch_size", batch_size, low=1)
+        check_real("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_int("seed", seed)
+        check_int("num_workers", num_workers, low=0)
         self.save_hyperparameters()
         self.val_fraction = val_fraction
         self.data_shape: tuple[int, ...] = (1, 8, 8)

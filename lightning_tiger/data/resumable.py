@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from lightning_tiger.validation import check_int
+
 if TYPE_CHECKING:
     import lightning as L
 
@@ -50,12 +52,11 @@ class ResumableBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size is not None and world_size < 1:
-            raise ValueError(f"world_size must be >= 1 or None, got {world_size}")
+        check_int("num_samples", num_samples, low=1)
+        check_int("batch_size", batch_size, low=1)
+        check_int("seed", seed)
+        check_int("world_size", world_size, low=1, allow_none=True)
+        check_int("rank", rank, allow_none=True)
         if rank is not None and (rank < 0 or (world_size is not None and rank >= world_size)):
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed

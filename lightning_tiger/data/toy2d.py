@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_tiger.data.in_memory import InMemoryDataModule
+from lightning_tiger.validation import check_int, check_real
 
 TOY_NAMES: tuple[str, ...] = ("moons", "8gaussians", "checkerboard", "spirals", "scurve", "gmm")
 
@@ -59,6 +60,8 @@ class GaussianMixture:
             means_t = means_t.to(torch.get_default_dtype())
         if means_t.ndim != 2 or means_t.shape[0] < 1 or means_t.shape[1] < 1:
             raise ValueError(f"means must have shape [K, d] with K, d >= 1, got {tuple(means_t.shape)}")
+        if not bool(torch.isfinite(means_t).all()):
+            raise ValueError(f"means must be finite, got {means_t.tolist()}")
         k = means_t.shape[0]
         stds_t = torch.as_tensor(stds, dtype=means_t.dtype)
         if stds_t.ndim == 0:
@@ -73,8 +76,11 @@ class GaussianMixture:
             weights_t = torch.as_tensor(weights, dtype=means_t.dtype)
             if weights_t.shape != (k,):
                 raise ValueError(f"weights must have shape [K]=[{k}], got {tuple(weights_t.shape)}")
-            if bool((weights_t < 0).any()) or float(weights_t.sum()) <= 0:
-                raise ValueError("weights must be non-negative with a positive sum")
+            finite = bool(torch.isfinite(weights_t).all())
+            if not finite or bool((weights_t < 0).any()) or float(weights_t.sum()) <= 0:
+                raise ValueError(
+                    f"weights must be finite and non-negative with a positive sum, got {weights_t.tolist()}"
+                )
             weights_t = weights_t / weights_t.sum()
         self.means = means_t
         self.stds = stds_t
@@ -192,10 +198,8 @@ def sample_toy(name: str, n: int, *, generator: torch.Generator | None = None,
     """
     if name not in TOY_NAMES:
         raise ValueError(f"name must be one of {TOY_NAMES}, got {name!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if noise is not None and noise < 0:
-        raise ValueError(f"noise must be >= 0 or None, got {noise}")
+    check_int("n", n, low=0)
+    noise = check_real("noise", noise, low=0.0, allow_none=True)  # -0.0 comes back as 0.0 (sklearn refuses -0.0)
     if n == 0:
         return torch.zeros(0, 2)
     if name == "moons":
@@ -253,8 +257,9 @@ class ToyDataModule(InMemoryDataModule):
             raise ValueError(f"name must be one of {TOY_NAMES}, got {name!r}")
         for pname, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1),
                                   ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{pname} must be an int >= {low}, got {value!r}")
+            check_int(pname, value, low=low)
+        check_int("seed", seed)
+        check_real("noise", noise, low=0.0, allow_none=True)
         self.save_hyperparameters()
         self.name = name
         self.num_train = num_train

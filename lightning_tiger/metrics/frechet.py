@@ -58,7 +58,9 @@ class FrechetDistance(Metric):
             with torch.no_grad():
                 x = self.feature(x)
             self.feature.train(was_training)
-        x = x.detach().reshape(x.shape[0], -1).double()
+        # flatten(1), not reshape(n, -1): an empty update [0, *shape] keeps its feature count (and is allowed).
+        x = x.detach()
+        x = (x[:, None] if x.ndim == 1 else x.flatten(1)).double()
         if not torch.isfinite(x).all():
             raise ValueError(f"features of {name} contain NaN or infinite values")
         return x

@@ -45,9 +45,10 @@ def _as_2d(name: str, value: object) -> Tensor:
     if value.ndim == 1:
         # A 1-D tensor is read as n scalar samples, the common case for 1-D toy targets.
         value = value[:, None]
+    # Checked before flattening: reshape(0, -1) cannot infer the feature count of an empty tensor.
+    if value.numel() == 0:
+        raise ValueError(f"{name} must be non-empty (n >= 1 samples, >= 1 feature), got shape {tuple(value.shape)}")
     value = value.reshape(value.shape[0], -1)
-    if value.shape[0] == 0 or value.shape[1] == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(value.shape)}")
     if not torch.isfinite(value).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return value

@@ -108,6 +108,8 @@ class WassersteinDistance(_TwoSampleMetric):
         preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
         if self.max_samples is not None:
             preds, target = preds[: self.max_samples], target[: self.max_samples]
+        # Checked here so that errors name this metric's arguments, not wasserstein2's x and y.
+        _check_pair(preds, target, equal_size=True, names=("preds", "target"))
         return wasserstein2(preds, target, backend=self.backend)
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_tiger.validation import check_int, check_real
+
 __all__ = ["CausalLMModule"]
 
 _TRAIN_POSITIONS = ("contiguous", "random_int", "random_float")
@@ -108,26 +110,18 @@ class CausalLMModule(L.LightningModule):
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     ) -> None:
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1 or None, got {total_steps}")
+        # Checked without rebinding: save_hyperparameters() records the arguments as given.
+        check_real("lr", lr, low=0.0, low_open=True)
+        check_real("beta", beta, low=0.0, high=1.0, high_open=True)
+        check_real("weight_decay", weight_decay, low=0.0)
+        check_int("warmup_steps", warmup_steps, low=0)
+        check_real("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
+        check_int("total_steps", total_steps, low=1, allow_none=True)
         if train_positions not in _TRAIN_POSITIONS:
             raise ValueError(f"train_positions must be one of {_TRAIN_POSITIONS}, got {train_positions!r}")
-        if max_position is not None and max_position < 1:
-            raise ValueError(f"max_position must be >= 1 or None, got {max_position}")
-        if metric_last_n is not None and (isinstance(metric_last_n, bool) or metric_last_n < 1):
-            raise ValueError(f"metric_last_n must be a positive integer or None, got {metric_last_n!r}")
-        if train_len is not None and train_len < 1:
-            raise ValueError(f"train_len must be >= 1 or None, got {train_len}")
+        check_int("max_position", max_position, low=1, allow_none=True)
+        check_int("metric_last_n", metric_last_n, low=1, allow_none=True)
+        check_int("train_len", train_len, low=1, allow_none=True)
         if eval_options is not None:
             if not isinstance(eval_options, dict):
                 raise TypeError(f"eval_options must be a dict or None, got {type(eval_options).__name__}")

@@ -40,6 +40,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
 from lightning_tiger.modules.flow_solvers import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
+from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
 __all__ = ["RectifiedFlowModule", "load_rectified_flow"]
 
@@ -124,15 +125,10 @@ class RectifiedFlowModule(pl.LightningModule):
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if time_sampling not in _TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {_TIME_SAMPLING}, got {time_sampling!r}")
-        if not (isinstance(t_eps, (int, float)) and 0.0 <= t_eps < 1.0):
-            raise ValueError(f"t_eps must be in [0, 1), got {t_eps!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if isinstance(num_val_samples, bool) or not isinstance(num_val_samples, int) or num_val_samples < 2:
-            raise ValueError(f"num_val_samples must be an integer >= 2, got {num_val_samples!r}")
-        val_steps = tuple(val_steps)
-        if not val_steps or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in val_steps):
-            raise ValueError(f"val_steps must be a non-empty list of integers >= 1, got {val_steps!r}")
+        check_real("t_eps", t_eps, low=0.0, high=1.0, high_open=True)
+        check_real("lr", lr, low=0.0, low_open=True)
+        check_int("num_val_samples", num_val_samples, low=2)
+        val_steps = check_int_sequence("val_steps", val_steps, low=1)
         if val_noise not in _VAL_NOISE:
             raise ValueError(f"val_noise must be one of {_VAL_NOISE}, got {val_noise!r}")
         if val_solver not in SOLVERS:
@@ -219,8 +215,7 @@ class RectifiedFlowModule(pl.LightningModule):
             ``z1 [n, *data_shape]`` (on the module's device), or ``(z1, trajectory)``.
         """
         if z0 is None:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"n must be an integer >= 1, got {n!r}")
+            check_int("n", n, low=1)
             z0 = self.sample_source(n, generator)
         sol = self._solve(z0, steps, solver, return_trajectory=return_trajectory, **solver_kwargs)
         if return_trajectory:
@@ -279,10 +274,8 @@ class RectifiedFlowModule(pl.LightningModule):
         """
         from lightning_tiger.data.reflow import write_pair_shards
 
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("n", n, low=1)
+        check_int("batch_size", batch_size, low=1)
         from tqdm.auto import tqdm
 
         z0s, z1s = [], []

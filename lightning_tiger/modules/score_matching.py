@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_tiger.modules import score_samplers as samplers
 from lightning_tiger.modules.sde import SDE, VESDE, _bcast, make_sde, randn
+from lightning_tiger.validation import check_int, check_real
 
 WEIGHTINGS: tuple[str, ...] = ("sigma2", "likelihood", "none")
 PARAMETERIZATIONS: tuple[str, ...] = ("noise", "score")
@@ -112,18 +113,14 @@ class ScoreMatchingModule(pl.LightningModule):
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
-        if not 0.0 < t_eps < 1.0:
-            raise ValueError(f"t_eps must be in (0, 1), got {t_eps}")
+        check_real("t_eps", t_eps, low=0.0, high=1.0, low_open=True, high_open=True)
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
-        if not isinstance(sample_steps, int) or sample_steps < 1:
-            raise ValueError(f"sample_steps must be an int >= 1, got {sample_steps!r}")
-        if not 0.0 <= sample_t_end < 1.0:
-            raise ValueError(f"sample_t_end must be in [0, 1), got {sample_t_end}")
-        if not isinstance(num_val_samples, int) or num_val_samples < 0:
-            raise ValueError(f"num_val_samples must be an int >= 0, got {num_val_samples!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        # Checked without rebinding: save_hyperparameters() records the arguments as given.
+        check_int("sample_steps", sample_steps, low=1)
+        check_real("sample_t_end", sample_t_end, low=0.0, high=1.0, high_open=True)
+        check_int("num_val_samples", num_val_samples, low=0)
+        check_real("lr", lr, low=0.0, low_open=True)
         self.save_hyperparameters(ignore=["net", "sde"] if isinstance(sde, SDE) else ["net"])
         self.sde = self.configure_sde(sde, sde_kwargs)
         self.weighting = weighting
@@ -269,8 +266,8 @@ class ScoreMatchingModule(pl.LightningModule):
         sampler = sampler or self.sampler
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got {sampler!r}")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        check_int("n", n, low=1)
+        check_int("batch_size", batch_size, low=1, allow_none=True)
         if batch_size is not None and batch_size < n:
             if return_trajectory:
                 raise ValueError("return_trajectory is not supported with batch_size < n")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_tiger.modules.flow_solvers import _DP_A, _DP_C
 from lightning_tiger.modules.sde import SDE, VESDE, VPSDE, _bcast, randn
+from lightning_tiger.validation import check_int, check_real
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -35,10 +36,8 @@ def _progress(iterable: range, enabled: bool, desc: str) -> range:
 
 
 def _check(x: Tensor, steps: int, t_end: float, sde: SDE) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not 0.0 <= t_end < sde.T:
-        raise ValueError(f"t_end must be in [0, {sde.T}), got {t_end}")
+    check_int("steps", steps, low=1)
+    check_real("t_end", t_end, low=0.0, high=float(sde.T), high_open=True)
     if x.ndim < 1:
         raise ValueError(f"x must have shape [batch, *shape], got {tuple(x.shape)}")
 
@@ -107,6 +106,9 @@ def langevin_corrector(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, h: flo
     negative (NaN steps) for coarse grids (β(1)·h > 1, e.g. 10 steps of VP); exp(−β h) stays in (0, 1).
     A fixed ``snr`` keeps a Langevin bias that does not vanish as steps → ∞ (ULA at relative step ≈ snr²).
     """
+    if x.numel() == 0:
+        # An empty batch has no norms to average (reshape(0, -1) is ambiguous); nothing to correct.
+        return x, x
     a = math.exp(-float(sde.beta(t)) * h) if isinstance(sde, VPSDE) else 1.0
     mean = x
     for _ in range(n_steps):
@@ -133,10 +135,8 @@ def predictor_corrector(score_fn: ScoreFn, sde: SDE, x: Tensor, steps: int, *, s
     configs; Euler–Maruyama is the predictor of Song et al.'s Alg. 1 form and converges to the same limit.
     """
     _check(x, steps, t_end, sde)
-    if not (math.isfinite(snr) and snr > 0):  # `not >` also refuses NaN
-        raise ValueError(f"snr must be finite and > 0, got {snr}")
-    if not isinstance(corrector_steps, int) or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be an int >= 0, got {corrector_steps!r}")
+    check_real("snr", snr, low=0.0, low_open=True)
+    check_int("corrector_steps", corrector_steps, low=0)
     ts = _grid(sde, steps, t_end, x.device)
     x = x.float()
     traj = [x] if return_trajectory else None
@@ -224,8 +224,9 @@ def ode_adaptive(score_fn: ScoreFn, sde: SDE, x: Tensor, *, rtol: float = 1e-5, 
         return_nfe: also return the number of score evaluations (an int) as the last tuple element.
     """
     _check(x, 1, t_end, sde)
-    if rtol <= 0 or atol <= 0:
-        raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
+    check_real("rtol", rtol, low=0.0, low_open=True)
+    check_real("atol", atol, low=0.0, low_open=True)
+    check_int("max_steps", max_steps, low=1)
     span = sde.T - t_end
     h = -(first_step if first_step is not None else 0.01 * span)
     if h >= 0 or -h > span:
@@ -286,8 +287,7 @@ def geometric_sigmas(sigma_max: float = 1.0, sigma_min: float = 0.01, num_levels
     """NCSN noise levels σ_1 > … > σ_L, geometric from ``sigma_max`` to ``sigma_min`` (defaults 1 → 0.01, 10)."""
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if not isinstance(num_levels, int) or num_levels < 2:
-        raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
+    check_int("num_levels", num_levels, low=2)
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), num_levels, dtype=torch.float64)
                      ).float()
 
@@ -306,10 +306,8 @@ def annealed_langevin(score_fn: ScoreFn, sde: VESDE, x: Tensor, steps: int = 100
     """
     if not isinstance(sde, VESDE):
         raise ValueError(f"annealed_langevin needs a VESDE-trained model (noise levels σ), got {sde!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    check_int("steps", steps, low=1)
+    check_real("eps", eps, low=0.0, low_open=True)
     sig = geometric_sigmas() if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32).flatten()
     if float(sig.min()) < sde.sigma_min * (1 - 1e-6) or float(sig.max()) > sde.sigma_max * (1 + 1e-6):
         raise ValueError(f"sigmas must lie in [sigma_min, sigma_max]=[{sde.sigma_min}, {sde.sigma_max}] of the "

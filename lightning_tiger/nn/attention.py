@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_int
 from .alibi import ALiBi
 from .kerple import KERPLE
 from .rerope import rerope_attention
@@ -358,13 +359,12 @@ class Attention(nn.Module):
         rerope_leak: float | None = None,
     ) -> None:
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if num_heads < 1:
-            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_kv_heads < 1 or num_heads % num_kv_heads:
+        dim = check_int("dim", dim, low=1)
+        num_heads = check_int("num_heads", num_heads, low=1)
+        num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, low=1)
+        if num_heads % num_kv_heads:
             raise ValueError(f"num_kv_heads must divide num_heads={num_heads}, got {num_kv_heads}")
+        head_dim = check_int("head_dim", head_dim, low=1, allow_none=True)
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads} (or pass head_dim)")
@@ -446,12 +446,13 @@ class Attention(nn.Module):
             raise ValueError(f"window must be an integer >= 1 or None, got {window!r}")
         if window_at not in _WINDOW_AT:
             raise ValueError(f"window_at must be one of {_WINDOW_AT}, got {window_at!r}")
-        if not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sink_tokens must be an integer >= 0, got {sinks!r}")
+        sinks = check_int("sink_tokens", sinks, low=0)
         if logn not in _LOGN:
             raise ValueError(f"logn must be one of {_LOGN}, got {logn!r}")
-        if logn != "none" and (logn_base is None or logn_base < 2):
-            raise ValueError(f"logn={logn!r} needs logn_base (the training length) >= 2, got {logn_base!r}")
+        if logn != "none":
+            if logn_base is None:
+                raise ValueError(f"logn={logn!r} needs logn_base (the training length) >= 2, got None")
+            logn_base = check_int("logn_base", logn_base, low=2)
         self.window, self.window_at, self.sink_tokens = window, window_at, sinks
         self.logn, self.logn_base = logn, logn_base
         self.rerope_window, self.rerope_leak = rr_window, None if rr_leak is None else float(rr_leak)

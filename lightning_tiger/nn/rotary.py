@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int, check_real
+
 __all__ = ["RotaryEmbedding"]
 
 _SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
@@ -97,10 +99,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim!r}")
-        if not base > 1.0:
-            raise ValueError(f"base must be > 1, got {base!r}")
-        if max_seq_len is not None and max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1 or None, got {max_seq_len!r}")
+        base = check_real("base", base, low=1.0, low_open=True)
+        max_seq_len = check_int("max_seq_len", max_seq_len, low=1, allow_none=True)
         self.head_dim = head_dim
         self.base = float(base)
         self.interleaved = bool(interleaved)

@@ -4,13 +4,13 @@ ALiBi: Press et al. 2022)."""
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_int, check_real
 from .attention import RUNTIME_OPTIONS, Attention, KVCache
 
 __all__ = ["TransformerBlock", "TransformerLM"]
@@ -106,10 +106,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         if mlp not in _MLPS:
             raise ValueError(f"mlp must be one of {_MLPS}, got {mlp!r}")
-        if hidden_dim is None and not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
-        if hidden_dim is not None and hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
+        hidden_dim = check_int("hidden_dim", hidden_dim, low=1, allow_none=True)
+        if hidden_dim is None:
+            mlp_ratio = check_real("mlp_ratio", mlp_ratio, low=0.0, low_open=True)
         self.mlp_kind = mlp
         self.norm1 = RMSNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, dropout=dropout, **attn_kwargs)
@@ -212,17 +211,13 @@ class TransformerLM(nn.Module):
         norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth), ("hidden_dim", hidden_dim)):
-            if value is None and name == "hidden_dim":
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not (
-            math.isfinite(mlp_ratio) and mlp_ratio > 0
-        ):
-            raise ValueError(f"mlp_ratio must be a finite float > 0, got {mlp_ratio!r}")
-        if max_seq_len is not None and max_seq_len < 1:
-            raise ValueError(f"max_seq_len must be >= 1 or None, got {max_seq_len}")
+        vocab_size = check_int("vocab_size", vocab_size, low=1)
+        dim = check_int("dim", dim, low=1)
+        depth = check_int("depth", depth, low=1)
+        num_heads = check_int("num_heads", num_heads, low=1)
+        hidden_dim = check_int("hidden_dim", hidden_dim, low=1, allow_none=True)
+        mlp_ratio = check_real("mlp_ratio", mlp_ratio, low=0.0, low_open=True)
+        max_seq_len = check_int("max_seq_len", max_seq_len, low=1, allow_none=True)
         self.vocab_size, self.dim, self.depth, self.max_seq_len = vocab_size, dim, depth, max_seq_len
         base_opts: dict[str, Any] = dict(
             position=position, window=window, window_at=window_at, sink_tokens=sink_tokens, logn=logn,

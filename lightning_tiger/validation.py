@@ -1,0 +1,133 @@
+"""Argument checks shared by every layer: a clear ``TypeError``/``ValueError`` that names the parameter and its
+accepted range, instead of a raw ``'<' not supported between 'str' and 'int'`` or a crash deep inside torch.
+
+This module imports nothing from the package, so any layer (``nn``, ``data``, ``metrics``, ``modules``) may use it.
+
+Why ``bool`` is refused where an int is expected: ``bool`` subclasses ``int`` in Python, so ``num_heads=True`` would
+silently mean 1 (and ``torch.manual_seed(True)`` fails deep inside torch); a bool there is always a typo or a
+misplaced flag.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["check_int", "check_int_sequence", "check_real"]
+
+
+def _range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    return f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None,
+              allow_none: bool = False) -> int | None:
+    """``value`` as a Python ``int`` if it is an integer (not a bool) in ``[low, high]``.
+
+    Args:
+        name: the parameter's name, used in the error message.
+        value: the value to check; any ``numbers.Integral`` (e.g. a NumPy integer) is accepted, a ``bool`` is not.
+        low: smallest accepted value (None: unbounded).
+        high: largest accepted value (None: unbounded).
+        allow_none: accept ``None`` (and return it).
+
+    Returns:
+        ``int(value)``, or None for an allowed None.
+
+    Raises:
+        TypeError: ``value`` is not an integer (a bool, a float such as 2.5, a string such as ``"4"``).
+        ValueError: ``value`` is outside ``[low, high]``.
+    """
+    if value is None and allow_none:
+        return None
+    expected = f"{'None or ' if allow_none else ''}an int in {_range(low, high, False, False)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> float | None:
+    """``value`` as a ``float`` if it is a finite real number (not a bool) in the given range.
+
+    Args:
+        name: the parameter's name, used in the error message.
+        value: the value to check; any ``numbers.Real`` (int, float, NumPy scalar) is accepted, a ``bool`` is not.
+        low: lower bound (None: unbounded).
+        high: upper bound (None: unbounded).
+        low_open: exclude ``low`` itself.
+        high_open: exclude ``high`` itself.
+        allow_none: accept ``None`` (and return it).
+
+    Returns:
+        ``float(value)`` (``-0.0`` as ``0.0``: some consumers, e.g. NumPy's ``scale >= 0`` checks, refuse it), or
+        None for an allowed None.
+
+    Raises:
+        TypeError: ``value`` is not a real number.
+        ValueError: ``value`` is NaN, infinite or outside the range.
+    """
+    if value is None and allow_none:
+        return None
+    expected = f"{'None or ' if allow_none else ''}a finite number in {_range(low, high, low_open, high_open)}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value + 0.0  # -0.0 + 0.0 == +0.0
+
+
+def check_int_sequence(name: str, value: Any, *, low: int | None = None, high: int | None = None,
+                       non_empty: bool = True, distinct: bool = False) -> tuple[int, ...]:
+    """``value`` as a tuple of ints if it is a list/tuple (or other non-string iterable) of integers in
+    ``[low, high]``.
+
+    A string is refused although it is iterable: ``"64"`` would otherwise be read as ``(6, 4)``.
+
+    Args:
+        name: the parameter's name, used in the error message.
+        value: the sequence to check.
+        low: smallest accepted entry (None: unbounded).
+        high: largest accepted entry (None: unbounded).
+        non_empty: refuse an empty sequence.
+        distinct: refuse repeated entries.
+
+    Returns:
+        The entries as a tuple of Python ints, in order.
+
+    Raises:
+        TypeError: ``value`` is not a sequence, or an entry is not an integer.
+        ValueError: the sequence is empty (with ``non_empty``), has repeats (with ``distinct``) or an entry is out
+            of range.
+    """
+    what = f"a {'non-empty ' if non_empty else ''}sequence of{' distinct' if distinct else ''} ints in " \
+           f"{_range(low, high, False, False)}"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be {what}, got {value!r} ({type(value).__name__})")
+    items = list(value)
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(f"{name} must be {what}, got {value!r} (entry {i} is {item!r})")
+        out.append(int(item))
+    if non_empty and not out:
+        raise ValueError(f"{name} must be {what}, got an empty {type(value).__name__}")
+    bad = [v for v in out if (low is not None and v < low) or (high is not None and v > high)]
+    if bad:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if distinct and len(set(out)) != len(out):
+        raise ValueError(f"{name} must be {what}, got repeated entries in {value!r}")
+    return tuple(out)
