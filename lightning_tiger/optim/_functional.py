@@ -753,6 +753,17 @@ def sr_keys_of(states: Sequence[dict[str, Any] | None]) -> list[Tensor | None]:
     return [next(keys) if st is not None else None for st in states]
 
 
+def fused_rounding_kwargs(keys: Sequence[Tensor | None], momentum_sr: bool) -> dict[str, Any]:
+    """The fused kernels' rounding arguments for this call's ``keys`` (from :func:`sr_keys_of`): ``sr_keys`` as
+    Python ints (0 for a tensor without a generator, which the kernels ignore) and ``momentum_sr``; empty when no
+    tensor rounds stochastically. The keys are CPU tensors on this path, so reading them back costs no device
+    sync."""
+    if all(k is None for k in keys):
+        return {}
+    ints = torch.stack([k if k is not None else torch.zeros((), dtype=torch.int64) for k in keys])
+    return {"sr_keys": ints.tolist(), "momentum_sr": momentum_sr}
+
+
 def sr_advance(states: Sequence[dict[str, Any] | None]) -> None:
     """Count one rounding call for every state holding a generator."""
     steps = [st["sr_step"] for st in states if st is not None]

@@ -149,9 +149,7 @@ class Lion(torch.optim.Optimizer):
             kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
             keys = F.sr_keys_of(srs)
             if path == "fused":
-                if any(k is not None for k in keys):  # CPU tensors: reading the keys back costs no device sync
-                    ints = torch.stack([k if k is not None else torch.zeros((), dtype=torch.int64) for k in keys])
-                    kwargs.update(sr_keys=ints.tolist(), momentum_sr=self.momentum_sr)
+                kwargs.update(F.fused_rounding_kwargs(keys, self.momentum_sr))
                 fused_mod.lion_step_(params, grads, moms, **kwargs)
             else:
                 F.lion_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,

@@ -455,9 +455,7 @@ class Tiger(torch.optim.Optimizer):
         kwargs = dict(lr_modes=modes, lrs=lrs, weight_decays=wds, centers=centers, rms_floor=floors, **coefs)
         keys = F.sr_keys_of(batch.sr)
         if path == "fused":
-            if any(k is not None for k in keys):  # CPU tensors: reading the keys back costs no device sync
-                ints = torch.stack([k if k is not None else torch.zeros((), dtype=torch.int64) for k in keys])
-                kwargs.update(sr_keys=ints.tolist(), momentum_sr=self.momentum_sr)
+            kwargs.update(F.fused_rounding_kwargs(keys, self.momentum_sr))
             fused_mod.tiger_step_(params, grads, moms, exact=self.exact_nonfinite, rms_cache=self._rms_cache,
                                   **kwargs)
         else:

@@ -2,8 +2,8 @@
 
 References are written from the definitions: stochastic rounding's expectation (Gupta et al. 2015, eq. 2), the
 counter-based bits of ``stochastic_rounding.py`` (the shared definition every path must reproduce), compensated
-summation (Kahan 1965). The fused kernels of the branch this was written on predate stochastic rounding, so the
-optimizer routes such steps to PyTorch; paths are forced explicitly here.
+summation (Kahan 1965). Paths are forced explicitly; the fused kernels are compared with the PyTorch path through
+the optimizer here, and with the definition directly in ``test_fused_low_precision.py``.
 """
 
 from __future__ import annotations
@@ -214,6 +214,24 @@ def test_foreach_equals_single_tensor_bitwise(make: Callable[..., torch.optim.Op
     b = copy.deepcopy(a)
     grads = _grads(a, 5, nan_at=2)
     oa, ob = make(a, seed=3, fused=False, foreach=False, **kw), make(b, seed=3, fused=False, foreach=True, **kw)
+    _run(a, oa, grads)
+    _run(b, ob, grads)
+    _same(a, b, oa, ob)
+
+
+@pytest.mark.parametrize("make", OPTS)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("momentum_sr", [True, False])
+def test_fused_kernel_rounds_as_the_pytorch_path(make: Callable[..., torch.optim.Optimizer], dtype: torch.dtype,
+                                                 momentum_sr: bool) -> None:
+    """Through the optimizer (not the kernel alone): the fused call gets this call's keys, so a bf16/fp16 model
+    steps bit for bit as on the foreach path (finite gradients: the non-finite rollback is exact only to rounding)."""
+    torch.manual_seed(0)
+    a = Mixed().to(dtype)
+    b = copy.deepcopy(a)
+    grads = _grads(a, 5)
+    oa = make(a, seed=3, fused=True, momentum_sr=momentum_sr)
+    ob = make(b, seed=3, fused=False, foreach=True, momentum_sr=momentum_sr)
     _run(a, oa, grads)
     _run(b, ob, grads)
     _same(a, b, oa, ob)
