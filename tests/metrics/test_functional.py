@@ -25,7 +25,8 @@ def _moons(n: int, seed: int) -> torch.Tensor:
     return torch.tensor(make_moons(n, noise=0.05, random_state=seed)[0], dtype=torch.float32)
 
 
-def test_w2_matches_brute_force_over_permutations() -> None:
+def _pair_and_brute_force_w2() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Two 6-point clouds and their exact W2 by trying every one of the 720 assignments."""
     gen = torch.Generator().manual_seed(1)
     x, y = (
         torch.randn(6, 3, generator=gen, dtype=torch.float64),
@@ -35,21 +36,18 @@ def test_w2_matches_brute_force_over_permutations() -> None:
         sum(float(((x[i] - y[p[i]]) ** 2).sum()) for i in range(6)) / 6
         for p in itertools.permutations(range(6))
     )
-    assert float(wasserstein2(x, y)) == pytest.approx(math.sqrt(best), rel=1e-10)
+    return x, y, math.sqrt(best)
+
+
+def test_w2_matches_brute_force_over_permutations() -> None:
+    x, y, ref = _pair_and_brute_force_w2()
+    assert float(wasserstein2(x, y)) == pytest.approx(ref, rel=1e-10)
 
 
 def test_w2_pot_backend_matches_brute_force_over_permutations() -> None:
     pytest.importorskip("ot", reason="backend='pot' needs POT (pip install pot; it is in the test extra)")
-    gen = torch.Generator().manual_seed(1)
-    x, y = (
-        torch.randn(6, 3, generator=gen, dtype=torch.float64),
-        torch.randn(6, 3, generator=gen).double() + 1,
-    )
-    best = min(
-        sum(float(((x[i] - y[p[i]]) ** 2).sum()) for i in range(6)) / 6
-        for p in itertools.permutations(range(6))
-    )
-    assert float(wasserstein2(x, y, backend="pot")) == pytest.approx(math.sqrt(best), rel=1e-8)
+    x, y, ref = _pair_and_brute_force_w2()
+    assert float(wasserstein2(x, y, backend="pot")) == pytest.approx(ref, rel=1e-8)
 
 
 def test_w2_one_dimensional_equals_sorted_and_translation() -> None:
