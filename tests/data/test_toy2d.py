@@ -97,7 +97,7 @@ def test_moons_are_sklearn_raw_coordinates() -> None:
 
 
 def test_moons_w2_floor_at_1000_points() -> None:
-    """SPEC §6: two independent 1000-point moons samples are ≈ 0.035 apart in exact W2."""
+    """Two independent 1000-point moons samples are ≈ 0.035 apart in exact W2."""
     vals = []
     for seed in range(3):
         x = sample_toy("moons", 1000, generator=torch.Generator().manual_seed(2 * seed)).double().numpy()
