@@ -197,13 +197,16 @@ KNOWN_LOCAL = {
     "lightning_tiger.callbacks.nonfinite_guard": "callbacks/nonfinite_guard.py: function-local import of "
     "optim.param_groups",
     "lightning_tiger.nn.small_unet": "nn/small_unet.py: function-local import of nn.time_embedding",
-    "lightning_tiger.optim._functional": "optim/_functional.py: function-local import of optim._fused",
+    "lightning_tiger.optim._functional": "optim/_functional.py: function-local import of optim._fused "
+    "(gone on main since the optim refactor: drop this entry once merged)",
 }
+# Entries that another branch already fixed: they may pass or fail until the merge.
+NOT_STRICT = {"lightning_tiger.optim._functional"}
 
 
 def _cases(known: dict[str, str]) -> list:
-    return [pytest.param(m, id=m, marks=pytest.mark.xfail(reason=known[m], strict=True)) if m in known
-            else pytest.param(m, id=m) for m in MODULES]
+    return [pytest.param(m, id=m, marks=pytest.mark.xfail(reason=known[m], strict=m not in NOT_STRICT))
+            if m in known else pytest.param(m, id=m) for m in MODULES]
 
 
 @pytest.mark.parametrize("module", _cases({}))
