@@ -166,7 +166,8 @@ def integrate_adaptive(f: Field, x: Tensor, t0: float, t1: float, *, rtol: float
         progress: tqdm bar over the time interval, titled ``desc``.
 
     Raises:
-        RuntimeError: more than ``max_steps`` attempts.
+        RuntimeError: more than ``max_steps`` attempts, or the step size underflows with a finite error above
+            the tolerance (tolerances finer than the dtype can meet).
         FloatingPointError: non-finite field or error estimate that no step size resolves.
     """
     check_real("rtol", rtol, low=0.0, low_open=True)
@@ -206,9 +207,12 @@ def integrate_adaptive(f: Field, x: Tensor, t0: float, t1: float, *, rtol: float
                 ks.append(f(xs, t + DP_C[stage] * h))
             nfe += 6
             x_new = xs  # the last stage's input is the 5th-order solution (FSAL)
-            err = _error_norm(h * sum(e * k for e, k in zip(DP_E, ks) if e != 0.0), x, x_new, rtol, atol)
-            finite = math.isfinite(err)
-            if finite and err <= 1.0:
+            err_vec = h * sum(e * k for e, k in zip(DP_E, ks) if e != 0.0)
+            # A NaN/inf in the raw estimate means the field overflowed; a non-finite *norm* of a finite estimate
+            # only means tolerances too fine for the dtype (the scale rounds to 0).
+            field_finite = bool(torch.isfinite(err_vec).all())
+            err = _error_norm(err_vec, x, x_new, rtol, atol)
+            if field_finite and err <= 1.0:
                 if on_step is not None:
                     on_step(t, h, (x_new - x) / h)
                 if bar is not None:
@@ -221,12 +225,16 @@ def integrate_adaptive(f: Field, x: Tensor, t0: float, t1: float, *, rtol: float
                 continue
             # Rejected: shrink (a NaN/inf estimate by the smallest allowed factor, 0.2), down to the float
             # resolution of t, where stepping stops making progress (scipy's RK45 fails there too).
-            h *= min(1.0, max(0.2, 0.9 * err**-0.2)) if finite else 0.2
+            h *= min(1.0, max(0.2, 0.9 * err**-0.2)) if math.isfinite(err) else 0.2
             if abs(h) < 16 * math.ulp(max(1.0, abs(t))):
-                cause = "a non-finite error estimate" if not finite else f"error norm {err:.3g} > 1"
-                raise FloatingPointError(
-                    f"the adaptive solver's step size underflowed at t={t:.6g} with {cause}: the velocity/score "
-                    "is non-finite or not resolvable near this time; check the model"
+                if not field_finite:
+                    raise FloatingPointError(
+                        f"the adaptive solver's step size underflowed at t={t:.6g} with a non-finite error "
+                        "estimate: the velocity/score is NaN/inf near this time; check the model"
+                    )
+                raise RuntimeError(
+                    f"the adaptive solver's step size underflowed at t={t:.6g} with error norm {err:.3g} (> 1) "
+                    f"(before max_steps={max_steps}): rtol/atol are below what {x.dtype} resolves here; loosen them"
                 )
     finally:
         if bar is not None:

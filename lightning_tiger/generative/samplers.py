@@ -34,20 +34,9 @@ from lightning_tiger.generative.tensors import batch_broadcast, randn
 from lightning_tiger.validation import check_int, check_real
 
 __all__ = [
-    "SAMPLERS",
-    "SampleResult",
-    "SamplerOptions",
-    "ScoreFn",
-    "annealed_langevin",
-    "euler_maruyama",
-    "geometric_sigmas",
-    "langevin_corrector",
-    "ode_adaptive",
-    "ode_euler",
-    "ode_heun",
-    "predictor_corrector",
-    "register_sampler",
-    "sample",
+    "SAMPLERS", "SampleResult", "SamplerOptions", "ScoreFn", "annealed_langevin", "euler_maruyama",
+    "geometric_sigmas", "langevin_corrector", "ode_adaptive", "ode_euler", "ode_heun", "predictor_corrector",
+    "register_sampler", "sample",
 ]
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]

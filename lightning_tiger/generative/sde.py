@@ -25,6 +25,14 @@ from lightning_tiger.generative.tensors import as_time, batch_broadcast, randn
 __all__ = ["SDE", "SDE_NAMES", "VESDE", "VPSDE", "SubVPSDE", "make_sde"]
 
 
+def _check_bounds(low_name: str, low: float, high_name: str, high: float) -> None:
+    """A schedule's (low, high) parameters: 0 < low < high, both finite (``not >`` also refuses NaN)."""
+    if not (math.isfinite(low) and low > 0):
+        raise ValueError(f"{low_name} must be finite and > 0, got {low}")
+    if not (math.isfinite(high) and high > low):
+        raise ValueError(f"{high_name} must be > {low_name}={low}, got {high}")
+
+
 class SDE:
     """Base class: a linear forward SDE dx = f(t) x dt + g(t) dw on t ∈ [0, T], T = 1.
 
@@ -92,10 +100,7 @@ class VPSDE(SDE):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        if not (math.isfinite(beta_min) and beta_min > 0):  # `not >` also refuses NaN
-            raise ValueError(f"beta_min must be finite and > 0, got {beta_min}")
-        if not (math.isfinite(beta_max) and beta_max > beta_min):
-            raise ValueError(f"beta_max must be > beta_min={beta_min}, got {beta_max}")
+        _check_bounds("beta_min", beta_min, "beta_max", beta_max)
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
 
@@ -167,10 +172,7 @@ class VESDE(SDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
-        if not (math.isfinite(sigma_min) and sigma_min > 0):  # `not >` also refuses NaN
-            raise ValueError(f"sigma_min must be finite and > 0, got {sigma_min}")
-        if not (math.isfinite(sigma_max) and sigma_max > sigma_min):
-            raise ValueError(f"sigma_max must be > sigma_min={sigma_min}, got {sigma_max}")
+        _check_bounds("sigma_min", sigma_min, "sigma_max", sigma_max)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)

@@ -1,4 +1,4 @@
-"""torchmetrics Metrics and their functional twins for offline sample quality."""
+"""torchmetrics Metrics and their functional twins for offline sample quality (built on ``generative/``)."""
 
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,7 @@ _EXPORTS = {
     "SlicedWassersteinDistance": ".wasserstein",
     "MMD": ".mmd",
     "FrechetDistance": ".frechet",
+    "TwoSampleMetric": ".two_sample",
 }
 __all__ = [
     "MMD",
@@ -22,6 +23,7 @@ __all__ = [
     "FrechetDistance",
     "KFLBound",
     "SlicedWassersteinDistance",
+    "TwoSampleMetric",
     "WassersteinDistance",
     "dsm_constant",
     "excess_score_loss",
@@ -35,4 +37,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .frechet import FrechetDistance
     from .mmd import MMD
     from .score_matching import KFLBound, dsm_constant, excess_score_loss, kfl_w2_bound, score_loss_terms
+    from .two_sample import TwoSampleMetric
     from .wasserstein import SlicedWassersteinDistance, WassersteinDistance

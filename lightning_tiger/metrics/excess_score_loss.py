@@ -12,7 +12,9 @@ __all__ = ["ExcessScoreLoss"]
 
 
 class ExcessScoreLoss(Metric):
-    """L_SM = E‖s_θ(x_t, t) − ∇log p_t(x_t)‖², i.e. the denoising loss minus its floor C_t (SPEC §4.1).
+    """L_SM = E‖s_θ(x_t, t) − ∇log p_t(x_t)‖², i.e. the denoising loss minus its floor C_t
+    (Vincent 2011, "A Connection Between Score Matching and Denoising Autoencoders": the two losses differ by
+    a constant C_t that does not depend on the model).
 
     For data with an analytic marginal score (Gaussian mixtures: ``GaussianMixture.perturbed_score``) feed the
     model's score and the true score at the same noisy points, batch after batch; the states are sums, so the

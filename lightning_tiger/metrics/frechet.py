@@ -1,6 +1,6 @@
 """Fréchet distance on a pluggable feature module (raw flattened pixels by default), as a torchmetrics Metric.
 
-torchmetrics' own FID downloads Inception weights (unusable offline, SPEC §6); this metric takes any
+torchmetrics' own FID downloads Inception weights (unusable offline); this metric takes any
 ``feature: nn.Module`` (or none: raw pixels, which on digits separates real from noise, 0.097 vs 9.85).
 """
 

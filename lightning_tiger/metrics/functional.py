@@ -1,14 +1,14 @@
 """Sample-quality metrics as plain functions: exact W2, 1-D / sliced W2, unbiased RBF MMD², Fréchet distance.
 
 These are the functional twins of the torchmetrics ``Metric`` classes in :mod:`lightning_tiger.metrics`
-(SPEC §6). Every function takes two samples ``x [n, *shape]`` and ``y [m, *shape]`` (trailing dimensions are
+Every function takes two samples ``x [n, *shape]`` and ``y [m, *shape]`` (trailing dimensions are
 flattened to one feature axis, so images ``[n, c, h, w]`` work as ``[n, c*h*w]``), validates them with
 errors that name the argument, and returns a 0-d tensor on ``x``'s device in ``x``'s dtype. The arithmetic
 runs in float64 (W2 costs and covariance square roots lose digits in float32 at n ~ 1000).
 
-Finite-sample floors (SPEC §6): two independent samples of the *same* moons distribution (sklearn raw
-coordinates, noise 0.05) give exact W2 ≈ 0.059 / 0.035 / 0.027 at n = 256 / 1000 / 2000; a measured W2 below
-the floor of its sample size carries no information.
+Finite-sample floors (re-measured in ``tests/metrics/test_functional.py``): two independent samples of the
+*same* moons distribution (sklearn raw coordinates, noise 0.05) give exact W2 ≈ 0.059 / 0.035 / 0.027 at
+n = 256 / 1000 / 2000; a measured W2 below the floor of its sample size carries no information.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_tiger.metrics.sample_checks import check_pair
 
 __all__ = [
     "frechet_distance",
@@ -34,50 +36,6 @@ __all__ = [
 _HAS_POT = importlib.util.find_spec("ot") is not None
 
 
-def _as_2d(name: str, value: object) -> Tensor:
-    """Validate one sample and flatten it to ``[n, features]``."""
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
-    if value.ndim < 1:
-        raise ValueError(f"{name} must have shape [n, *features], got a 0-d tensor")
-    if value.ndim == 1:
-        # A 1-D tensor is read as n scalar samples, the common case for 1-D toy targets.
-        value = value[:, None]
-    # Checked before flattening: reshape(0, -1) cannot infer the feature count of an empty tensor.
-    if value.numel() == 0:
-        raise ValueError(f"{name} must be non-empty (n >= 1 samples, >= 1 feature), got shape {tuple(value.shape)}")
-    value = value.reshape(value.shape[0], -1)
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return value
-
-
-def _check_pair(
-    x: object, y: object, *, equal_size: bool = False, min_size: int = 1, names: tuple[str, str] = ("x", "y")
-) -> tuple[Tensor, Tensor]:
-    """Validate two samples against each other; return both as ``[n, f]`` / ``[m, f]``."""
-    nx, ny = names
-    x2, y2 = _as_2d(nx, x), _as_2d(ny, y)
-    if x2.dtype != y2.dtype:
-        raise TypeError(f"{nx} and {ny} must share a dtype, got {x2.dtype} and {y2.dtype}")
-    if x2.shape[1] != y2.shape[1]:
-        raise ValueError(
-            f"{nx} and {ny} must have the same number of features, got {x2.shape[1]} and {y2.shape[1]} "
-            f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"  # type: ignore[union-attr]
-        )
-    if equal_size and x2.shape[0] != y2.shape[0]:
-        raise ValueError(
-            f"{nx} and {ny} must have the same number of samples for the exact assignment W2, got "
-            f"{x2.shape[0]} and {y2.shape[0]} (subsample the larger one, or use sliced_wasserstein2)"
-        )
-    for name, v in ((nx, x2), (ny, y2)):
-        if v.shape[0] < min_size:
-            raise ValueError(f"{name} must hold at least {min_size} samples, got {v.shape[0]}")
-    return x2, y2
-
-
 def _out(value: float | Tensor, like: Tensor) -> Tensor:
     return torch.as_tensor(value, dtype=torch.float64).to(device=like.device, dtype=like.dtype)
 
@@ -86,14 +44,14 @@ def wasserstein2(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
     """Exact 2-Wasserstein distance between two equal-size empirical distributions.
 
     With uniform weights on n points each, the optimal transport plan is a permutation (Birkhoff), so
-    ``W2 = sqrt(min_σ (1/n) Σ_i ||x_i − y_σ(i)||²)`` (SPEC §6), solved as a linear assignment on the squared
+    ``W2 = sqrt(min_σ (1/n) Σ_i ||x_i − y_σ(i)||²)``, solved as a linear assignment on the squared
     Euclidean cost. O(n³): keep n ≲ 2000.
 
     Args:
         x: samples ``[n, *features]`` (1-D input ``[n]`` is read as n scalars).
         y: samples ``[n, *features]``, same n, feature count and dtype as ``x``.
         backend: ``"scipy"`` (``scipy.optimize.linear_sum_assignment``), ``"pot"`` (POT's network simplex
-            ``ot.emd2``, same optimum) or ``"auto"`` (= scipy). SPEC §6 calls POT ~10x faster; measured here
+            ``ot.emd2``, same optimum) or ``"auto"`` (= scipy). POT is often quoted as ~10x faster; measured here
             (scipy 1.x, POT 0.9.7, 2-D moons) scipy was faster at n = 256 / 1000 / 2000 (0.09 s vs 0.12 s at
             n = 1000), so ``"auto"`` picks scipy.
 
@@ -106,7 +64,7 @@ def wasserstein2(x: Tensor, y: Tensor, *, backend: str = "auto") -> Tensor:
     """
     if backend not in ("auto", "scipy", "pot"):
         raise ValueError(f"backend must be one of 'auto', 'scipy', 'pot', got {backend!r}")
-    x2, y2 = _check_pair(x, y, equal_size=True)
+    x2, y2 = check_pair(x, y, equal_size=True)
     if backend == "pot" and not _HAS_POT:
         raise ValueError("backend='pot' needs the POT package (pip install pot)")
     xd = x2.detach().to("cpu", torch.float64)
@@ -165,7 +123,7 @@ def wasserstein2_1d(x: Tensor, y: Tensor) -> Tensor:
     Returns:
         0-d tensor.
     """
-    x2, y2 = _check_pair(x, y)
+    x2, y2 = check_pair(x, y)
     if x2.shape[1] != 1:
         raise ValueError(f"x and y must be 1-D samples ([n] or [n, 1]), got {x2.shape[1]} features")
     xd, yd = x2.detach().double().T, y2.detach().double().T
@@ -175,7 +133,8 @@ def wasserstein2_1d(x: Tensor, y: Tensor) -> Tensor:
 def sliced_wasserstein2(
     x: Tensor, y: Tensor, num_projections: int = 256, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Sliced 2-Wasserstein distance (Bonneel et al. 2015; SPEC §6: cheap per-batch logging).
+    """Sliced 2-Wasserstein distance (Bonneel, Rabin, Peyré & Pfister, "Sliced and Radon
+    Wasserstein Barycenters of Measures", JMIV 2015; cheap enough for per-batch logging).
 
     ``SW2 = sqrt( E_θ W2²(θᵀx, θᵀy) )`` with θ uniform on the unit sphere, estimated with ``num_projections``
     random directions; each 1-D W2 is exact (sorted samples / quantiles), so sizes may differ. SW2 ≤ W2.
@@ -191,7 +150,7 @@ def sliced_wasserstein2(
     """
     if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
         raise ValueError(f"num_projections must be an integer >= 1, got {num_projections!r}")
-    x2, y2 = _check_pair(x, y)
+    x2, y2 = check_pair(x, y)
     d = x2.shape[1]
     theta = torch.randn(d, num_projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
@@ -233,7 +192,7 @@ def mmd2_unbiased(x: Tensor, y: Tensor, bandwidths: float | Sequence[float] | No
     Returns:
         0-d tensor.
     """
-    x2, y2 = _check_pair(x, y, min_size=2)
+    x2, y2 = check_pair(x, y, min_size=2)
     if bandwidths is None:
         hs = median_bandwidth(x2, y2).reshape(1).to(x2.device)
     else:
@@ -293,11 +252,12 @@ def frechet_distance_from_moments(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigm
 
 
 def frechet_distance(feats_x: Tensor, feats_y: Tensor) -> Tensor:
-    """Fréchet distance between Gaussians fitted to two feature samples (FID's formula, SPEC §6).
+    """Fréchet distance between Gaussians fitted to two feature samples (the FID formula of Heusel et al.,
+    "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", NeurIPS 2017).
 
     Means and unbiased (n − 1) covariances of each sample, then :func:`frechet_distance_from_moments`.
     On raw 64-d digit pixels it separates two halves of ``load_digits`` (≈ 0.097) from uniform noise
-    (≈ 9.85) (SPEC §6).
+    (≈ 9.85), re-measured in ``tests/metrics/test_functional.py``.
 
     Args:
         feats_x: features ``[n, *f]``, n >= 2.
@@ -306,7 +266,7 @@ def frechet_distance(feats_x: Tensor, feats_y: Tensor) -> Tensor:
     Returns:
         0-d tensor in ``feats_x``'s dtype.
     """
-    x2, y2 = _check_pair(feats_x, feats_y, min_size=2, names=("feats_x", "feats_y"))
+    x2, y2 = check_pair(feats_x, feats_y, min_size=2, names=("feats_x", "feats_y"))
     xd, yd = x2.detach().double(), y2.detach().double()
     value = frechet_distance_from_moments(
         xd.mean(0),

@@ -1,4 +1,5 @@
-"""torchmetrics ``Metric`` wrapper of the unbiased RBF MMD² (Gretton et al. 2012; SPEC §6)."""
+"""torchmetrics ``Metric`` wrapper of the unbiased RBF MMD² (Gretton, Borgwardt, Rasch, Schölkopf & Smola, "A Kernel
+Two-Sample Test", JMLR 2012, eq. 3)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from typing import Any
 from torch import Tensor
 
 from lightning_tiger.metrics.functional import mmd2_unbiased
-from lightning_tiger.metrics.wasserstein import _TwoSampleMetric
+from lightning_tiger.metrics.two_sample import TwoSampleMetric
 
 __all__ = ["MMD"]
 
 
-class MMD(_TwoSampleMetric):
+class MMD(TwoSampleMetric):
     """Unbiased squared MMD with a Gaussian kernel between all accumulated ``preds`` and ``target``.
 
     Samples live in ``cat`` states (DDP gathers them), and the kernel matrices are formed in ``compute()``:
@@ -40,5 +41,5 @@ class MMD(_TwoSampleMetric):
 
     def compute(self) -> Tensor:
         """Return MMD²_u over everything accumulated since the last reset (can be slightly negative)."""
-        preds, target = self._gathered()
+        preds, target = self.gathered()
         return mmd2_unbiased(preds, target, self.bandwidths)

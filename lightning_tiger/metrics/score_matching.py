@@ -1,5 +1,7 @@
 """Score-matching diagnostics for data with an analytic law (Gaussian mixtures): the SM = CSM identity,
-the excess denoising loss L_DSM − C_t (SPEC §4.1) and the Kwon–Fan–Lee W2 bound estimate (SPEC §4.3).
+the excess denoising loss L_DSM − C_t (Vincent 2011; Su, "生成扩散模型漫谈(十八)") and the W2 bound estimate of
+Kwon, Fan & Lee, "Score-based Generative Modeling Secretly Minimizes the Wasserstein Distance", NeurIPS 2022
+(in the form of Su, "生成扩散模型漫谈(十六)").
 
 All functions take ``score_fn(x [n, d], t [n]) -> [n, d]`` (a trained model's score, or any fixed function),
 a :class:`~lightning_tiger.generative.GaussianMixture` ``p_0``, and either a perturbation (α, σ) or an SDE.
@@ -21,7 +23,7 @@ from lightning_tiger.generative.sde import SDE
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 KFL_ASSUMPTION = (
-    "KFL W2 bound estimate (Kwon, Fan, Lee 2022; SPEC 4.3) with weighting g^2 and I(t) = 1, i.e. assuming "
+    "KFL W2 bound estimate (Kwon, Fan, Lee 2022) with weighting g^2 and I(t) = 1, i.e. assuming "
     "L_f + L_s g^2 <= 0 (no Lipschitz growth of drift and model score). Holds for the reverse-SDE sampler only; "
     "an estimate, not a guarantee."
 )
@@ -41,7 +43,8 @@ def _check_n(num_samples: int) -> None:
 def score_loss_terms(score_fn: ScoreFn, mixture: GaussianMixture, alpha: float, sigma: float, *,
                      t: float = 0.5, num_samples: int = 100_000, generator: torch.Generator | None = None,
                      batch_size: int = 65_536) -> dict[str, Tensor]:
-    """Monte-Carlo estimates of every term of SPEC §4.1 at one perturbation x_t = α x_0 + σ ε.
+    """Monte-Carlo estimates of every term of the SM = CSM identity (Vincent 2011) at one perturbation
+    x_t = α x_0 + σ ε.
 
     With c = ∇log p(x_t|x_0) = −ε/σ, m = ∇log p_t(x_t) (exact, from ``mixture.perturbed_score``), s = score:
 
@@ -94,7 +97,7 @@ def score_loss_terms(score_fn: ScoreFn, mixture: GaussianMixture, alpha: float, 
 @torch.no_grad()
 def dsm_constant(mixture: GaussianMixture, alpha: float, sigma: float, *, num_samples: int = 100_000,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """C_t = d/σ² − E||∇log p_t(x_t)||² (SPEC §4.1) by Monte Carlo over the exact perturbed mixture.
+    """C_t = d/σ² − E||∇log p_t(x_t)||² by Monte Carlo over the exact perturbed mixture.
 
     Returns:
         (C_t, standard error), fp64 0-d tensors.
@@ -111,7 +114,7 @@ def dsm_constant(mixture: GaussianMixture, alpha: float, sigma: float, *, num_sa
 @torch.no_grad()
 def excess_score_loss(score_fn: ScoreFn, mixture: GaussianMixture, sde: SDE, t: Tensor | Sequence[float] | float,
                       *, num_samples: int = 20_000, generator: torch.Generator | None = None) -> Tensor:
-    """Excess denoising loss L_DSM(t) − C_t at each time in ``t`` (SPEC §4.1), unweighted.
+    """Excess denoising loss L_DSM(t) − C_t at each time in ``t`` (Vincent 2011), unweighted.
 
     For each t: x_t = α_t x_0 + σ_t ε with (α_t, σ_t) = ``sde.marginal_coefs(t)``; L_DSM = E||s + ε/σ_t||²;
     C_t = E[||ε/σ_t||² − ||∇log p_t(x_t)||²] from the closed-form mixture score, estimated on the same samples
@@ -147,8 +150,9 @@ class KFLBound:
     """Result of :func:`kfl_w2_bound` (all floats).
 
     Attributes:
-        bound: sqrt(2·(∫g² dt)·J_SM) + W2_prior, the λ = g² form of SPEC §4.3 with I ≡ 1.
-        bound_direct: ∫ g² (E||∇log p_t − s||²)^{1/2} dt + W2_prior (first line of SPEC §4.3; ≤ ``bound``).
+        bound: sqrt(2·(∫g² dt)·J_SM) + W2_prior, the λ = g² form of the bound with I ≡ 1.
+        bound_direct: ∫ g² (E||∇log p_t − s||²)^{1/2} dt + W2_prior (the bound before
+            Cauchy–Schwarz; ≤ ``bound``).
         j_sm: J_SM = ½ ∫ g² E||∇log p_t − s_θ||² dt over [t_min, T].
         g2_integral: ∫_{t_min}^{T} g² dt (closed form).
         prior_term: upper bound of W2(p_T, q_T) from the synchronous coupling,
@@ -168,7 +172,8 @@ class KFLBound:
 def kfl_w2_bound(score_fn: ScoreFn, mixture: GaussianMixture, sde: SDE, *, t_min: float = 1e-3,
                  num_times: int = 33, num_samples: int = 4096, generator: torch.Generator | None = None
                  ) -> KFLBound:
-    """Kwon–Fan–Lee estimate of W2(p_{t_min}, q_{t_min}) for the reverse-SDE sampler (SPEC §4.3).
+    """Kwon–Fan–Lee estimate of W2(p_{t_min}, q_{t_min}) for the reverse-SDE sampler (Kwon, Fan & Lee
+    2022).
 
     W2 ≤ sqrt(2·(∫ g² I² dt)·J_SM) + I(T)·W2(p_T, q_T), J_SM = ½∫ g² E_{p_t}||∇log p_t − s_θ||² dt, evaluated
     with **I(t) ≡ 1** (assumes L_f + L_s g² ≤ 0: neither the drift nor the model score expands distances; the

@@ -1,4 +1,4 @@
-"""torchmetrics ``Metric`` wrappers of the exact and sliced 2-Wasserstein distances (SPEC §6).
+"""torchmetrics ``Metric`` wrappers of the exact and sliced 2-Wasserstein distances.
 
 Both accumulate the raw samples in ``cat`` states, so under DDP ``compute()`` sees the union of all ranks'
 samples (torchmetrics gathers list states with ``dist_reduce_fx="cat"``) and every rank returns the same
@@ -11,67 +11,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
-from lightning_tiger.metrics.functional import _check_pair, sliced_wasserstein2, wasserstein2
+from lightning_tiger.metrics.functional import sliced_wasserstein2, wasserstein2
+from lightning_tiger.metrics.two_sample import TwoSampleMetric
 
 __all__ = ["SlicedWassersteinDistance", "WassersteinDistance"]
 
 
-def _is_empty(state: list[Tensor] | Tensor) -> bool:
-    # After a DDP sync torchmetrics replaces a list state by the concatenated tensor.
-    return state.numel() == 0 if isinstance(state, Tensor) else len(state) == 0
-
-
-class _TwoSampleMetric(Metric):
-    """Shared state handling: ``update(preds, target)`` appends both samples (sizes may differ per call)."""
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-    _equal_size = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        """Append generated samples ``preds [b, *features]`` and reference ``target [b', *features]``.
-
-        Either may be empty (``[0, *features]``) so that generated and reference samples can arrive in
-        different calls.
-        """
-        for name, v in (("preds", preds), ("target", target)):
-            if not isinstance(v, Tensor) or not v.is_floating_point():
-                raise TypeError(f"{name} must be a floating torch.Tensor, got {getattr(v, 'dtype', type(v))}")
-        if preds.ndim == 1:
-            preds = preds[:, None]
-        if target.ndim == 1:
-            target = target[:, None]
-        # flatten(1) (not reshape(n, -1)) so that empty batches [0, *features] keep their feature count.
-        preds, target = preds.flatten(1), target.flatten(1)
-        if preds.shape[1] != target.shape[1]:
-            raise ValueError(
-                f"preds and target must have the same features, got {preds.shape[1]} and {target.shape[1]}"
-            )
-        if preds.numel():
-            self.preds.append(preds.detach())
-        if target.numel():
-            self.target.append(target.detach())
-
-    def _gathered(self) -> tuple[Tensor, Tensor]:
-        if _is_empty(self.preds) or _is_empty(self.target):
-            raise ValueError(
-                f"{type(self).__name__}.compute() needs at least one update with preds and target"
-            )
-        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
-        _check_pair(preds, target, equal_size=self._equal_size, names=("preds", "target"))
-        return preds, target
-
-
-class WassersteinDistance(_TwoSampleMetric):
+class WassersteinDistance(TwoSampleMetric):
     """Exact W2 between all accumulated ``preds`` and ``target`` (optimal assignment, O(n³)).
 
     Args:
@@ -88,7 +35,7 @@ class WassersteinDistance(_TwoSampleMetric):
         1.4142
     """
 
-    _equal_size = True
+    equal_size = True
 
     def __init__(self, max_samples: int | None = None, backend: str = "auto", **kwargs: Any) -> None:
         if max_samples is not None and (
@@ -103,17 +50,11 @@ class WassersteinDistance(_TwoSampleMetric):
 
     def compute(self) -> Tensor:
         """Return W2 over everything accumulated since the last reset."""
-        if _is_empty(self.preds) or _is_empty(self.target):
-            raise ValueError("WassersteinDistance.compute() needs at least one update with preds and target")
-        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
-        if self.max_samples is not None:
-            preds, target = preds[: self.max_samples], target[: self.max_samples]
-        # Checked here so that errors name this metric's arguments, not wasserstein2's x and y.
-        _check_pair(preds, target, equal_size=True, names=("preds", "target"))
+        preds, target = self.gathered(limit=self.max_samples)
         return wasserstein2(preds, target, backend=self.backend)
 
 
-class SlicedWassersteinDistance(_TwoSampleMetric):
+class SlicedWassersteinDistance(TwoSampleMetric):
     """Sliced W2 (random projections, exact 1-D W2 per projection); sizes may differ.
 
     Args:
@@ -131,6 +72,6 @@ class SlicedWassersteinDistance(_TwoSampleMetric):
 
     def compute(self) -> Tensor:
         """Return sliced W2 over everything accumulated since the last reset."""
-        preds, target = self._gathered()
+        preds, target = self.gathered()
         gen = torch.Generator().manual_seed(self.seed)
         return sliced_wasserstein2(preds, target, self.num_projections, generator=gen)

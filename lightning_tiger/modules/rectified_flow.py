@@ -247,20 +247,8 @@ class RectifiedFlowModule(pl.LightningModule):
     ) -> tuple[Tensor, Tensor]:
         """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` from this flow, in batches (for reflow / distillation).
 
-        Args:
-            n: number of pairs.
-            steps: solver steps (default 100).
-            batch_size: pairs integrated at once (memory bound), default 1000.
-            path: if given, a folder where the pairs are written as ``.pt`` shards (one per batch,
-                ``{"z0", "z1"}``) plus ``meta.pt``; :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule`
-                reads them back.
-            solver: ``"euler"`` | ``"heun"`` | ``"adaptive"``.
-            generator: CPU generator for the source draws (seed it for reproducible pairs).
-            progress: show a tqdm progress bar.
-            **solver_kwargs: forwarded to the solver (``rtol``, ``atol`` of the adaptive one).
-
-        Returns:
-            ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
+        :func:`~lightning_tiger.data.reflow.generate_reflow_pairs` with this module as the teacher (same
+        arguments); returns ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
         """
         return generate_reflow_pairs(self, n, steps, batch_size, path, solver=solver, generator=generator,
                                      progress=progress, **solver_kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_tiger.data.reflow import ReflowPairsDataModule, read_pair_shards
+from lightning_tiger.data.reflow import ReflowPairsDataModule, load_flow_teacher, read_pair_shards
 from lightning_tiger.data.toy2d import ToyDataModule
 from lightning_tiger.modules.rectified_flow import RectifiedFlowModule
 from lightning_tiger.nn.time_mlp import TimeMLP
@@ -96,3 +96,34 @@ def test_errors() -> None:
         ReflowPairsDataModule(teacher_ckpt="x.ckpt", num_pairs=0)
     with pytest.raises(ValueError, match="solver"):
         ReflowPairsDataModule(teacher_ckpt="x.ckpt", solver="rk4")
+
+
+def test_teacher_from_a_default_net_checkpoint_samples_like_the_module(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A module built with net=None keeps no architecture: the teacher rebuilds the default net of data_shape.
+    torch.manual_seed(1)
+    model = RectifiedFlowModule(data_shape=(2,))
+    torch.nn.init.normal_(model.net.output.weight, std=0.5)
+    pool = torch.randn(50, 2) + 5.0
+    path = tmp_path / "default.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), "rf_source_pool": pool},
+               path)
+    teacher = load_flow_teacher(path)
+    z0 = torch.randn(16, 2)
+    assert torch.allclose(teacher.sample(16, steps=3, z0=z0), model.sample(16, steps=3, z0=z0), atol=1e-6)
+    assert torch.allclose(teacher.sample(16, steps=3, solver="heun", z0=z0), _heun_reference(model.net, z0, 3),
+                          atol=1e-5)
+    draws = teacher.sample_source(40, torch.Generator().manual_seed(0))
+    assert all(bool((pool == d).all(1).any()) for d in draws)  # data-to-data source: draws from the pool
+    assert not any(p.requires_grad for p in teacher.net.parameters()) and not teacher.net.training
+    with pytest.raises(ValueError, match="do not fit"):
+        load_flow_teacher(path, net=TimeMLP(2, 8, 1))
+
+
+def _heun_reference(net: torch.nn.Module, z0: torch.Tensor, steps: int) -> torch.Tensor:
+    z, h = z0.clone(), 1.0 / steps
+    with torch.no_grad():
+        for k in range(steps):
+            t0, t1 = torch.full((len(z),), k * h), torch.full((len(z),), (k + 1) * h)
+            v0 = net(z, t0)
+            z = z + h / 2 * (v0 + net(z + h * v0, t1))
+    return z

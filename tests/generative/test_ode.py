@@ -110,6 +110,9 @@ def test_adaptive_arguments_are_checked() -> None:
     with pytest.raises(RuntimeError, match="max_steps"):
         integrate_adaptive(lambda x, t: math.cos(50 * t) * torch.ones_like(x), x, 0.0, 1.0, rtol=1e-9,
                            atol=1e-12, first_step=1.0, max_steps=3)
+    # Tolerances below what the dtype resolves: a clear RuntimeError long before max_steps (not a NaN error).
+    with pytest.raises(RuntimeError, match=r"underflowed.*loosen"):
+        integrate_adaptive(lambda x, t: -x, torch.ones(2, 1), 0.0, 1.0, rtol=1e-300, atol=1e-300)
     with pytest.raises(ValueError, match="method"):
         integrate_fixed(_linear, x, [0.0, 1.0], "rk4")
     # An empty batch has nothing to control: it integrates without error.

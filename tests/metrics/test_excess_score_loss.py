@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_tiger.data import GaussianMixture
+from lightning_tiger.generative import GaussianMixture
 from lightning_tiger.metrics import ExcessScoreLoss
 
 

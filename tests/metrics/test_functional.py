@@ -1,4 +1,4 @@
-"""Functional metrics against explicit references (permutations, loops, numpy/scipy) and SPEC §6 floors."""
+"""Functional metrics against explicit references (permutations, loops, numpy/scipy) and the moons W2 floors."""
 
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ def test_sliced_w2_translation_and_bounds() -> None:
     assert float(a) <= float(wasserstein2(x, y)) + 1e-9
 
 
-def test_w2_moons_floors_of_spec6() -> None:
-    # SPEC §6: two independent moons samples give W2 ≈ 0.059 / 0.035 at n = 256 / 1000.
+def test_w2_moons_floors() -> None:
+    # Two independent moons samples give W2 ≈ 0.059 / 0.035 at n = 256 / 1000.
     w256 = np.mean([float(wasserstein2(_moons(256, 2 * s), _moons(256, 2 * s + 1))) for s in range(3)])
     w1000 = float(wasserstein2(_moons(1000, 10), _moons(1000, 11)))
     assert w256 == pytest.approx(0.059, abs=0.006)
@@ -139,8 +139,8 @@ def test_frechet_matches_scipy_sqrtm_reference() -> None:
     assert float(frechet_distance(x, y)) == pytest.approx(float(ref1), rel=1e-9)
 
 
-def test_frechet_digits_halves_vs_noise_spec6() -> None:
-    # SPEC §6 on raw 64-d pixels in [0, 1]: two halves of digits ≈ 0.097, uniform noise ≈ 9.85.
+def test_frechet_digits_halves_vs_noise() -> None:
+    # On raw 64-d pixels in [0, 1]: two halves of digits ≈ 0.097, uniform noise ≈ 9.85.
     x = torch.tensor(load_digits().images, dtype=torch.float64).reshape(-1, 64) / 16
     x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
     halves = float(frechet_distance(x[:898], x[898:]))

@@ -1,4 +1,5 @@
-"""SPEC §4.1 identity (L_CSM − L_SM constant, cross term 0), excess loss and the KFL bound on 8 Gaussians."""
+"""The SM = CSM identity of Vincent 2011 (L_CSM − L_SM constant, cross term 0), excess loss and the KFL bound,
+on 8 Gaussians."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def _reference_constant(num: int = 100_000) -> tuple[float, float]:
 
 def test_csm_minus_sm_is_model_independent_and_cross_term_vanishes() -> None:
     ref, ref_se = _reference_constant()
-    assert ref == pytest.approx(3.40, abs=0.03)  # SPEC §4.1: 3.399 … 3.408 at 2M samples
+    assert ref == pytest.approx(3.40, abs=0.03)  # Su's "生成扩散模型漫谈(十八)": 3.399 … 3.408 at 2M samples
     mix = eight_gaussians()
     for name, fn in _models().items():
         terms = score_loss_terms(fn, mix, ALPHA, SIGMA, num_samples=60_000,
