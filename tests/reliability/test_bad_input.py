@@ -605,6 +605,8 @@ def test_adaptive_ode(rtol: float, atol: float, max_steps: Any) -> None:
 @SETTINGS
 @given(steps=any_int, solver=st.sampled_from(["euler", "heun", "adaptive", "rk4", None]),
        z0=st.sampled_from(["ok", "empty", "1d", "nan"]))
+@example(steps=3, solver="adaptive", z0="nan").via("NaN start, adaptive")
+@example(steps=3, solver="heun", z0="nan").via("NaN start, fixed step")
 def test_flow_integrate(steps: Any, solver: Any, z0: str) -> None:
     integrate = _need("lightning_tiger.generative.flow", "integrate")
     z = {"ok": torch.randn(4, 2), "empty": torch.randn(0, 2), "1d": torch.randn(4),
