@@ -11,8 +11,8 @@ _EXPORTS = {
     "alibi_slopes": ".alibi",
     "ALiBi": ".alibi",
     "Attention": ".attention",
-    "KVCache": ".attention",
-    "random_positions": ".random_positions",
+    "KVCache": ".kv_cache",
+    "random_positions": ".position_sampling",
     "KERPLE": ".kerple",
     "Sandwich": ".sandwich",
     "XPOS": ".xpos",
@@ -43,16 +43,13 @@ __all__ = [
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-# The function shares its submodule's name: importing the submodule anywhere would rebind the package
-# attribute to the module, so bind the function eagerly (the submodule is light: torch only).
-from .random_positions import random_positions  # noqa: E402
-
 if TYPE_CHECKING:  # pragma: no cover
     from .alibi import ALiBi, alibi_slopes
-    from .attention import Attention, KVCache
+    from .attention import Attention
     from .general_rotary import GeneralRotaryEmbedding
     from .kerple import KERPLE
-    from .random_positions import random_positions
+    from .kv_cache import KVCache
+    from .position_sampling import random_positions
     from .rerope import rerope_attention
     from .rotary import RotaryEmbedding
     from .sandwich import Sandwich

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import check_int, check_real
-from .attention import RUNTIME_OPTIONS, Attention, KVCache
+from .attention import RUNTIME_OPTIONS, Attention
+from .kv_cache import KVCache
 
 __all__ = ["TransformerBlock", "TransformerLM"]
 

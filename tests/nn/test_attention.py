@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tiger.nn.attention import Attention, KVCache
+from lightning_tiger.nn.attention import Attention
+from lightning_tiger.nn.kv_cache import KVCache
 
 # ----------------------------------------------------------------------------------------- reference
 
