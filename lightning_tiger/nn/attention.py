@@ -10,7 +10,9 @@ Conventions (used by every layer of ``lightning_tiger.nn``):
   Explicit ``positions`` (e.g. :func:`~lightning_tiger.nn.random_positions`, Su's "Transformer升级之路：8") change only
   these.
 
-The KV cache lives in :mod:`.kv_cache`, masks and kernels in :mod:`.attention_utils`.
+The KV cache lives in :mod:`.kv_cache`, masks and kernels in :mod:`.attention_utils`. This file stays at ~450
+lines on purpose: about 110 are the layer's documented formulas and arguments, the rest is one layer whose four
+paths (SDPA/math query blocks, XPOS blocks, ReRoPE, FlexAttention) all read its options.
 """
 
 from __future__ import annotations
@@ -93,24 +95,10 @@ class Attention(nn.Module):
       cache then keeps the layer's keys unrotated. Composes with log n, windows and sinks; not with
       ``rope_scaling``, explicit ``positions`` or a trimmed cache (ValueError).
 
-    Kernels (``backend``; PyTorch's SDPA and FlexAttention documentation):
-
-    * ``"sdpa"`` — :func:`torch.nn.functional.scaled_dot_product_attention` with shapes that keep the fused
-      kernel: no mask (bidirectional), ``is_causal=True`` (square causal, no window/ALiBi), a bool ``[L, S]``
-      mask (windows, sinks, KV-cache decoding: an explicit lower-right mask, because ``is_causal`` aligns
-      top-left when ``L != S``) or a float ``[1, H, L, S]`` ALiBi bias with ``−inf`` for hidden keys (never
-      the 3-D ``[H, L, S]`` form, which falls back to the math kernel). Masks are cached by geometry. The
-      ALiBi bias is built in fp32 and handed to SDPA in the query dtype (SDPA requires it), so under bf16 it
-      is rounded like the scores; full-length ALiBi needs an ``H·L·S`` bias (windowed ALiBi is banded).
-      A window with ``S > 2w + s`` runs *chunked*: query blocks of ``max(32, min(w, 512))`` attend only to
-      the sinks plus their key band, so time and memory are linear in the sequence length (set the
-      attribute ``chunk_windows = False`` to run one full-size masked call instead).
-    * ``"flex"`` — compiled FlexAttention (ALiBi as ``score_mod``, windows as a block-sparse ``mask_mod``).
-      On CPU (torch 2.13) FlexAttention has no backward and compilation takes tens of seconds, so it is an
-      opt-in for inference and for GPUs, where block sparsity wins for windowed/ALiBi attention at long
-      lengths (not measured here: no GPU was available). Dropout is not supported on this path.
-    * ``"math"`` — explicit fp32 score matrices (reference path; O(L·S) memory).
-    * ``"auto"`` (default) — ``"sdpa"``.
+    Kernels (``backend``): ``"sdpa"`` (:func:`torch.nn.functional.scaled_dot_product_attention`, with masks shaped
+    to keep its fused kernel; long windows run chunked, in linear memory, unless ``chunk_windows = False``),
+    ``"flex"`` (compiled FlexAttention; no backward on CPU, no dropout), ``"math"`` (explicit fp32 scores, the
+    reference) and ``"auto"`` (default: ``"sdpa"``). How each is used: ``docs`` page "Attention kernels".
 
     Args:
         dim: model width.
