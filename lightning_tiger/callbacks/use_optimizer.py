@@ -11,7 +11,7 @@ wrapping (DDP, ...), and the restore of optimizer/scheduler state from ``ckpt_pa
 ``on_fit_start`` instead would break resuming (state restore order) and the schedulers.
 
 Parameter groups: for Tiger (``param_groups="auto"``) the groups come from
-:func:`lightning_tiger.optim.tiger_param_groups` on the LightningModule (kinds by module type, SPEC §1.2),
+:func:`lightning_tiger.optim.tiger_param_groups` on the LightningModule (kinds by module type, as in Su's Tiger, bojone/tiger),
 restricted to the parameters the user's optimizer trained and split along the user's groups, so that every new
 group descends from exactly one old group. For other optimizers (``"plain"``) the user's groups are kept (their
 params, and a per-group ``weight_decay`` that differs from the old optimizer's default, e.g. "no decay on
