@@ -11,12 +11,12 @@ wrapping (DDP, ...), and the restore of optimizer/scheduler state from ``ckpt_pa
 ``on_fit_start`` instead would break resuming (state restore order) and the schedulers.
 
 Parameter groups: for Tiger (``param_groups="auto"``) the groups come from
-:func:`lightning_tiger.optim.tiger_param_groups` on the LightningModule (kinds by module type, as in Su's Tiger, bojone/tiger),
-restricted to the parameters the user's optimizer trained and split along the user's groups, so that every new
-group descends from exactly one old group. For other optimizers (``"plain"``) the user's groups are kept (their
-params, and a per-group ``weight_decay`` that differs from the old optimizer's default, e.g. "no decay on
-norms"); all other hyper-parameters (``lr`` first of all: an AdamW lr is not a Tiger or Lion lr) come from the
-callback's arguments or the new class's defaults.
+:func:`lightning_tiger.optim.tiger_param_groups` on the LightningModule (kinds by module type, as in Su's official
+Tiger code, bojone/tiger), restricted to the parameters the user's optimizer trained and split along the user's
+groups, so that every new group descends from exactly one old group. For other optimizers (``"plain"``) the user's
+groups are kept (their params, and a per-group ``weight_decay`` that differs from the old optimizer's default, e.g.
+"no decay on norms"); all other hyper-parameters (``lr`` first of all: an AdamW lr is not a Tiger or Lion lr) come
+from the callback's arguments or the new class's defaults.
 
 Schedulers: each user scheduler keeps its object and state; it is pointed at the new optimizer
 (``scheduler.optimizer``), its ``base_lrs`` become the new groups' ``lr`` and the current lr of each new group is

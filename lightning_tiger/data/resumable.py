@@ -59,9 +59,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         check_int("batch_size", batch_size, low=1)
         check_int("seed", seed)
         check_int("world_size", world_size, low=1, allow_none=True)
-        check_int("rank", rank, allow_none=True)
-        if rank is not None and (rank < 0 or (world_size is not None and rank >= world_size)):
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        check_int("rank", rank, low=0, high=None if world_size is None else world_size - 1, allow_none=True)
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.trainer, self._rank, self._world_size = trainer, rank, world_size
