@@ -226,12 +226,8 @@ class RandomWindowLoader(EpochCursor):
                 f"got shape {tuple(data.shape)}"
             )
         super().__init__()
-        self.data = data
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.seed = seed
-        self.rank = rank
+        self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.batches_per_epoch, self.seed, self.rank = batches_per_epoch, seed, rank
 
     def __len__(self) -> int:
         return self.batches_per_epoch

@@ -85,11 +85,7 @@ class SmallUNet(nn.Module):
             raise ValueError(f"x must have shape [b, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if x.shape[2] % 4 or x.shape[3] % 4:
             raise ValueError(f"x's H and W must be divisible by 4, got {tuple(x.shape[2:])}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [b]=[{x.shape[0]}], got {tuple(t.shape)}")
-        cond = self.time_mlp(self.time_embedding(t).to(self.conv_in.weight.dtype))
+        cond = self.time_mlp(self.time_embedding.conditioning(t, x.shape[0], self.conv_in.weight.dtype))
         h0 = self.down1(self.conv_in(x), cond)  # [b, C, H, W]
         h1 = self.down2(self.pool1(h0), cond)  # [b, 2C, H/2, W/2]
         h = self.mid(self.pool2(h1), cond)  # [b, 2C, H/4, W/4]
