@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from lightning_tiger.validation import check_int
@@ -110,8 +111,6 @@ def image_grid(images: Tensor, nrow: int = 8, *, padding: int = 1,
 
 
 def _tensorboard_loggers(logger: Any) -> list[Any]:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     if logger is None:
         return []
     loggers = logger if isinstance(logger, Iterable) else [logger]

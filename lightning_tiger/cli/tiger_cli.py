@@ -13,12 +13,13 @@ from argparse import ArgumentError, RawDescriptionHelpFormatter
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import DefaultHelpFormatter
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, LRSchedulerTypeUnion, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.trainer.states import TrainerStatus
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
@@ -35,8 +36,6 @@ __all__ = ["TigerCLI", "TigerSaveConfigCallback", "console_main", "library_class
 log = logging.getLogger(__name__)
 
 def _register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
     resolvers = {
         "mul": lambda a, b: float(a) * float(b),
         "add": lambda a, b: float(a) + float(b),
@@ -115,8 +114,6 @@ class TigerCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _register_resolvers()
-        from jsonargparse import set_parsing_settings
-
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("parser_mode", "omegaconf+")

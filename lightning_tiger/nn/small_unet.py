@@ -7,6 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int
+from .time_embedding import TimeEmbedding
+
 
 def _groups(channels: int) -> int:
     return math.gcd(8, channels)
@@ -49,12 +52,9 @@ class SmallUNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, time_dim: int = 64) -> None:
         super().__init__()
-        for name, value, low in (("in_channels", in_channels, 1), ("base_channels", base_channels, 1),
-                                 ("time_dim", time_dim, 2)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        from lightning_tiger.nn.time_embedding import TimeEmbedding
-
+        in_channels = check_int("in_channels", in_channels, low=1)
+        base_channels = check_int("base_channels", base_channels, low=1)
+        time_dim = check_int("time_dim", time_dim, low=2)
         c = base_channels
         cond = 4 * c
         self.in_channels = in_channels
