@@ -13,7 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
+
+from lightning_tiger.validation import check_int
 
 
 def _figure(figsize: tuple[float, float]) -> Any:
@@ -89,8 +92,7 @@ def image_grid(images: Tensor, nrow: int = 8, *, padding: int = 1,
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [n, c, h, w] with c in (1, 3), got {tuple(images.shape)}")
-    if not isinstance(nrow, int) or nrow < 1:
-        raise ValueError(f"nrow must be an int >= 1, got {nrow!r}")
+    nrow = check_int("nrow", nrow, low=1)
     low, high = value_range
     if not high > low:
         raise ValueError(f"value_range must satisfy high > low, got {value_range}")
@@ -109,8 +111,6 @@ def image_grid(images: Tensor, nrow: int = 8, *, padding: int = 1,
 
 
 def _tensorboard_loggers(logger: Any) -> list[Any]:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     if logger is None:
         return []
     loggers = logger if isinstance(logger, Iterable) else [logger]

@@ -1,22 +1,16 @@
 """Try another optimizer on an existing LightningModule with one callback: ``UseOptimizer(Tiger, lr=1e-3)``.
 
-How the swap works (the robust place, checked against Lightning 2.6's ``Trainer._run``): in ``setup`` the
-callback wraps the module's ``configure_optimizers`` (an instance attribute, removed again in ``teardown``;
-LightningCLI's ``--optimizer`` patches the same attribute, and is wrapped the same way). The wrapper calls the
-user's method, replaces every optimizer in whatever structure it returned (single optimizer, lists, the
-``([opts], [scheds])`` pair, dicts with ``"lr_scheduler"`` configs) by ours, and rebinds the user's schedulers to
-it. Lightning then processes the result as usual: ``interval``/``frequency``/``monitor`` settings, strategy
-wrapping (DDP, ...), and the restore of optimizer/scheduler state from ``ckpt_path`` (which runs after
-``configure_optimizers``) all apply to the new optimizer. Replacing ``trainer.strategy.optimizers`` in
-``on_fit_start`` instead would break resuming (state restore order) and the schedulers.
+The callback wraps the module's ``configure_optimizers`` from ``setup`` to ``teardown`` and replaces the optimizers
+it returns, so Lightning's scheduler handling, strategy wrapping and checkpoint restore apply to the new one (why
+there: ``docs`` page "How UseOptimizer swaps").
 
 Parameter groups: for Tiger (``param_groups="auto"``) the groups come from
-:func:`lightning_tiger.optim.tiger_param_groups` on the LightningModule (kinds by module type, SPEC §1.2),
-restricted to the parameters the user's optimizer trained and split along the user's groups, so that every new
-group descends from exactly one old group. For other optimizers (``"plain"``) the user's groups are kept (their
-params, and a per-group ``weight_decay`` that differs from the old optimizer's default, e.g. "no decay on
-norms"); all other hyper-parameters (``lr`` first of all: an AdamW lr is not a Tiger or Lion lr) come from the
-callback's arguments or the new class's defaults.
+:func:`lightning_tiger.optim.tiger_param_groups` on the LightningModule (kinds by module type, as in Su's official
+Tiger code, bojone/tiger), restricted to the parameters the user's optimizer trained and split along the user's
+groups, so that every new group descends from exactly one old group. For other optimizers (``"plain"``) the user's
+groups are kept (their params, and a per-group ``weight_decay`` that differs from the old optimizer's default, e.g.
+"no decay on norms"); all other hyper-parameters (``lr`` first of all: an AdamW lr is not a Tiger or Lion lr) come
+from the callback's arguments or the new class's defaults.
 
 Schedulers: each user scheduler keeps its object and state; it is pointed at the new optimizer
 (``scheduler.optimizer``), its ``base_lrs`` become the new groups' ``lr`` and the current lr of each new group is
@@ -54,6 +48,10 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_tiger.callbacks.nonfinite_guard import refuse_clipping_with_folding
+from lightning_tiger.optim.param_groups import tiger_param_groups
+from lightning_tiger.optim.tiger import Tiger
+
 _PER_GROUP_KEYS_KEEP = ("weight_decay",)
 
 
@@ -85,14 +83,6 @@ def _resolve_class(spec: str | type) -> type[torch.optim.Optimizer]:
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _is_tiger(cls: type) -> bool:
-    try:
-        from lightning_tiger.optim.tiger import Tiger
-    except ImportError:  # pragma: no cover
-        return False
-    return issubclass(cls, Tiger)
 
 
 def _patch_track_step_called(opt: torch.optim.Optimizer) -> None:
@@ -165,7 +155,7 @@ class UseOptimizer(Callback):
     @property
     def uses_tiger_groups(self) -> bool:
         if self.param_groups == "auto":
-            return _is_tiger(self.optimizer_class)
+            return issubclass(self.optimizer_class, Tiger)
         return self.param_groups == "tiger"
 
     def _record(self) -> dict[str, Any]:
@@ -203,8 +193,6 @@ class UseOptimizer(Callback):
         self._module = pl_module
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_tiger.callbacks.nonfinite_guard import refuse_clipping_with_folding
-
         refuse_clipping_with_folding(trainer)
         record = self._record()
         flat: dict[str, Any] = {"use_optimizer/class": record["optimizer_class"],
@@ -282,8 +270,6 @@ class UseOptimizer(Callback):
         groups: list[dict[str, Any]] = []
         group_map: list[int] = []
         if self.uses_tiger_groups:
-            from lightning_tiger.optim.param_groups import tiger_param_groups
-
             wd_param = self._signature.parameters.get("weight_decay")
             wd = kwargs.get("weight_decay", wd_param.default if wd_param is not None else 0.01)
             covered: set[int] = set()

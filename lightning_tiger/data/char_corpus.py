@@ -1,10 +1,10 @@
 """A character-level corpus that every machine has: CPython's own standard-library sources.
 
-The length-extrapolation protocol of SPEC §3.4 (the CPU mirror of Su's experiments): train a causal LM on
-random windows of length ``L`` from the training files, then measure next-character accuracy on windows of
-length ``L, 2L, … 16L`` cut from *held-out files only* ("non-repeated"), and on windows that tile one held-out
-segment of length ``2L`` up to the test length ("repeated": only a model that keeps dependencies further
-than ``2L`` back can copy it).
+The length-extrapolation protocol of Su's "Transformer升级之路" experiments (kexue.fm/archives/9603, 9708), mirrored on
+CPU: train a causal LM on random windows of length ``L`` from the training files, then measure next-character
+accuracy on windows of length ``L, 2L, … 16L`` cut from *held-out files only* ("non-repeated"), and on windows that
+tile one held-out segment of length ``2L`` up to the test length ("repeated": only a model that keeps dependencies
+further than ``2L`` back can copy it).
 
 Data pipeline, in order:
 
@@ -36,7 +36,7 @@ import hashlib
 import math
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tiger.data.resumable import EpochCursor
+from lightning_tiger.data.resumable import RandomWindowLoader
 from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
 __all__ = ["CharCorpusDataModule"]
@@ -112,70 +112,8 @@ class _Rows(Dataset):
         return self.rows[index]
 
 
-class RandomWindowLoader(EpochCursor):
-    """Resumable loader of random training windows (a plain iterable with ``__len__``, not a DataLoader).
-
-    Batch ``b`` of epoch ``e`` holds ``batch_size`` windows ``data[s : s + seq_len + 1]`` with starts ``s``
-    drawn uniformly from a generator seeded by ``(seed, rank, e, b)``, so the data order depends on nothing
-    but those four numbers. Windows are cut by one gather (no per-sample collation).
-
-    Its position is saved in Lightning checkpoints and restored (:class:`~lightning_tiger.data.resumable.
-    EpochCursor`). Being no ``DataLoader``, it gets no ``DistributedSampler`` under DDP: each rank draws its own
-    windows because the rank enters the seed.
-
-    Args:
-        data: ``[n_chars]`` token ids (any integer dtype; batches are returned as int64).
-        seq_len: training length L (a window holds ``L + 1`` tokens).
-        batch_size: windows per batch.
-        batches_per_epoch: length of one epoch.
-        seed: data seed.
-        rank: process rank (different ranks draw different windows).
-    """
-
-    def __init__(
-        self, data: Tensor, seq_len: int, batch_size: int, batches_per_epoch: int, seed: int, rank: int = 0
-    ) -> None:
-        if data.ndim != 1 or data.numel() < seq_len + 1:
-            raise ValueError(
-                f"data must be a 1-D tensor of at least seq_len + 1 = {seq_len + 1} tokens, "
-                f"got shape {tuple(data.shape)}"
-            )
-        super().__init__()
-        self.data = data
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.batches_per_epoch = batches_per_epoch
-        self.seed = seed
-        self.rank = rank
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def batch(self, epoch: int, index: int) -> Tensor:
-        """The training batch ``index`` of ``epoch``: ``LongTensor [batch_size, seq_len + 1]``."""
-        state = np.random.SeedSequence([self.seed, self.rank, epoch, index]).generate_state(2)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        high = self.data.numel() - self.seq_len  # exclusive bound: last start leaves seq_len + 1 tokens
-        starts = torch.randint(0, high, (self.batch_size,), generator=generator)
-        index_grid = starts[:, None] + torch.arange(self.seq_len + 1)
-        return self.data[index_grid].long()
-
-    def __iter__(self) -> Iterator[Tensor]:
-        def generate() -> Iterator[Tensor]:
-            epoch, offset = self._begin_epoch()
-            for index in range(offset, self.batches_per_epoch):
-                self._offset = index + 1
-                yield self.batch(epoch, index)
-
-        return generate()
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "offset", "started", "seed"}``: where the next batch comes from."""
-        return {**super().state_dict(), "seed": self.seed}
-
-
 class CharCorpusDataModule(L.LightningDataModule):
-    """Character-level LM data for length-extrapolation experiments (SPEC §3.3–3.4).
+    """Character-level LM data for length-extrapolation experiments (Su, "Transformer升级之路" 7, 8 and 12).
 
     See the module docstring for the corpus, split, vocabulary and resumable training order.
 

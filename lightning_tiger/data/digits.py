@@ -21,7 +21,7 @@ def load_digits_images() -> Tensor:
 class DigitsDataModule(InMemoryDataModule):
     """``sklearn.datasets.load_digits`` images ``[1, 8, 8]`` in [-1, 1], split by a seeded permutation.
 
-    Batches are plain tensors ``[batch, 1, 8, 8]``. SPEC §6: a Fréchet distance on raw 64-d pixels separates the
+    Batches are plain tensors ``[batch, 1, 8, 8]``. A Fréchet distance on raw 64-d pixels separates the
     two halves (≈ 0.1) from uniform noise (≈ 9.85), which makes the held-out half a usable reference.
 
     Args:

@@ -7,7 +7,8 @@ permutation of epoch ``e`` from its own generator seeded with ``(seed, e)`` and,
 mid-epoch, skips the batches the restored loop has already completed. Under DDP each rank takes a strided
 share of every global batch (like ``DistributedSampler``), so the global batch is the same for any world size
 that divides ``batch_size * world_size``. :class:`ResumableLoader` packages that order as a loader whose
-position Lightning saves in its checkpoints (what ``ToyDataModule`` and ``DigitsDataModule`` return).
+position Lightning saves in its checkpoints (what ``ToyDataModule`` and ``DigitsDataModule`` return);
+:class:`RandomWindowLoader` draws random windows of a token stream in the same resumable way (``CharCorpusDataModule``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_tiger.validation import check_int
@@ -23,7 +26,7 @@ from lightning_tiger.validation import check_int
 if TYPE_CHECKING:
     import lightning as L
 
-__all__ = ["EpochCursor", "ResumableBatchSampler", "ResumableLoader"]
+__all__ = ["EpochCursor", "RandomWindowLoader", "ResumableBatchSampler", "ResumableLoader"]
 
 
 class ResumableBatchSampler(Sampler[list[int]]):
@@ -56,9 +59,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         check_int("batch_size", batch_size, low=1)
         check_int("seed", seed)
         check_int("world_size", world_size, low=1, allow_none=True)
-        check_int("rank", rank, allow_none=True)
-        if rank is not None and (rank < 0 or (world_size is not None and rank >= world_size)):
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        check_int("rank", rank, low=0, high=None if world_size is None else world_size - 1, allow_none=True)
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.trainer, self._rank, self._world_size = trainer, rank, world_size
@@ -194,3 +195,61 @@ class ResumableLoader(EpochCursor):
                 yield batch
 
         return generate()
+
+
+class RandomWindowLoader(EpochCursor):
+    """Resumable loader of random training windows (a plain iterable with ``__len__``, not a DataLoader).
+
+    Batch ``b`` of epoch ``e`` holds ``batch_size`` windows ``data[s : s + seq_len + 1]`` with starts ``s``
+    drawn uniformly from a generator seeded by ``(seed, rank, e, b)``, so the data order depends on nothing
+    but those four numbers. Windows are cut by one gather (no per-sample collation).
+
+    Its position is saved in Lightning checkpoints and restored (:class:`~lightning_tiger.data.resumable.
+    EpochCursor`). Being no ``DataLoader``, it gets no ``DistributedSampler`` under DDP: each rank draws its own
+    windows because the rank enters the seed.
+
+    Args:
+        data: ``[n_chars]`` token ids (any integer dtype; batches are returned as int64).
+        seq_len: training length L (a window holds ``L + 1`` tokens).
+        batch_size: windows per batch.
+        batches_per_epoch: length of one epoch.
+        seed: data seed.
+        rank: process rank (different ranks draw different windows).
+    """
+
+    def __init__(
+        self, data: Tensor, seq_len: int, batch_size: int, batches_per_epoch: int, seed: int, rank: int = 0
+    ) -> None:
+        if data.ndim != 1 or data.numel() < seq_len + 1:
+            raise ValueError(
+                f"data must be a 1-D tensor of at least seq_len + 1 = {seq_len + 1} tokens, "
+                f"got shape {tuple(data.shape)}"
+            )
+        super().__init__()
+        self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.batches_per_epoch, self.seed, self.rank = batches_per_epoch, seed, rank
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def batch(self, epoch: int, index: int) -> Tensor:
+        """The training batch ``index`` of ``epoch``: ``LongTensor [batch_size, seq_len + 1]``."""
+        state = np.random.SeedSequence([self.seed, self.rank, epoch, index]).generate_state(2)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        high = self.data.numel() - self.seq_len  # exclusive bound: last start leaves seq_len + 1 tokens
+        starts = torch.randint(0, high, (self.batch_size,), generator=generator)
+        index_grid = starts[:, None] + torch.arange(self.seq_len + 1)
+        return self.data[index_grid].long()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        def generate() -> Iterator[Tensor]:
+            epoch, offset = self._begin_epoch()
+            for index in range(offset, self.batches_per_epoch):
+                self._offset = index + 1
+                yield self.batch(epoch, index)
+
+        return generate()
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "offset", "started", "seed"}``: where the next batch comes from."""
+        return {**super().state_dict(), "seed": self.seed}

@@ -11,8 +11,8 @@ _EXPORTS = {
     "alibi_slopes": ".alibi",
     "ALiBi": ".alibi",
     "Attention": ".attention",
-    "KVCache": ".attention",
-    "random_positions": ".random_positions",
+    "KVCache": ".kv_cache",
+    "random_positions": ".position_sampling",
     "KERPLE": ".kerple",
     "Sandwich": ".sandwich",
     "XPOS": ".xpos",
@@ -23,41 +23,23 @@ _EXPORTS = {
     "TimeMLP": ".time_mlp",
     "SmallUNet": ".small_unet",
 }
-__all__ = [
-    "KERPLE",
-    "XPOS",
-    "ALiBi",
-    "Attention",
-    "GeneralRotaryEmbedding",
-    "KVCache",
-    "RotaryEmbedding",
-    "Sandwich",
-    "SmallUNet",
-    "TimeEmbedding",
-    "TimeMLP",
-    "TransformerBlock",
-    "TransformerLM",
-    "alibi_slopes",
-    "random_positions",
-    "rerope_attention",
-]
+__all__ = sorted(_EXPORTS)  # the names are listed once, in _EXPORTS
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-# The function shares its submodule's name: importing the submodule anywhere would rebind the package
-# attribute to the module, so bind the function eagerly (the submodule is light: torch only).
-from .random_positions import random_positions  # noqa: E402
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .alibi import ALiBi, alibi_slopes
-    from .attention import Attention, KVCache
-    from .general_rotary import GeneralRotaryEmbedding
-    from .kerple import KERPLE
-    from .random_positions import random_positions
-    from .rerope import rerope_attention
-    from .rotary import RotaryEmbedding
-    from .sandwich import Sandwich
-    from .small_unet import SmallUNet
-    from .time_embedding import TimeEmbedding
-    from .time_mlp import TimeMLP
-    from .transformer import TransformerBlock, TransformerLM
-    from .xpos import XPOS
+if TYPE_CHECKING:  # pragma: no cover  (static re-exports: `name as name`)
+    from .alibi import ALiBi as ALiBi
+    from .alibi import alibi_slopes as alibi_slopes
+    from .attention import Attention as Attention
+    from .general_rotary import GeneralRotaryEmbedding as GeneralRotaryEmbedding
+    from .kerple import KERPLE as KERPLE
+    from .kv_cache import KVCache as KVCache
+    from .position_sampling import random_positions as random_positions
+    from .rerope import rerope_attention as rerope_attention
+    from .rotary import RotaryEmbedding as RotaryEmbedding
+    from .sandwich import Sandwich as Sandwich
+    from .small_unet import SmallUNet as SmallUNet
+    from .time_embedding import TimeEmbedding as TimeEmbedding
+    from .time_mlp import TimeMLP as TimeMLP
+    from .transformer import TransformerBlock as TransformerBlock
+    from .transformer import TransformerLM as TransformerLM
+    from .xpos import XPOS as XPOS

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int
+
 __all__ = ["ALiBi", "alibi_slopes"]
 
 
@@ -32,8 +34,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     Returns:
         fp32 tensor ``[num_heads]``.
     """
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+    num_heads = check_int("num_heads", num_heads, low=1)
     p = 2 ** math.floor(math.log2(num_heads))
     slopes = _slopes_power_of_two(p)
     if p != num_heads:

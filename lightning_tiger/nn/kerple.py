@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_int
 from .alibi import alibi_slopes
 
 __all__ = ["KERPLE"]
@@ -53,8 +54,7 @@ class KERPLE(nn.Module):
 
     def __init__(self, num_heads: int, variant: str = "log") -> None:
         super().__init__()
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
+        num_heads = check_int("num_heads", num_heads, low=1)
         if variant not in _VARIANTS:
             raise ValueError(f"variant must be one of {_VARIANTS}, got {variant!r}")
         self.num_heads, self.variant = num_heads, variant
@@ -79,15 +79,8 @@ class KERPLE(nn.Module):
         return F.softplus(raw) if self.variant == "log" else 2.0 * torch.sigmoid(raw)
 
     def from_positions(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """Bias for (int or float) query / key positions.
-
-        Args:
-            q_pos: ``[L]`` or ``[B, L]``.
-            k_pos: ``[S]`` or ``[B, S]``.
-
-        Returns:
-            fp32 ``[H, L, S]`` (both 1-D) or ``[B, H, L, S]``.
-        """
+        """KERPLE bias for (int or float) positions ``q_pos [L] | [B, L]``, ``k_pos [S] | [B, S]`` -> fp32
+        ``[H, L, S]`` or ``[B, H, L, S]``, as :meth:`ALiBi.from_positions <lightning_tiger.nn.ALiBi.from_positions>`."""
         with torch.autocast(device_type=q_pos.device.type, enabled=False):
             dist = (q_pos.float().unsqueeze(-1) - k_pos.float().unsqueeze(-2)).abs().unsqueeze(-3)  # [.., 1, L, S]
             r1, r2 = self.r1.view(-1, 1, 1), self.r2.view(-1, 1, 1)

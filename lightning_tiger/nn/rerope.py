@@ -13,30 +13,8 @@ RoPE scores depend on ``r`` through rotations, so the clipped scores need a seco
 * bidirectional attention also has ``r ≤ −w``: ReRoPE ``⟨R_{−w} q_i, k_j⟩``, Leaky
   ``⟨R_{(i − w(k−1))/k} q_i, R_{j/k} k_j⟩`` (relative position ``−w + (r + w)/k``).
 
-The softmax runs over the merged scores. This is not one fused SDPA call. :func:`rerope_attention` computes
-it in query blocks of ``block_size`` rows, so no ``[L, S]`` score matrix is ever built, let alone two. What
-each block ``[a, b)`` computes (causal; ``k_hi = b``):
-
-1. the far scores against every key ``[0, b)`` — one matmul of the block's far-rotated queries with the far
-   keys (raw for ReRoPE, rotated at ``j/k`` for Leaky); this is the bulk of the work, as in plain attention;
-2. the near scores against the key band ``[a − w + 1, b)`` only (``block + w − 1`` keys, the only keys within
-   ``w`` of some query of the block) with plain RoPE, and, on that band, ``where(|r| < w, near, far)`` plus the
-   causal ``−inf`` — so the band is the only place where the two scores coexist;
-3. softmax and the value product.
-
-Bidirectional attention adds the keys ``[a + w, S)`` with the ``−w`` rotation (``where(r < 0, ...)`` where a
-block longer than ``2w`` has keys behind some queries and ahead of others). Queries and band keys are rotated
-once per call, not per block, keys at their own ``H_kv`` heads (grouped-query attention: each key head's query
-heads share one matmul, keys are never repeated). Blocks are further split into batch chunks of about
-``TILE_SCORES`` scores, so each tile's scores, softmax and value product stay in cache. Memory is
-``O(max(TILE_SCORES, H · block · S))``; with a window or sinks active a per-block visibility mask is applied as
-well. Log-n (Su, kexue.fm/archives/8823) composes: it scales each query row in both branches.
-
-KV cache: a ReRoPE layer caches its keys *unrotated* (:class:`~lightning_tiger.nn.KVCache` keeps them in the
-layer's slot and refuses to mix them with rotated ones). Each call rotates only the key band of its queries
-at their positions (``≤ L + w`` keys) for the near scores; the far scores use the raw keys (ReRoPE) or all
-keys rotated at ``j/k`` (Leaky: ``O(S·d)`` per call, the same order as the scores themselves). (Caching keys
-at a fixed position would not help: the near branch needs each key at its own position, the far one unrotated.)
+The softmax runs over the merged scores; :func:`rerope_attention` computes it in query blocks, so no ``[L, S]``
+score matrix is built (how: ``docs`` page "ReRoPE in blocks"). A ReRoPE layer's KV cache holds unrotated keys.
 """
 
 from __future__ import annotations
@@ -47,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..validation import check_int, check_real
 from .rotary import RotaryEmbedding
 
 __all__ = ["rerope_attention"]
@@ -100,10 +79,8 @@ def rerope_attention(
     S = k.shape[2]
     if offset + L != S:
         raise ValueError(f"k must hold offset + L = {offset + L} keys, got {S}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if leak is not None and not leak > 1:
-        raise ValueError(f"leak must be > 1 or None, got {leak}")
+    window = check_int("window", window, low=1)
+    leak = check_real("leak", leak, low=1.0, low_open=True, allow_none=True)
     if q.shape[0] == 0 or L == 0:  # nothing to attend (and no tile size to divide by): as plain attention does
         return q.new_zeros(q.shape[0], H, L, v.shape[-1])
     G = k.shape[1]  # key/value heads; query head h uses key head h // rep (grouped-query attention)

@@ -97,8 +97,9 @@ class RotaryEmbedding(nn.Module):
         max_seq_len: int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
-            raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim!r}")
+        head_dim = check_int("head_dim", head_dim, low=2)
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be an even int in [2, inf), got {head_dim}")
         base = check_real("base", base, low=1.0, low_open=True)
         max_seq_len = check_int("max_seq_len", max_seq_len, low=1, allow_none=True)
         self.head_dim = head_dim

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int, check_real
+
 __all__ = ["Sandwich"]
 
 
@@ -35,13 +37,11 @@ class Sandwich(nn.Module):
 
     def __init__(self, num_heads: int, dim: int = 128, base: float = 10000.0) -> None:
         super().__init__()
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 2 or dim % 2:
-            raise ValueError(f"dim must be an even integer >= 2, got {dim!r}")
-        if not base > 1:
-            raise ValueError(f"base must be > 1, got {base!r}")
-        self.num_heads, self.dim, self.base = num_heads, dim, float(base)
+        num_heads = check_int("num_heads", num_heads, low=1)
+        dim = check_int("dim", dim, low=2)
+        if dim % 2:
+            raise ValueError(f"dim must be an even int in [2, inf), got {dim}")
+        self.num_heads, self.dim, self.base = num_heads, dim, check_real("base", base, low=1.0, low_open=True)
 
     def head_scales(self, device: torch.device | None = None) -> Tensor:
         """``H/(8h)`` for ``h = 1 … H`` (fp32 ``[H]``)."""
@@ -49,15 +49,8 @@ class Sandwich(nn.Module):
         return (self.num_heads / (8.0 * h)).float()
 
     def from_positions(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """Bias for (int or float) query / key positions.
-
-        Args:
-            q_pos: ``[L]`` or ``[B, L]``.
-            k_pos: ``[S]`` or ``[B, S]``.
-
-        Returns:
-            fp32 ``[H, L, S]`` (both 1-D) or ``[B, H, L, S]``.
-        """
+        """Sandwich bias for (int or float) positions ``q_pos [L] | [B, L]``, ``k_pos [S] | [B, S]`` -> fp32
+        ``[H, L, S]`` or ``[B, H, L, S]``, as :meth:`ALiBi.from_positions <lightning_tiger.nn.ALiBi.from_positions>`."""
         dev = q_pos.device
         wide = torch.float64 if dev.type != "mps" else torch.float32
         with torch.autocast(device_type=dev.type, enabled=False):

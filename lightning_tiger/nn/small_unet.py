@@ -7,6 +7,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int
+from .time_embedding import TimeEmbedding
+
 
 def _groups(channels: int) -> int:
     return math.gcd(8, channels)
@@ -49,12 +52,9 @@ class SmallUNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, time_dim: int = 64) -> None:
         super().__init__()
-        for name, value, low in (("in_channels", in_channels, 1), ("base_channels", base_channels, 1),
-                                 ("time_dim", time_dim, 2)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        from lightning_tiger.nn.time_embedding import TimeEmbedding
-
+        in_channels = check_int("in_channels", in_channels, low=1)
+        base_channels = check_int("base_channels", base_channels, low=1)
+        time_dim = check_int("time_dim", time_dim, low=2)
         c = base_channels
         cond = 4 * c
         self.in_channels = in_channels
@@ -85,11 +85,7 @@ class SmallUNet(nn.Module):
             raise ValueError(f"x must have shape [b, {self.in_channels}, H, W], got {tuple(x.shape)}")
         if x.shape[2] % 4 or x.shape[3] % 4:
             raise ValueError(f"x's H and W must be divisible by 4, got {tuple(x.shape[2:])}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [b]=[{x.shape[0]}], got {tuple(t.shape)}")
-        cond = self.time_mlp(self.time_embedding(t).to(self.conv_in.weight.dtype))
+        cond = self.time_mlp(self.time_embedding.conditioning(t, x.shape[0], self.conv_in.weight.dtype))
         h0 = self.down1(self.conv_in(x), cond)  # [b, C, H, W]
         h1 = self.down2(self.pool1(h0), cond)  # [b, 2C, H/2, W/2]
         h = self.mid(self.pool2(h1), cond)  # [b, 2C, H/4, W/4]

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_int, check_real
+
 
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of a continuous time: ``t [batch] -> [batch, dim]``, always computed in fp32.
@@ -24,15 +26,9 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> None:
         super().__init__()
-        if not isinstance(dim, int) or dim < 2:
-            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
-        if not (math.isfinite(max_period) and max_period > 1):  # `not >` also refuses NaN
-            raise ValueError(f"max_period must be finite and > 1, got {max_period}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be finite and > 0, got {scale}")
-        self.dim = dim
-        self.max_period = float(max_period)
-        self.scale = float(scale)
+        self.dim = check_int("dim", dim, low=2)
+        self.max_period = check_real("max_period", max_period, low=1.0, low_open=True)
+        self.scale = check_real("scale", scale, low=0.0, low_open=True)
         half = dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32) / half)
         # Non-persistent: derived from the arguments, so checkpoints stay small and dtype casts of the module
@@ -51,6 +47,24 @@ class TimeEmbedding(nn.Module):
             if self.dim % 2:
                 emb = torch.nn.functional.pad(emb, (0, 1))
         return emb
+
+    def conditioning(self, t: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
+        """The embedding of one time per sample, for a network's conditioning.
+
+        Args:
+            t: ``[batch]``, or a 0-d tensor (one time for the whole batch).
+            batch: the batch size of the network's input.
+            dtype: the dtype of the layer that reads it (the features are computed in fp32, then cast for
+                ``*-true`` precision).
+
+        Returns:
+            ``[batch, dim]`` in ``dtype``.
+        """
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"t must have shape [batch]=[{batch}], got {tuple(t.shape)}")
+        return self(t).to(dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_period={self.max_period}, scale={self.scale}"

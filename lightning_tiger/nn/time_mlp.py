@@ -60,12 +60,7 @@ class TimeMLP(nn.Module):
         """x ``[batch, data_dim]``, t ``[batch]`` (or 0-d, broadcast) → ``[batch, data_dim]``."""
         if x.ndim != 2 or x.shape[1] != self.data_dim:
             raise ValueError(f"x must have shape [batch, {self.data_dim}], got {tuple(x.shape)}")
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must have shape [batch]=[{x.shape[0]}], got {tuple(t.shape)}")
-        emb = self.time_embedding(t).to(self.input.weight.dtype)  # fp32 features; cast for *-true precision
-        cond = self.time_mlp(emb)
+        cond = self.time_mlp(self.time_embedding.conditioning(t, x.shape[0], self.input.weight.dtype))
         h = self.input(x)
         for block in self.blocks:
             h = block(h, cond)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validation import check_int, check_real
-from .attention import RUNTIME_OPTIONS, Attention, KVCache
+from .attention import RUNTIME_OPTIONS, Attention
+from .kv_cache import KVCache
 
 __all__ = ["TransformerBlock", "TransformerLM"]
 
@@ -355,12 +356,9 @@ class TransformerLM(nn.Module):
         """
         if tokens.dim() != 2 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be [batch, seq] with seq >= 1, got shape {tuple(tokens.shape)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
+        temperature = check_real("temperature", temperature, low=0.0)
+        top_k = check_int("top_k", top_k, low=1, allow_none=True)
         cache = self.new_cache()
         out = tokens
         logits = self(tokens, cache=cache)[:, -1].float()

@@ -8,18 +8,9 @@ exponential decay with the distance that is strong for the fast-rotating pairs (
 slow ones. The decay only makes sense for ``j <= i`` (it would grow for ``j > i``): XPOS is for causal
 attention.
 
-Offsets, precision and the KV cache: the scores depend on ``i − j`` only, so we multiply by ``ζ^{(i − c)/B}``
-and ``ζ^{−(j − c)/B}`` with a reference ``c`` instead of the absolute ``ζ^{±i/B}`` (which overflows fp16 beyond
-~4500 positions and fp32 beyond ~35000). ``c`` is the *largest* query position of the call, so every visible key
-(``j <= c``) gets a factor ``<= 1`` (far keys only shrink); keys beyond ``c`` are invisible to every query of a
-causal call and get the factor 1 instead of a growing one. Query factors are ``>= 1`` and grow like
-``exp(|log ζ_0| · (c − i)/B)`` (``|log ζ_0| = log 3.5 ≈ 1.25``) over the call's span of query positions, so a
-caller must keep that span short: :class:`~lightning_tiger.nn.Attention` scales and attends in query blocks of
-:data:`QUERY_BLOCK` rows (factors ``<= 3.5^{span/512}``, about 3.5 for unit spacing) whatever the length.
-(Centring on the mean query position only halves the exponent: keys after the centre and queries before it still
-grow like ``exp(1.25 · T/1024)`` and overflow fp16 within one call of ~9000 positions.)
-Hence the cache keeps keys rotated but *unscaled* and every block scales the keys it attends to at their
-absolute positions (an ``O(S·d)`` multiply next to the block's ``O(QUERY_BLOCK·S·d)`` scores).
+Offsets and precision: the factors are taken relative to the largest query position of each call, so key factors
+stay ``<= 1`` and :class:`~lightning_tiger.nn.Attention` runs XPOS in blocks of :data:`QUERY_BLOCK` queries; its
+KV cache keeps keys rotated but unscaled (why: ``docs`` page "XPOS offsets and precision").
 """
 
 from __future__ import annotations

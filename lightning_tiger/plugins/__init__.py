@@ -11,15 +11,12 @@ _EXPORTS = {
     "verified_checkpoints": ".checkpoint_io",
     "LastCheckpoint": ".last_checkpoint",
 }
-__all__ = [
-    "CorruptCheckpointError",
-    "LastCheckpoint",
-    "VerifiedCheckpointIO",
-    "verified_checkpoints",
-    "verify_checkpoint",
-]
+__all__ = sorted(_EXPORTS)  # the names are listed once, in _EXPORTS
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint_io import CorruptCheckpointError, VerifiedCheckpointIO, verified_checkpoints, verify_checkpoint
-    from .last_checkpoint import LastCheckpoint
+if TYPE_CHECKING:  # pragma: no cover  (static re-exports: `name as name`)
+    from .checkpoint_io import CorruptCheckpointError as CorruptCheckpointError
+    from .checkpoint_io import VerifiedCheckpointIO as VerifiedCheckpointIO
+    from .checkpoint_io import verified_checkpoints as verified_checkpoints
+    from .checkpoint_io import verify_checkpoint as verify_checkpoint
+    from .last_checkpoint import LastCheckpoint as LastCheckpoint

@@ -131,3 +131,21 @@ def test_task_file_lr_replaced_by_a_later_optimizer_config_is_only_logged(
     with pytest.warns(ConfigConflictWarning, match=rf"{task}: model.init_args.lr=0.5 has no effect"):
         main(["fit", "--config", optim, "--config", task, "--trainer.max_steps=1",
               f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_cli_leaves_the_process_warning_filters_alone(tmp_path: Path) -> None:
+    """The CLI silences LightningCLI's "configure_optimizers will be overridden" warning (its documented behaviour)
+    only while it instantiates the classes: the process's warning filters are the same before and after, and the
+    warning does not reach the user."""
+    config = _write(tmp_path, "tiny.yaml", TINY)
+    # A first run imports what fit needs: some libraries (urllib3 via tensorboard) add filters when imported.
+    main(["fit", "--config", config, "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}"])
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        inside = list(warnings.filters)
+        main(["fit", "--config", config, "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}"])
+        assert list(warnings.filters) == inside
+    assert list(warnings.filters) == before
+    assert not [f for f in warnings.filters if f[1] is not None and "overridden" in f[1].pattern]
+    assert not [w for w in seen if "will be overridden by" in str(w.message)]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_tiger.data.char_corpus import CharCorpusDataModule, RandomWindowLoader
+from lightning_tiger.data.char_corpus import CharCorpusDataModule
+from lightning_tiger.data.resumable import RandomWindowLoader
 
 
 @pytest.fixture(autouse=True)

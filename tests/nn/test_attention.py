@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tiger.nn.attention import Attention, KVCache
+from lightning_tiger.nn.attention import Attention
+from lightning_tiger.nn.kv_cache import KVCache
 
 # ----------------------------------------------------------------------------------------- reference
 
@@ -237,7 +238,8 @@ def test_bf16_inputs_close_to_fp32():
 
 
 def test_sdpa_masks_keep_fused_shapes(monkeypatch):
-    """Masks handed to SDPA are None / bool [L, S] / float [1, H, L, S], never 3-D (SPEC §3.5)."""
+    """Masks handed to SDPA are None / bool [L, S] / float [1, H, L, S], never 3-D (PyTorch's SDPA
+    documentation: a 3-D float mask falls back to the unfused math kernel)."""
     seen = []
     real = F.scaled_dot_product_attention
 

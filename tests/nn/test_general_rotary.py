@@ -1,4 +1,4 @@
-"""Completeness of RoPE (SPEC §3.1): exp(nB) = Z·RoPE_n(θ)·Zᵀ via scipy's real Schur form."""
+"""Completeness of RoPE (Su, "Transformer升级之路：6"): exp(nB) = Z·RoPE_n(θ)·Zᵀ via scipy's real Schur form."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RotaryEmbedding against explicit formulas (SPEC §3.1; HF transformers' scaling formulas)."""
+"""RotaryEmbedding against explicit formulas (RoFormer, Su et al. 2021; HF transformers' scaling formulas)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tiger.nn.attention import KVCache
-from lightning_tiger.nn.random_positions import random_positions
+from lightning_tiger.nn.kv_cache import KVCache
+from lightning_tiger.nn.position_sampling import random_positions
 from lightning_tiger.nn.transformer import TransformerBlock, TransformerLM
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_tiger.optim import build
+from lightning_tiger.optim import build, build_cache
 
 REPO = Path(__file__).resolve().parents[2]
 BUILDING = "building the fused optimizer kernel once"
@@ -310,7 +310,8 @@ def test_damaged_published_folder_is_replaced_by_the_next_build(tmp_path: Path, 
                                                                 damage: str) -> None:
     """A published folder without a loadable build is moved aside, so the next build publishes (else every later
     process would compile again, its rename failing on the non-empty folder)."""
-    plan = build._Plan(name="lightning_tiger_fused_test", root=tmp_path, compiler="c++", compiler_version="c++ 1")
+    plan = build_cache.BuildPlan(name="lightning_tiger_fused_test", root=tmp_path, compiler="c++",
+                                 compiler_version="c++ 1")
     plan.folder.mkdir()
     (plan.folder / "stale.o").write_text("left over")
     if damage == "library deleted":

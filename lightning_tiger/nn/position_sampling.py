@@ -1,4 +1,4 @@
-"""Random-position training (Su, "Transformer升级之路：8", after Ruoss et al. 2023)."""
+"""Position sampling for random-position training (Su, "Transformer升级之路：8", after Ruoss et al. 2023)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from ..validation import check_int
 
 __all__ = ["random_positions"]
 
@@ -46,12 +48,9 @@ def random_positions(
         ``[batch, seq_len]`` positions, to pass as ``positions=`` to :class:`~lightning_tiger.nn.TransformerLM`,
         :class:`~lightning_tiger.nn.Attention` or :class:`~lightning_tiger.nn.RotaryEmbedding`.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}")
-    if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 1:
-        raise ValueError(f"max_position must be an integer >= 1, got {max_position!r}")
+    batch = check_int("batch", batch, low=1)
+    seq_len = check_int("seq_len", seq_len, low=1)
+    max_position = check_int("max_position", max_position, low=1)
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if mode == "sorted_int":

@@ -1,4 +1,4 @@
-"""random_positions (SPEC §3.3)."""
+"""random_positions (Su, "Transformer升级之路：8"; Ruoss et al. 2023)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_tiger.nn.random_positions import random_positions
+from lightning_tiger.nn.position_sampling import random_positions
 
 
 def test_sorted_int_properties():
@@ -61,7 +61,7 @@ def test_bad_arguments(args, kwargs, match):
 def test_package_attribute_is_the_function_even_after_submodule_import() -> None:
     import importlib
 
-    importlib.import_module("lightning_tiger.nn.random_positions")
+    importlib.import_module("lightning_tiger.nn.position_sampling")
     from lightning_tiger.nn import random_positions as fn
 
     assert callable(fn) and fn.__name__ == "random_positions"
