@@ -1,4 +1,4 @@
-"""Parameter classification by module type and Tiger parameter groups (SPEC §1.2 table)."""
+"""Parameter classification by module type and Tiger parameter groups (the ParamKind table)."""
 
 from __future__ import annotations
 
