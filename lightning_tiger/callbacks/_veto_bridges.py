@@ -1,5 +1,9 @@
-"""How :class:`~lightning_tiger.callbacks.NonFiniteGuard` keeps the learning-rate schedule and weight averaging in
-step with the real optimizer steps when it vetoes one.
+"""How :class:`~lightning_tiger.callbacks.NonFiniteGuard` vetoes an optimizer step and keeps the group counters,
+the learning-rate schedule and weight averaging in step with the real optimizer steps.
+
+A veto sets every ``p.grad`` of the optimizer to None (or, for an optimizer that unscales inside ``step()``,
+makes the ``GradScaler``'s own check fail), and puts back the group-level int counters that ``step()`` advances
+anyway (Tiger's ``micro_step``) from a step post-hook registered between steps.
 
 Lightning still steps ``interval="step"`` schedulers on a vetoed step (Lightning issues #18828, #5558) and
 ``WeightAveraging`` would average the unchanged weights once more; for the duration of ``fit`` the guard wraps
@@ -13,16 +17,19 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["VetoBridgesMixin"]
 
 
 class VetoBridgesMixin:
-    """The scheduler and weight-averaging wrappers of the guard.
+    """The veto, counter restore, scheduler and weight-averaging wrappers of the guard.
 
     Reads the guard's ``_vetoed_optimizers`` (ids of the optimizers vetoed in this batch), ``_stepped_this_batch``
-    and ``skipped``; owns ``_wrapped_module``, ``_had_instance_hook``, ``_orig_hook`` and ``_wrapped_averaging``.
+    and ``skipped``; owns the attributes set in :meth:`_init_bridges`.
     """
 
     skipped: int
@@ -34,6 +41,68 @@ class VetoBridgesMixin:
         self._had_instance_hook = False
         self._orig_hook: Callable[..., Any] | None = None
         self._wrapped_averaging: list[tuple[WeightAveraging, bool, Callable[..., bool]]] = []
+        # One step post-hook per optimizer (registered between steps, never removed during one) and the group
+        # counters it puts back after the step that was vetoed; see _veto.
+        self._restore_hooks: dict[int, RemovableHandle] = {}
+        self._pending_restore: dict[int, list[dict[str, int]]] = {}
+        self._stashed_clip: tuple[pl.Trainer, float] | None = None
+
+    def _veto(
+        self,
+        trainer: pl.Trainer,
+        optimizer: torch.optim.Optimizer,
+        with_grad: list[Tensor],
+        finite_per_tensor: Tensor | None,
+    ) -> None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and with_grad:
+            # The optimizer unscales inside step(): the scaler's own inf check is what vetoes the step.
+            grads_finite = finite_per_tensor is None or bool(finite_per_tensor.all())
+            target = next((p.grad for p in with_grad if p.grad.numel() > 0), None)
+            if grads_finite and target is not None:
+                with torch.no_grad():
+                    target.mul_(float("inf"))  # every element becomes ±inf or NaN: layout-agnostic
+            return
+        for p in with_grad:
+            p.grad = None
+        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
+            # torch.nn.utils.clip_grad_value_ raises on an all-None gradient list (clip_grad_norm_ does not):
+            # turn clipping off for this vetoed step only (restored at the end of the batch).
+            self._stashed_clip = (trainer, trainer.gradient_clip_val)
+            trainer.gradient_clip_val = None
+        # Some optimizers advance group-level counters even when no parameter has a gradient (Tiger's
+        # "micro_step", many pytorch_optimizer classes' group "step"): _restore_counters puts them back right
+        # after this step() returns, so that a vetoed step changes no counter at all.
+        saved = [
+            {k: v for k, v in group.items() if k != "params" and type(v) is int} for group in optimizer.param_groups
+        ]
+        if any(saved):
+            self._pending_restore[id(optimizer)] = saved
+
+    def _restore_counters(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Step post-hook (one per optimizer, for the whole fit): undo the counters of a vetoed step().
+
+        It only reads and clears the guard's own pending entry: adding or removing a hook here would mutate the
+        ``OrderedDict`` that torch.optim is iterating and crash any post-hook registered after this one (e.g.
+        OptimizerMonitor's on a logging step).
+        """
+        saved = self._pending_restore.pop(id(optimizer), None)
+        if saved is None:
+            return
+        for group, values in zip(optimizer.param_groups, saved):
+            group.update(values)
+
+    def _restore_clip(self) -> None:
+        if self._stashed_clip is not None:
+            trainer, value = self._stashed_clip
+            trainer.gradient_clip_val = value
+            self._stashed_clip = None
+
+    def _remove_restore_hooks(self) -> None:
+        for handle in self._restore_hooks.values():
+            handle.remove()
+        self._restore_hooks.clear()
+        self._pending_restore.clear()
 
     def _wrap_scheduler_hook(self, pl_module: pl.LightningModule) -> None:
         if self._wrapped_module is not None:

@@ -15,7 +15,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_tiger.callbacks._folding import is_folding, refuse_clipping_with_folding
@@ -127,11 +126,6 @@ class NonFiniteGuard(VetoBridgesMixin, Callback):
         self._centres: dict[int, float] | None = None
         self._names: dict[int, str] | None = None
         self._init_bridges()
-        # One step post-hook per optimizer (registered between steps, never removed during one) and the group
-        # counters it puts back after the step that was vetoed; see _veto.
-        self._restore_hooks: dict[int, RemovableHandle] = {}
-        self._pending_restore: dict[int, list[dict[str, int]]] = {}
-        self._stashed_clip: tuple[pl.Trainer, float] | None = None
 
     # ------------------------------------------------------------------ checkpointing
     @property
@@ -314,63 +308,6 @@ class NonFiniteGuard(VetoBridgesMixin, Callback):
     def _fold_flagged(optimizer: torch.optim.Optimizer) -> int:
         """Number of tensors a fold-in-backward Tiger flagged in the current window (0 for other optimizers)."""
         return len(optimizer.nonfinite_flagged()) if isinstance(optimizer, Tiger) else 0
-
-    def _veto(
-        self,
-        trainer: pl.Trainer,
-        optimizer: torch.optim.Optimizer,
-        with_grad: list[Tensor],
-        finite_per_tensor: Tensor | None,
-    ) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and with_grad:
-            # The optimizer unscales inside step(): the scaler's own inf check is what vetoes the step.
-            grads_finite = finite_per_tensor is None or bool(finite_per_tensor.all())
-            target = next((p.grad for p in with_grad if p.grad.numel() > 0), None)
-            if grads_finite and target is not None:
-                with torch.no_grad():
-                    target.mul_(float("inf"))  # every element becomes ±inf or NaN: layout-agnostic
-            return
-        for p in with_grad:
-            p.grad = None
-        if trainer.gradient_clip_val and trainer.gradient_clip_algorithm == "value":
-            # torch.nn.utils.clip_grad_value_ raises on an all-None gradient list (clip_grad_norm_ does not):
-            # turn clipping off for this vetoed step only (restored at the end of the batch).
-            self._stashed_clip = (trainer, trainer.gradient_clip_val)
-            trainer.gradient_clip_val = None
-        # Some optimizers advance group-level counters even when no parameter has a gradient (Tiger's
-        # "micro_step", many pytorch_optimizer classes' group "step"): _restore_counters puts them back right
-        # after this step() returns, so that a vetoed step changes no counter at all.
-        saved = [
-            {k: v for k, v in group.items() if k != "params" and type(v) is int} for group in optimizer.param_groups
-        ]
-        if any(saved):
-            self._pending_restore[id(optimizer)] = saved
-
-    def _restore_counters(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Step post-hook (one per optimizer, for the whole fit): undo the counters of a vetoed step().
-
-        It only reads and clears the guard's own pending entry: adding or removing a hook here would mutate the
-        ``OrderedDict`` that torch.optim is iterating and crash any post-hook registered after this one (e.g.
-        OptimizerMonitor's on a logging step).
-        """
-        saved = self._pending_restore.pop(id(optimizer), None)
-        if saved is None:
-            return
-        for group, values in zip(optimizer.param_groups, saved):
-            group.update(values)
-
-    def _restore_clip(self) -> None:
-        if self._stashed_clip is not None:
-            trainer, value = self._stashed_clip
-            trainer.gradient_clip_val = value
-            self._stashed_clip = None
-
-    def _remove_restore_hooks(self) -> None:
-        for handle in self._restore_hooks.values():
-            handle.remove()
-        self._restore_hooks.clear()
-        self._pending_restore.clear()
 
     def _centre_map(self, pl_module: pl.LightningModule) -> dict[int, float]:
         """id(param) -> shrink centre by module type (:func:`~lightning_tiger.optim.classify_parameters`)."""

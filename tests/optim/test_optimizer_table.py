@@ -1,7 +1,8 @@
-"""What every optimizer of the package must do, driven by one table of specs (like torch's ``OptimizerInfo``).
+"""What every optimizer of the package must do, driven by one table (like torch's ``OptimizerInfo``).
 
-Each :class:`Spec` names an optimizer, how to build it on ``Mixed`` (tests/optim/reference.py), its momentum state
-key, its group-level counter (if any), whether it has a non-finite rule, and its bad-hyperparameter cases. The
+Each :class:`OptimInfo` row names an optimizer, how to build it on ``Mixed`` (tests/optim/reference.py), its
+momentum state key, its group-level counter (if any), whether it has a non-finite rule, and its bad-hyperparameter
+cases. The
 tests cross the table with the paths (single tensor, foreach, fused) and momentum dtypes:
 
 - resume: a ``state_dict`` round trip through ``torch.save`` mid-run continues bit for bit;
@@ -32,7 +33,7 @@ Case = tuple[dict[str, Any], type[Exception], str]
 
 
 @dataclass(frozen=True)
-class Spec:
+class OptimInfo:
     """One optimizer of the table."""
 
     name: str
@@ -64,8 +65,8 @@ COMMON_INVALID: list[Case] = [
     ({"stochastic_rounding": 1}, TypeError, "stochastic_rounding"),
 ]
 
-SPECS = [
-    Spec(
+OPTIM_INFOS = [
+    OptimInfo(
         name="tiger",
         cls=Tiger,
         build=lambda model, kw: Tiger(tiger_param_groups(model), **{"lr": 2e-2, "beta": 0.9,
@@ -97,7 +98,7 @@ SPECS = [
             ({"micro_step": -1}, "micro_step must be an int >= 0"), ({"micro_step": 1.5}, "micro_step"),
         ],
     ),
-    Spec(
+    OptimInfo(
         name="lion",
         cls=Lion,
         build=lambda model, kw: Lion(model.parameters(), **{"lr": 1e-2, "weight_decay": 0.1, **kw}),
@@ -117,24 +118,24 @@ SPECS = [
                         ({"weight_decay": -1.0}, r"weight_decay \(param group 1\)")],
     ),
 ]
-SPEC_PARAMS = [pytest.param(s, id=s.name) for s in SPECS]
+INFO_PARAMS = [pytest.param(s, id=s.name) for s in OPTIM_INFOS]
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, grads: list[dict[str, torch.Tensor]], spec: Spec,
+def _train(model: nn.Module, opt: torch.optim.Optimizer, grads: list[dict[str, torch.Tensor]], info: OptimInfo,
            start: int, stop: int) -> None:
     params = dict(model.named_parameters())
     for t in range(start, stop):
         for n, p in params.items():
             p.grad = grads[t][n].to(p.dtype)
-        if t == 6 and spec.nonfinite_rule:
+        if t == 6 and info.nonfinite_rule:
             params["ln.weight"].grad[0] = math.nan  # the non-finite rule also resumes exactly
         opt.step()
 
 
 @pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
-def test_exact_resume(spec: Spec, path: dict, momentum_dtype: torch.dtype | None) -> None:
+@pytest.mark.parametrize("info", INFO_PARAMS)
+def test_exact_resume(info: OptimInfo, path: dict, momentum_dtype: torch.dtype | None) -> None:
     """Stop after 5 of 10 steps (mid-window for Tiger's windows of 3), save, load into a fresh optimizer, finish:
     parameters and momenta equal those of the uninterrupted run bit for bit; the momentum keeps its dtype."""
     if path.get("fused") and momentum_dtype is not None:
@@ -146,14 +147,14 @@ def test_exact_resume(spec: Spec, path: dict, momentum_dtype: torch.dtype | None
     def make() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
         model = Mixed()
-        return model, spec.build(model, {"momentum_dtype": momentum_dtype, **path})
+        return model, info.build(model, {"momentum_dtype": momentum_dtype, **path})
 
     grads = random_grads(Mixed(), 10)
     model_a, opt_a = make()
-    _train(model_a, opt_a, grads, spec, 0, 10)
+    _train(model_a, opt_a, grads, info, 0, 10)
 
     model_b, opt_b = make()
-    _train(model_b, opt_b, grads, spec, 0, 5)
+    _train(model_b, opt_b, grads, info, 0, 5)
     buf = io.BytesIO()
     torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
     buf.seek(0)
@@ -161,32 +162,32 @@ def test_exact_resume(spec: Spec, path: dict, momentum_dtype: torch.dtype | None
     model_c, opt_c = make()
     model_c.load_state_dict(ckpt["model"])
     opt_c.load_state_dict(ckpt["opt"])
-    if spec.counter is not None:
-        assert all(g[spec.counter] == 5 for g in opt_c.param_groups)
-    _train(model_c, opt_c, grads, spec, 5, 10)
+    if info.counter is not None:
+        assert all(g[info.counter] == 5 for g in opt_c.param_groups)
+    _train(model_c, opt_c, grads, info, 5, 10)
     for (n, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
         assert torch.equal(pa, pc), n
-        ma, mc = opt_a.state[pa][spec.momentum_key], opt_c.state[pc][spec.momentum_key]
+        ma, mc = opt_a.state[pa][info.momentum_key], opt_c.state[pc][info.momentum_key]
         assert mc.dtype == (momentum_dtype or pa.dtype)
         assert torch.equal(ma, mc), n
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
-def test_deepcopy_and_pickle_keep_settings_and_state(spec: Spec) -> None:
+@pytest.mark.parametrize("info", INFO_PARAMS)
+def test_deepcopy_and_pickle_keep_settings_and_state(info: OptimInfo) -> None:
     torch.manual_seed(0)
     model = Mixed()
-    opt = spec.build(model, {"momentum_dtype": "bfloat16", "foreach": True, "seed": 7})
+    opt = info.build(model, {"momentum_dtype": "bfloat16", "foreach": True, "seed": 7})
     for n, p in model.named_parameters():
         p.grad = random_grads(model, 1)[0][n].float()
     opt.step()
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert type(clone) is spec.cls
+        assert type(clone) is info.cls
         assert clone.momentum_dtype is torch.bfloat16 and clone.foreach is True and clone.seed == 7
         assert clone.fused is None and clone.stochastic_rounding is True
         assert {k: clone.defaults[k] for k in opt.defaults} == opt.defaults  # torch's setstate may add keys
         for (p, st), (q, st2) in zip(opt.state.items(), clone.state.items()):
             assert q is not p and torch.equal(q, p)
-            assert torch.equal(st[spec.momentum_key], st2[spec.momentum_key])
+            assert torch.equal(st[info.momentum_key], st2[info.momentum_key])
 
 
 def test_deepcopy_of_a_folding_tiger_drops_the_hooks() -> None:
@@ -198,42 +199,42 @@ def test_deepcopy_of_a_folding_tiger_drops_the_hooks() -> None:
     assert not clone._hooks.active and opt._hooks.active
 
 
-@pytest.mark.parametrize(("spec", "kwargs", "exc", "match"),
-                         [pytest.param(s, *case, id=f"{s.name}-{i}") for s in SPECS
+@pytest.mark.parametrize(("info", "kwargs", "exc", "match"),
+                         [pytest.param(s, *case, id=f"{s.name}-{i}") for s in OPTIM_INFOS
                           for i, case in enumerate(s.invalid)])
-def test_invalid_hyperparameters(spec: Spec, kwargs: dict, exc: type[Exception], match: str) -> None:
+def test_invalid_hyperparameters(info: OptimInfo, kwargs: dict, exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
-        spec.cls([nn.Parameter(torch.ones(2))], **kwargs)
+        info.cls([nn.Parameter(torch.ones(2))], **kwargs)
 
 
-@pytest.mark.parametrize(("spec", "group", "match"),
-                         [pytest.param(s, g, m, id=f"{s.name}-{i}") for s in SPECS
+@pytest.mark.parametrize(("info", "group", "match"),
+                         [pytest.param(s, g, m, id=f"{s.name}-{i}") for s in OPTIM_INFOS
                           for i, (g, m) in enumerate(s.invalid_groups)])
-def test_invalid_group_values(spec: Spec, group: dict, match: str) -> None:
+def test_invalid_group_values(info: OptimInfo, group: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        spec.cls([{"params": [nn.Parameter(torch.ones(2))]}, {"params": [nn.Parameter(torch.ones(2))], **group}])
+        info.cls([{"params": [nn.Parameter(torch.ones(2))]}, {"params": [nn.Parameter(torch.ones(2))], **group}])
 
 
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
-def test_fused_true_unavailable_raises(spec: Spec, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("info", INFO_PARAMS)
+def test_fused_true_unavailable_raises(info: OptimInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     if fused_ok():
         from lightning_tiger.optim import _fused
 
         monkeypatch.setattr(_fused, "fused_available", lambda device=None: False)
     with pytest.raises(RuntimeError, match="fused=True"):
-        spec.cls([nn.Parameter(torch.ones(2))], fused=True)
+        info.cls([nn.Parameter(torch.ones(2))], fused=True)
 
 
 @pytest.mark.skipif(not fused_ok(), reason="fused kernels unavailable")
-@pytest.mark.parametrize("spec", SPEC_PARAMS)
-def test_refused_fused_step_changes_nothing(spec: Spec) -> None:
+@pytest.mark.parametrize("info", INFO_PARAMS)
+def test_refused_fused_step_changes_nothing(info: OptimInfo) -> None:
     """fused=True with a tensor the kernels do not take raises at step(), before any state moves."""
     good, bad = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(4, 4).t())  # bad: non-contiguous grad
-    opt = spec.cls([{"params": [good]}, {"params": [bad], **spec.other_group}], fused=True)
+    opt = info.cls([{"params": [good]}, {"params": [bad], **info.other_group}], fused=True)
     good.grad, bad.grad = torch.ones(3), torch.ones(4, 4).t()
     before = [p.detach().clone() for p in (good, bad)]
     with pytest.raises(RuntimeError, match="fused=True"):
         opt.step()
-    if spec.counter is not None:
-        assert [g[spec.counter] for g in opt.param_groups] == [0, 0]
+    if info.counter is not None:
+        assert [g[info.counter] for g in opt.param_groups] == [0, 0]
     assert all(torch.equal(p, q) for p, q in zip((good, bad), before))
