@@ -21,6 +21,7 @@ from lightning_tiger.callbacks._folding import is_folding, refuse_clipping_with_
 from lightning_tiger.callbacks._steps import log_step, should_update_logs
 from lightning_tiger.callbacks._veto_bridges import VetoBridgesMixin
 from lightning_tiger.optim import Tiger, classify_parameters, shrink_, shrink_center
+from lightning_tiger.validation import check_int, check_real
 
 __all__ = ["NonFiniteGuard", "NonFiniteTrainingError", "refuse_clipping_with_folding"]
 
@@ -71,6 +72,7 @@ class NonFiniteGuard(VetoBridgesMixin, Callback):
         verbose: emit a ``logging`` warning on rank zero for every vetoed step, naming offending tensors.
 
     Raises:
+        TypeError: ``max_consecutive`` or ``shrink_ratio`` has the wrong type.
         ValueError: an argument is out of range (at construction), or gradient clipping is configured with an
             optimizer that folds gradients (``on_fit_start``).
         NonFiniteTrainingError: ``max_consecutive`` vetoed steps in a row (from ``on_before_optimizer_step``).
@@ -89,16 +91,10 @@ class NonFiniteGuard(VetoBridgesMixin, Callback):
     ) -> None:
         if action not in ("skip", "shrink"):
             raise ValueError(f"action must be 'skip' or 'shrink', got {action!r}")
-        if max_consecutive is not None and (
-            isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1
-        ):
-            raise ValueError(f"max_consecutive must be an int >= 1 or None, got {max_consecutive!r}")
-        if not isinstance(shrink_ratio, (int, float)) or not (0.0 < float(shrink_ratio) <= 1.0):
-            raise ValueError(f"shrink_ratio must be in (0, 1], got {shrink_ratio!r}")
+        self.max_consecutive = check_int("max_consecutive", max_consecutive, low=1, allow_none=True)
+        self.shrink_ratio = check_real("shrink_ratio", shrink_ratio, low=0.0, high=1.0, low_open=True)
         self.action = action
         self.check_loss = bool(check_loss)
-        self.max_consecutive = max_consecutive
-        self.shrink_ratio = float(shrink_ratio)
         self.log_every_skip = bool(log_every_skip)
         self.sync_decision = bool(sync_decision)
         self.checkpoint_on_stop = bool(checkpoint_on_stop)

@@ -51,6 +51,7 @@ from typing_extensions import override
 from lightning_tiger.callbacks._folding import refuse_clipping_with_folding
 from lightning_tiger.callbacks._steps import log_step
 from lightning_tiger.optim import Tiger
+from lightning_tiger.validation import check_int
 
 _MOMENTUM_KEYS = ("momentum", "exp_avg", "momentum_buffer")
 
@@ -75,8 +76,9 @@ class OptimizerMonitor(Callback):
         prefix: metric name prefix. Default ``"optim"``.
 
     Raises:
-        ValueError: ``log_every_n_steps`` is not None or an int >= 1 (at construction), or gradient clipping is
-            configured with an optimizer that folds gradients (``on_fit_start``).
+        TypeError: ``log_every_n_steps`` is not None or an int.
+        ValueError: ``log_every_n_steps`` < 1 (at construction), or gradient clipping is configured with an
+            optimizer that folds gradients (``on_fit_start``).
     """
 
     def __init__(
@@ -86,11 +88,7 @@ class OptimizerMonitor(Callback):
         sign_agreement: bool = True,
         prefix: str = "optim",
     ) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"log_every_n_steps must be an int >= 1 or None, got {log_every_n_steps!r}")
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
         self.update_rms = bool(update_rms)
         self.sign_agreement = bool(sign_agreement)
         self.prefix = str(prefix)
