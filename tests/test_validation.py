@@ -7,8 +7,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from lightning_tiger.validation import check_int, check_int_sequence, check_real
+from lightning_tiger.validation import check_bool, check_int, check_int_sequence, check_real
 
 
 @pytest.mark.parametrize(("value", "kw", "expected"), [
@@ -91,3 +92,45 @@ def test_check_int_sequence_refuses(value, kw, exc, fragment):
 def test_check_real_returns_positive_zero_for_negative_zero():
     out = check_real("noise", -0.0, low=0.0)
     assert out == 0.0 and math.copysign(1.0, out) == 1.0
+
+
+@pytest.mark.parametrize(("value", "kw", "exc", "message"), [
+    (-0.001, {"low": 0.0, "high_open": True}, ValueError, "lr must be in [0.0, inf), got -0.001"),  # quoted by README
+    (1.5, {"low": 0.0, "high": 1.0, "high_open": True}, ValueError, "lr must be in [0.0, 1.0), got 1.5"),
+    (0.0, {"low": 0.0, "high": 1.0, "low_open": True}, ValueError, "lr must be in (0.0, 1.0], got 0.0"),
+    (math.nan, {"low": 0.0}, ValueError, "lr must be in [0.0, inf), got nan"),
+    ("1e-3", {"low": 0.0}, TypeError, "lr must be a float, got str"),
+    (None, {"low": 0.0, "allow_none": False}, TypeError, "lr must be a float, got NoneType"),
+])
+def test_check_real_brief_messages(value, kw, exc, message):
+    """The optimizers' message format (was a second checker in optim/_functional.py)."""
+    with pytest.raises(exc) as info:
+        check_real("lr", value, brief=True, **kw)
+    assert str(info.value) == message
+
+
+def test_check_real_reads_a_one_element_tensor_only_when_allowed():
+    assert check_real("lr", torch.tensor(0.5), allow_tensor=True) == 0.5
+    assert check_real("lr", torch.tensor([2.0]), allow_tensor=True, low=0.0) == 2.0
+    with pytest.raises(TypeError, match="lr must be a finite number"):
+        check_real("lr", torch.tensor(0.5))
+    with pytest.raises(TypeError):  # a tensor that requires grad is refused, not silently detached
+        check_real("lr", torch.tensor(0.5, requires_grad=True), allow_tensor=True)
+    with pytest.raises(TypeError):  # and so is a tensor with several elements
+        check_real("lr", torch.ones(2), allow_tensor=True)
+    with pytest.raises(ValueError, match=r"lr must be in \[0.0, inf\), got -1.0"):
+        check_real("lr", torch.tensor(-1.0), low=0.0, allow_tensor=True, brief=True)
+
+
+@pytest.mark.parametrize(("value", "kw", "ok"), [
+    (True, {}, True), (False, {}, True), (None, {"allow_none": True}, True),
+    (None, {}, False), (1, {}, False), (0, {"allow_none": True}, False), ("yes", {}, False),
+])
+def test_check_bool(value, kw, ok):
+    if ok:
+        assert check_bool("fused", value, **kw) is value
+        return
+    with pytest.raises(TypeError) as info:
+        check_bool("fused", value, **kw)
+    expected = "None or a bool" if kw.get("allow_none") else "a bool"
+    assert str(info.value) == f"fused must be {expected}, got {value!r}"

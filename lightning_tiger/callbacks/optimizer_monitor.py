@@ -4,10 +4,12 @@ Logged per optimizer (``optim/<Name>/...``, ``<Name>`` = class name, ``-1``, ``-
 optimizers share a class, like ``LearningRateMonitor``), every ``log_every_n_steps`` optimizer steps, with
 Lightning's step index:
 
-- ``lr_mean``, ``lr_min``, ``lr_max``: the effective learning rate η over tensors. Tiger (SPEC §1.2): η of a
-  matrix is ``lr·max(RMS(θ), floor)``, of an embedding table ``lr·max(RMS(row), floor)`` per row (rows enter
-  min/max individually and the mean as the table's row mean), of a bias / norm parameter ``0.5·lr``; RMS taken
-  on θ before the update, exactly as Tiger's step does. Other optimizers: the group ``lr`` of every tensor.
+- ``lr_mean``, ``lr_min``, ``lr_max``: the effective learning rate η over tensors. Tiger (Su 2023,
+  kexue.fm/archives/9512): η of a matrix is ``lr·max(RMS(θ), floor)``, of an embedding table
+  ``lr·max(RMS(row), floor)`` per row (rows enter min/max individually and the mean as the table's row mean), of
+  a bias / norm parameter ``0.5·lr``; RMS taken on θ before the update, from
+  :meth:`Tiger.effective_lr <lightning_tiger.optim.Tiger.effective_lr>` (the optimizer's own computation).
+  Other optimizers: the group ``lr`` of every tensor.
 - ``update_rms``: ``sqrt(Σ‖θ_after − θ_before‖² / N)`` over all N elements, and ``update_rel`` = update_rms /
   param_rms (≈ lr for Tiger's matrices). The pre-step parameters are copied on logging steps only (a transient
   copy of the optimizer's parameters; nothing is kept between steps) and compared in a one-shot
@@ -28,14 +30,14 @@ Lightning's step index:
   average, so no warning then.
 
 Cost: on a non-logging step the hook returns after one integer comparison. On a logging step: one fused norm
-over parameters and gradients, a sign comparison, one parameter copy, one comparison of the copy with the new
-parameters (``unchanged``) and one host sync for all values.
+over parameters and gradients, Tiger's η per tensor (one more norm of each RMS-relative tensor), a sign
+comparison, one parameter copy, one comparison of the copy with the new parameters (``unchanged``) and one host
+sync for all values.
 Computed on global rank 0 only (DDP replicas are identical; under FSDP the values would be per-shard).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 from typing import Any
@@ -44,6 +46,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from typing_extensions import override
+
+from lightning_tiger.callbacks._folding import refuse_clipping_with_folding
+from lightning_tiger.callbacks._steps import log_step
+from lightning_tiger.optim import Tiger
+from lightning_tiger.validation import check_int
 
 _MOMENTUM_KEYS = ("momentum", "exp_avg", "momentum_buffer")
 
@@ -66,6 +74,11 @@ class OptimizerMonitor(Callback):
         update_rms: measure the update (needs a transient copy of the parameters on logging steps).
         sign_agreement: measure the momentum/gradient sign agreement.
         prefix: metric name prefix. Default ``"optim"``.
+
+    Raises:
+        TypeError: ``log_every_n_steps`` is not None or an int.
+        ValueError: ``log_every_n_steps`` < 1 (at construction), or gradient clipping is configured with an
+            optimizer that folds gradients (``on_fit_start``).
     """
 
     def __init__(
@@ -75,11 +88,7 @@ class OptimizerMonitor(Callback):
         sign_agreement: bool = True,
         prefix: str = "optim",
     ) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"log_every_n_steps must be an int >= 1 or None, got {log_every_n_steps!r}")
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, low=1, allow_none=True)
         self.update_rms = bool(update_rms)
         self.sign_agreement = bool(sign_agreement)
         self.prefix = str(prefix)
@@ -91,9 +100,8 @@ class OptimizerMonitor(Callback):
         """The metrics of the most recent logging step (also handy in tests and notebooks)."""
 
     # ------------------------------------------------------------------ lifecycle
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_tiger.callbacks.nonfinite_guard import refuse_clipping_with_folding
-
         refuse_clipping_with_folding(trainer)
         counts: Counter[str] = Counter()
         self._names = {}
@@ -102,6 +110,7 @@ class OptimizerMonitor(Callback):
             self._names[id(opt)] = base if counts[base] == 0 else f"{base}-{counts[base]}"
             counts[base] += 1
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_hooks()
         self._pending.clear()
@@ -114,23 +123,18 @@ class OptimizerMonitor(Callback):
     def _interval(self, trainer: pl.Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps
 
-    @staticmethod
-    def _step_index(trainer: pl.Trainer) -> int:
-        try:
-            return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-        except AttributeError:  # pragma: no cover - Lightning internals moved
-            return int(trainer.global_step)
-
     # ------------------------------------------------------------------ hooks
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         n = self._interval(trainer)
         # Same rule as Lightning's own metric logging (`should_update_logs`): the step about to complete.
-        if n <= 0 or (self._step_index(trainer) + 1) % n != 0 or not trainer.is_global_zero:
+        if n <= 0 or (log_step(trainer) + 1) % n != 0 or not trainer.is_global_zero:
             return
         self._pending.append(self.collect_pre_step(optimizer))
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -140,34 +144,24 @@ class OptimizerMonitor(Callback):
         metrics = self.finalize(self._pending)
         self._pending = []
         self.last_logged = metrics
-        step = self._step_index(trainer)
+        step = log_step(trainer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     # ------------------------------------------------------------------ computation
-    def _effective_lrs(
-        self, optimizer: torch.optim.Optimizer, group: dict[str, Any], params: list[Tensor], rms: list[Tensor]
-    ) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(mean, min, max) of η per tensor of one group, as 0-dim fp32 tensors."""
-        settings = getattr(optimizer, "_settings", None)
+    @staticmethod
+    def _effective_lrs(optimizer: torch.optim.Optimizer, group: dict[str, Any],
+                       params: list[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(mean, min, max) of η per tensor of one group, as 0-dim fp32 tensors: Tiger's own
+        :meth:`~lightning_tiger.optim.Tiger.effective_lr` (per row for embeddings), else the group lr."""
         out: list[tuple[Tensor, Tensor, Tensor]] = []
-        for p, r in zip(params, rms):
-            if settings is None:  # plain optimizer: the group lr
+        for p in params:
+            if isinstance(optimizer, Tiger):
+                eta = optimizer.effective_lr(p)
+                out.append((eta.mean(), eta.min(), eta.max()) if eta.ndim else (eta, eta, eta))
+            else:
                 lr = torch.tensor(float(group["lr"]), device=p.device)
                 out.append((lr, lr, lr))
-                continue
-            mode, lr, _wd, _c, floor = settings(p, group, float(group["lr"]))
-            if mode == 0:  # LR_CONSTANT (bias, norm kinds: 0.5·lr already applied)
-                eta = torch.tensor(float(lr), device=p.device)
-                out.append((eta, eta, eta))
-            elif mode == 2 and p.ndim >= 2:  # LR_ROW_RMS: one RMS per embedding row
-                rows = p.detach().reshape(p.shape[0], -1)
-                row_rms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32) / math.sqrt(rows.shape[1])
-                eta_rows = row_rms.clamp_min(floor) * lr
-                out.append((eta_rows.mean(), eta_rows.min(), eta_rows.max()))
-            else:  # LR_RMS: whole-tensor RMS
-                eta = r.clamp_min(floor) * lr
-                out.append((eta, eta, eta))
         return out
 
     def collect_pre_step(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -181,12 +175,8 @@ class OptimizerMonitor(Callback):
             record["param_sq"] = torch.stack([x * x for x in p_norms]).sum() if p_norms else torch.zeros(())
             # Effective lr per tensor.
             etas: list[tuple[Tensor, Tensor, Tensor]] = []
-            i = 0
             for g in optimizer.param_groups:
-                k = len(g["params"])
-                rms = [x / math.sqrt(max(p.numel(), 1)) for x, p in zip(p_norms[i : i + k], g["params"])]
-                etas.extend(self._effective_lrs(optimizer, g, g["params"], rms))
-                i += k
+                etas.extend(self._effective_lrs(optimizer, g, g["params"]))
             if etas:
                 dev = etas[0][0].device
                 means, mins, maxs = (torch.stack([e[j].float().to(dev) for e in etas]) for j in range(3))

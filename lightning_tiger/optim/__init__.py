@@ -10,6 +10,7 @@ _EXPORTS = {
     "Lion": ".lion",
     "tiger_param_groups": ".param_groups",
     "classify_parameters": ".param_groups",
+    "guessed_parameters": ".param_groups",
     "ParamKind": ".param_groups",
     "PiecewiseLinearLR": ".schedulers",
     "TigerParamSettings": ".settings",
@@ -35,6 +36,7 @@ __all__ = [
     "auto_rms_floor",
     "classify_parameters",
     "effective_lr",
+    "guessed_parameters",
     "shrink_",
     "shrink_center",
     "shrunk",
@@ -44,7 +46,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .lion import Lion
-    from .param_groups import ParamKind, classify_parameters, tiger_param_groups
+    from .param_groups import ParamKind, classify_parameters, guessed_parameters, tiger_param_groups
     from .schedulers import PiecewiseLinearLR
     from .settings import LR_CONSTANT, LR_RMS, LR_ROW_RMS, TigerParamSettings, auto_rms_floor, effective_lr
     from .shrink import shrink_, shrink_center, shrunk

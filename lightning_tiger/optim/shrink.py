@@ -23,8 +23,10 @@ __all__ = ["shrink_", "shrink_center", "shrunk"]
 
 
 def shrink_center(kind: ParamKind | str) -> float:
-    """The centre c of the shrink for a parameter kind: 1 for ``norm_scale``, else 0."""
-    return 1.0 if ParamKind.parse(kind) is ParamKind.NORM_SCALE else 0.0
+    """The centre c of the shrink for a parameter kind: 1 for ``norm_scale`` (member or string, any case), else 0
+    (also for a group ``"kind"`` value that is no :class:`ParamKind`, e.g. another library's label)."""
+    value = kind.value if isinstance(kind, ParamKind) else str(kind).lower()
+    return 1.0 if value == ParamKind.NORM_SCALE.value else 0.0
 
 
 def shrunk(theta: Tensor, center: float, s: float) -> Tensor:

@@ -2,7 +2,8 @@
 
 The reference for ``action="skip"`` is always a second run whose data simply lacks the poisoned batch (or the
 whole accumulation window holding it); parameters, optimizer state and scheduler state are compared with
-``torch.equal``. The shrink reference is written from SPEC §1.2: ``θ ← (θ − c)·s + c``.
+``torch.equal``. The shrink reference is written from Tiger's rule (Su 2023, kexue.fm/archives/9512; bojone/tiger):
+``θ ← (θ − c)·s + c``.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def make_trainer(
     plugins = None
     prec: str | None = precision
     if precision == "16-mixed-scaler":
-        # On CPU precision="16-mixed" silently becomes bf16: pass a real GradScaler (SPEC §2).
+        # On CPU precision="16-mixed" silently becomes bf16: pass a real GradScaler.
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))]
         prec = None
     kwargs.setdefault("max_epochs", 1)
@@ -490,3 +491,41 @@ def test_ddp_rank_local_nonfinite_skips_on_every_rank(tmp_path: Path, sync_decis
     assert_same(r0["params"], r1["params"], "rank0 vs rank1")
     assert all(torch.isfinite(v).all() for v in r0["params"].values())
     assert not torch.equal(r0["params"]["l1.weight"], init["l1.weight"])
+
+
+class _WideNorm(L.LightningModule):
+    """A wide LayerNorm whose scale is far from 1, a NaN gradient on its scale, and an optimizer that moves nothing:
+    after one batch the scale holds exactly what the guard's shrink wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(4096)
+        with torch.no_grad():
+            self.ln.weight.copy_(1.0 + 0.3 * torch.randn(4096, generator=torch.Generator().manual_seed(0)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.ln(batch[0])
+        self.ln.weight.register_hook(lambda g: torch.full_like(g, math.nan))
+        return out.float().square().mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_shrink_of_a_bf16_norm_scale_rounds_once(tmp_path: Path) -> None:
+    """θ ← (θ − 1)·s + 1 computed in fp32 and rounded once to bf16 (bf16 arithmetic would round three times)."""
+    s = 0.9
+    model = _WideNorm()
+    theta0 = model.ln.weight.detach().to(torch.bfloat16)
+    expected = ((theta0.float() - 1.0) * s + 1.0).to(torch.bfloat16)
+    in_bf16 = (theta0 - 1.0) * s + 1.0
+    assert not torch.equal(in_bf16, expected)  # the two roundings are distinguishable on these values
+    loader = DataLoader(TensorDataset(torch.randn(2, 4096)), batch_size=2)
+    guard = NonFiniteGuard(action="shrink", shrink_ratio=s, verbose=False)
+    trainer = L.Trainer(default_root_dir=tmp_path, precision="bf16-true", max_steps=1, logger=False,
+                        callbacks=[guard], enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, loader)
+    assert guard.skipped == 1
+    assert model.ln.weight.dtype == torch.bfloat16
+    assert torch.equal(model.ln.weight.detach(), expected)

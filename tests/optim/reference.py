@@ -1,4 +1,5 @@
-"""Straightforward per-tensor references for Tiger and Lion, written from SPEC §1.1/§1.2 (not from the package).
+"""Straightforward per-tensor references for Tiger and Lion, written from the published rules (not from the package):
+Lion: Chen et al. 2023, Algorithm 2; Tiger: Su 2023, kexue.fm/archives/9512 and bojone/tiger ``tiger.py``.
 
 Shared by the optimizer tests of CORE and FUSED. The API is stable:
 
@@ -26,7 +27,7 @@ shrink_ratio, rms_floor) -> list[bool]``
     high-precision trajectory). Returns the per-tensor nonfinite flags (False for skipped tensors).
 
 ``reference_lion_step(params, grads, moms, *, lr, beta1, beta2, weight_decay) -> None``
-    One Lion step in the paper's order (SPEC §1.1), in place, float64 math: ``c = β1·m + (1−β1)·g``;
+    One Lion step in the paper's order (Chen et al. 2023, Algorithm 2), in place, float64 math: ``c = β1·m + (1−β1)·g``;
     ``θ ← θ·(1 − η·λ)``; ``θ ← θ − η·sign(c)``; ``m ← β2·m + (1−β2)·g``. ``None`` grads are skipped entirely.
 
 ``reference_piecewise_linear(t, schedule, from_zero=True) -> float``
@@ -139,7 +140,7 @@ def reference_lion_step(
     beta2: float,
     weight_decay: float,
 ) -> None:
-    """One Lion step, in place, in the paper's order of operations (SPEC §1.1)."""
+    """One Lion step, in place, in the paper's order of operations (Chen et al. 2023, Algorithm 2)."""
     for p, g, m in zip(params, grads, moms, strict=True):
         if g is None:
             continue
@@ -169,7 +170,7 @@ def reference_piecewise_linear(t: float, schedule: Mapping[int, float], from_zer
 # ------------------------------------------------------------------------------------------------------
 # Shared test fixtures: a model with every parameter kind, the dispatch paths, reproducible gradients.
 
-# Hand-written expected kinds (SPEC §1.2 table), independent of classify_parameters.
+# Hand-written expected kinds (the ParamKind table), independent of classify_parameters.
 MIXED_KINDS = {
     "emb.weight": "embedding",
     "lin.weight": "matrix",

@@ -1,4 +1,4 @@
-"""Parameter classification by module type and Tiger parameter groups (SPEC §1.2 table)."""
+"""Parameter classification by module type and Tiger parameter groups (the ParamKind table)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lightning_tiger.optim.lion import Lion
-from lightning_tiger.optim.param_groups import ParamKind, classify_parameters, tiger_param_groups
+from lightning_tiger.optim.param_groups import ParamKind, classify_parameters, guessed_parameters, tiger_param_groups
 from lightning_tiger.optim.tiger import Tiger
 from tests.optim.reference import MIXED_KINDS, Mixed
 
@@ -132,3 +132,12 @@ def test_paramkind_parse_and_fallback() -> None:
     assert ParamKind.from_ndim(0) is ParamKind.BIAS and ParamKind.from_ndim(4) is ParamKind.MATRIX
     with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
         classify_parameters(torch.ones(2))  # type: ignore[arg-type]
+
+
+def test_guessed_parameters_are_those_of_the_ndim_fallback() -> None:
+    """Unknown modules (``_Custom``) and extra parameters of known ones (MultiheadAttention's in_proj_weight and
+    in_proj_bias, owned by the MHA module itself, not by a Linear) are guessed; everything else is not."""
+    guessed = set(guessed_parameters(_Zoo()))
+    assert guessed == {"custom.kernel", "custom.gain", "custom.temperature", "mha.in_proj_weight",
+                       "mha.in_proj_bias"}
+    assert guessed_parameters(Mixed()) == []  # every kind of the mixed model comes from its module type
