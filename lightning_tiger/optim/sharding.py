@@ -46,7 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tiger.optim.stochastic_rounding import MASK32, MOMENTUM_SALT, stochastic_round
+from lightning_tiger.optim._rounding import is_low_precision, store_, upcast
+from lightning_tiger.optim.settings import LR_CONSTANT, LR_RMS, LR_ROW_RMS, TigerParamSettings
+from lightning_tiger.optim.shrink import shrunk
+from lightning_tiger.optim.stochastic_rounding import MASK32, MOMENTUM_SALT
 
 __all__ = [
     "any_dtensor",
@@ -66,7 +69,6 @@ except ImportError:  # pragma: no cover - builds without torch.distributed
     DTensor = None  # type: ignore[assignment,misc]
 
 _GOLDEN = 0x9E3779B1  # the per-element multiplier of the counter-based rounding bits (stochastic_rounding.py)
-LR_CONSTANT, LR_RMS, LR_ROW_RMS = 0, 1, 2  # the lr_modes of the kernels' contract (_fused.py, _functional.py)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -84,7 +86,7 @@ def local_tensor(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def refuse_fsdp1(params: Sequence[Tensor]) -> None:
+def refuse_fsdp1(param_groups: Sequence[dict[str, Any]]) -> None:
     """Raise ``RuntimeError`` if a parameter of Tiger is managed by FSDP1 with more than one process.
 
     FSDP1 marks every parameter it flattens (``_fsdp_flattened``; the ``FlatParameter`` itself and, with
@@ -95,12 +97,13 @@ def refuse_fsdp1(params: Sequence[Tensor]) -> None:
     exactly as the same elements of the whole tensor.
 
     Args:
-        params: the optimizer's parameters.
+        param_groups: the optimizer's ``param_groups`` (only looked at under torch.distributed: a step without
+            processes costs one call).
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    for i, p in enumerate(params):
+    for i, p in enumerate(p for g in param_groups for p in g["params"]):
         if getattr(p, "_fsdp_flattened", False):
             raise RuntimeError(
                 f"Tiger: parameter {i} (local shape {tuple(p.shape)}) is managed by FSDP1 "
@@ -216,10 +219,6 @@ def shard_key(key: Tensor | None, offset: int | None, p_low: bool, m_low: bool, 
     return (((key ^ MOMENTUM_SALT) + shift) & MASK32) ^ MOMENTUM_SALT
 
 
-def _low(t: Tensor) -> bool:
-    return t.dtype in (torch.bfloat16, torch.float16)
-
-
 def _f32(x: float) -> float:
     """``x`` rounded to float32 (the kernel computes η in float32)."""
     return struct.unpack("f", struct.pack("f", x))[0]
@@ -259,7 +258,7 @@ def tiger_sharded_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     moms: Sequence[Tensor],
-    settings: Sequence[tuple[int, float, float, float, float]],
+    settings: Sequence[TigerParamSettings],
     keys: Sequence[Tensor | None],
     kahan: Sequence[Tensor | None],
     *,
@@ -278,8 +277,8 @@ def tiger_sharded_step_(
 
     Args:
         params, grads, moms: the step's tensors (DTensors or plain), one entry each.
-        settings: per tensor ``(lr_mode, lr, weight_decay, centre, floor)`` (Tiger's ``_settings``; floor and
-            kind from the global shape).
+        settings: per tensor :class:`~lightning_tiger.optim.settings.TigerParamSettings` (floor and kind from the
+            global shape: a DTensor's ``.shape`` is global).
         keys: per tensor the stochastic-rounding key (int64 0-dim tensor) of this call, or None.
         kahan: per tensor a Kahan compensation buffer (DTensor or plain) or None.
         update: last micro-step of the accumulation window.
@@ -302,7 +301,7 @@ def tiger_sharded_step_(
         p, g = params[i], grads[i]
         _check_grad(p, g, what)
         lay = layouts[i] = _LAYOUTS.get(p, what)
-        mode = settings[i][0]
+        mode = settings[i].lr_mode
         if mode == LR_ROW_RMS and p.ndim >= 2 and not lay.rows_whole:
             raise RuntimeError(
                 f"{what}: embedding parameter of global shape {tuple(p.shape)} has placements "
@@ -336,7 +335,7 @@ def tiger_sharded_step_(
     reduced = _all_reduce_per_mesh(meshes, stats) if meshes else []
     flags = [False] * n
     run_idx: list[int] = []
-    run_settings: list[tuple[int, float, float, float, float]] = []
+    run_settings: list[TigerParamSettings] = []
     for i in range(n):
         st = settings[i]
         if i not in slots:
@@ -348,16 +347,19 @@ def tiger_sharded_step_(
         if vals[fs] > 0.0:
             flags[i] = True
             continue
-        mode, lr, wd, center, floor = st
         if ss_slot is not None:
-            st = (LR_CONSTANT, eta_of_sumsq(lr, vals[ss_slot], params[i].numel(), floor), wd, center, floor)
+            eta = eta_of_sumsq(st.lr, vals[ss_slot], params[i].numel(), st.rms_floor)
+            st = st._replace(lr_mode=LR_CONSTANT, lr=eta)
         run_idx.append(i)
         run_settings.append(st)
     local_keys = [_key_for(i, params, moms, keys, layouts, momentum_sr) for i in range(n)]
     for i in range(n):
         if flags[i]:
-            _shrink(local_tensor(params[i]), settings[i][3], shrink_ratio, local_keys[i],
-                    None if kahan[i] is None else local_tensor(kahan[i]))
+            theta = local_tensor(params[i])
+            old = upcast(theta)
+            # the exact rule (m untouched), rounded as the kernels round the shrink: Kahan, stochastic or nearest
+            store_(theta, shrunk(old, settings[i].center, shrink_ratio), local_keys[i],
+                   None if kahan[i] is None else local_tensor(kahan[i]), old)
     if run_idx:
         run([local_tensor(params[i]) for i in run_idx], [local_tensor(grads[i]) for i in run_idx],
             [local_tensor(moms[i]) for i in run_idx], run_settings, [local_keys[i] for i in run_idx],
@@ -369,7 +371,8 @@ def _key_for(i: int, params: Sequence[Tensor], moms: Sequence[Tensor], keys: Seq
              layouts: dict[int, _Layout], momentum_sr: bool) -> Tensor | None:
     if i not in layouts:
         return keys[i]
-    return shard_key(keys[i], layouts[i].flat_offset, _low(params[i]), _low(moms[i]), momentum_sr)
+    return shard_key(keys[i], layouts[i].flat_offset, is_low_precision(params[i]), is_low_precision(moms[i]),
+                     momentum_sr)
 
 
 def _nonfinite(g: Tensor) -> Tensor:
@@ -377,26 +380,6 @@ def _nonfinite(g: Tensor) -> Tensor:
     if g.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=g.device)
     return torch.linalg.vector_norm(g, float("inf")).isfinite().logical_not()
-
-
-@torch.no_grad()
-def _shrink(theta: Tensor, center: float, s: float, key: Tensor | None, comp: Tensor | None) -> None:
-    """θ ← (θ − c)·s + c in float32 (float64 for float64), rounded once like the kernels: Kahan-compensated with
-    ``comp``, stochastically with ``key`` for bf16/fp16, else to nearest."""
-    cdt = torch.float64 if theta.dtype == torch.float64 else torch.float32
-    old = theta.to(cdt)
-    new = old.mul(s) if center == 0.0 else old.sub(center).mul_(s).add_(center)
-    if new.dtype == theta.dtype:
-        theta.copy_(new)
-    elif comp is not None:  # compensated summation (Kahan 1965), as the PyTorch paths' kahan_store_
-        y = new.sub(old).add_(comp.to(cdt))
-        rounded = old.add(y).to(theta.dtype)
-        comp.copy_(y.sub_(rounded.to(cdt).sub_(old)))
-        theta.copy_(rounded)
-    elif key is not None and _low(theta) and cdt == torch.float32:
-        theta.copy_(stochastic_round(new, theta.dtype, key))
-    else:
-        theta.copy_(new)
 
 
 # ------------------------------------------------------------------------------------------------------- Lion

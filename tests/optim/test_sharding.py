@@ -50,10 +50,10 @@ def test_lion_runs_on_fsdp1_flat_parameters(two_ranks: None) -> None:
 
 def test_unmarked_parameters_and_one_process_are_not_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     p = _flat_piece()
-    sharding.refuse_fsdp1([p])  # not distributed: FSDP1 with one process keeps shapes (NO_SHARD)
+    sharding.refuse_fsdp1([{"params": [p]}])  # not distributed: FSDP1 with one process keeps shapes (NO_SHARD)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    sharding.refuse_fsdp1([nn.Parameter(torch.randn(3, 4))])
+    sharding.refuse_fsdp1([{"params": [nn.Parameter(torch.randn(3, 4))]}])
 
 
 def test_lightning_fsdp_strategy_refuses_cpu() -> None:
