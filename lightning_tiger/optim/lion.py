@@ -54,6 +54,9 @@ class Lion(torch.optim.Optimizer):
     mostly stalls: the step is below half an ulp of any element larger than ~0.05). The PyTorch paths are
     sync-free: ``torch.compile(opt.step, fullgraph=True)`` captures the step (Triton kernels on a GPU).
 
+    Sharded training: Lion is elementwise, so it updates the local shards of FSDP2 / DTensor parameters
+    (:mod:`lightning_tiger.optim.sharding`) and FSDP1 flat parameters exactly as one process would.
+
     Args:
         params: parameters or param groups (extra group keys such as ``"kind"`` are stored and ignored).
         lr: learning rate η >= 0. Default 1e-4.

@@ -62,6 +62,11 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
     rounding, not bit for bit (they roll back in one pass); ``exact_nonfinite=True`` removes it. Sparse
     gradients update rows lazily (an extension; the official code moves every row).
 
+    Sharded training: under FSDP2 / DTensor (``fully_shard``, Lightning's ``ModelParallelStrategy``) the RMS of
+    each tensor, its kind, floor and non-finite decision are those of the whole tensor (one all-reduce per step,
+    :mod:`lightning_tiger.optim.sharding`), so results match one process to float rounding; FSDP1 flat
+    parameters (Lightning's ``FSDPStrategy``) are refused.
+
     Args:
         params: parameters or param groups (e.g. from ``tiger_param_groups``). Group keys: ``lr``, ``beta``,
             ``weight_decay``, ``grad_accum_steps``, ``shrink_ratio``, ``rms_floor``, ``kind``.
@@ -90,7 +95,8 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         ValueError: a hyperparameter is out of range, or ``fused=True`` is combined with ``foreach=True`` or
             ``compensation="kahan"``.
         RuntimeError: ``fused=True`` where the kernels are unavailable, or ``fold_in_backward=True`` under
-            ``torch.distributed`` with more than one process.
+            ``torch.distributed`` with more than one process; at ``step()``: FSDP1 flat parameters, an embedding
+            whose rows are split across ranks, a ``Partial`` placement (messages name the alternative).
     """
 
     def __init__(

@@ -156,6 +156,32 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list, *, nan: bool
         opt.zero_grad()
 
 
+def count_collectives(opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Count the collectives that ``opt.step()`` issues (FSDP2's own run outside it)."""
+    counts: dict[str, int] = {}
+    inside = [False]
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
+        orig = getattr(dist, name)
+
+        def counted(*args: Any, _orig: Any = orig, _name: str = name, **kwargs: Any) -> Any:
+            if inside[0]:
+                counts[_name] = counts.get(_name, 0) + 1
+            return _orig(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    step = opt.step
+
+    def counting_step(*args: Any, **kwargs: Any) -> Any:
+        inside[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    opt.step = counting_step  # type: ignore[method-assign]
+    return counts
+
+
 def full(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for n, p in model.named_parameters()}
@@ -187,7 +213,9 @@ def run_case(case: str) -> dict[str, Any]:
     sharded = shard(copy.deepcopy(base), case)
     opt2 = make_opt(name, sharded, case)
     out["placements"] = sorted({str(tuple(p.placements)) for p in sharded.parameters()})
+    collectives = count_collectives(opt2)
     train(sharded, opt2, data, nan=nan)
+    out["collectives_per_step"] = {k: v / n for k, v in collectives.items()}
     got = full(sharded)
 
     out["vs_single"] = compare(got, full(single))

@@ -60,6 +60,8 @@ def test_tiger_fsdp2_equals_single_process(results: dict[str, dict[str, Any]], c
     assert res["vs_single"]["max_abs"] <= SINGLE_TOL, res["vs_single"]
     if "vs_formula" in res:
         assert res["vs_formula"]["max_abs"] <= FORMULA_TOL, res["vs_formula"]
+    # Σθ² of every tensor and every non-finite flag travel in ONE all-reduce per step (the mesh's group)
+    assert res["collectives_per_step"] == {"all_reduce": 1.0}, res["collectives_per_step"]
 
 
 def test_tiger_fsdp2_momentum_is_a_sharded_dtensor_and_state_has_no_strings(
@@ -86,6 +88,7 @@ def test_lion_fsdp2_is_bit_identical_to_single_process(results: dict[str, dict[s
     res = _ok(results[case])
     assert res["finite"] and res["moved"] > 0.01, res
     assert res["vs_single"]["unequal"] == 0, res["vs_single"]
+    assert res["collectives_per_step"] == {}, res["collectives_per_step"]  # elementwise: no communication
 
 
 def test_fsdp1_tiger_is_refused_and_lion_is_exact(results: dict[str, dict[str, Any]]) -> None:
