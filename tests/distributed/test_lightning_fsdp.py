@@ -69,3 +69,24 @@ def test_lion_model_parallel_strategy_is_bit_identical_to_single_process(tmp_pat
     got, single = params(tmp_path / "fsdp2.pt"), params(tmp_path / "single.pt")
     for k in single:
         assert torch.equal(got[k], single[k]), k
+
+
+def test_cli_trains_a_causal_lm_with_the_fsdp_profile(tmp_path: Path) -> None:
+    """``examples/configs/trainer/fsdp.yaml`` with an LM task: CausalLMModule.configure_model shards the model
+    with fully_shard, Tiger (the module's own) steps on the shards, last.ckpt is a sharded folder."""
+    configs = REPO / "examples" / "configs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_tiger", "fit", "--config", str(configs / "lm" / "rope.yaml"),
+         "--config", str(configs / "trainer" / "fsdp.yaml"), "--trainer.accelerator=cpu",
+         "--trainer.precision=32-true", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+         "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+         "--model.init_args.model.dim=32", "--model.init_args.model.depth=1", "--model.init_args.model.num_heads=2",
+         "--data.init_args.batch_size=4", "--data.init_args.num_eval_windows=2",
+         "--data.init_args.eval_lengths=[64]", f"--trainer.default_root_dir={tmp_path}"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    last = next(tmp_path.rglob("last.ckpt"))
+    assert last.is_dir() and {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in last.iterdir()}
+    assert "FSDPTransformerLM" in proc.stdout + proc.stderr  # the model summary names the sharded class
