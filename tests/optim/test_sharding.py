@@ -198,3 +198,32 @@ def test_dtensor_parameters_on_one_rank_follow_the_plain_run(one_rank_group: Non
         assert type(b).__name__ == "DTensor"
         torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=0, atol=1e-7, msg=name)
     assert not torch.equal(plain.fc.weight, torch.zeros(3, 6))
+
+
+def _one_rank_dtensor(placement: object, grad_placement: object) -> nn.Parameter:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (1,))
+    p = nn.Parameter(DTensor.from_local(torch.randn(4, 3), mesh, [placement]))
+    p.grad = DTensor.from_local(torch.randn(4, 3), mesh, [grad_placement])
+    return p
+
+
+@pytest.mark.parametrize("cls", [Tiger, Lion])
+def test_partial_placements_are_refused_by_name(one_rank_group: None, cls: type) -> None:
+    from torch.distributed.tensor import Partial
+
+    p = _one_rank_dtensor(Partial(), Partial())
+    with pytest.raises(RuntimeError, match=r"Partial.*not a piece of it"):
+        cls([{"params": [p], "kind": "matrix"}], lr=1e-3).step()
+
+
+def test_gradient_placements_must_match_the_parameter(one_rank_group: None) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+
+    p = _one_rank_dtensor(Replicate(), Shard(0))
+    before = p.detach().full_tensor().clone()
+    with pytest.raises(RuntimeError, match=r"gradient placements \(Shard\(dim=0\),\) differ"):
+        Tiger([{"params": [p], "kind": "matrix"}], lr=1e-3).step()
+    assert torch.equal(p.detach().full_tensor(), before)
