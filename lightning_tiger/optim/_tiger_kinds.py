@@ -2,9 +2,9 @@
 
 A parameter's kind comes from its group's ``"kind"`` key (``tiger_param_groups``, :meth:`Tiger.from_module`),
 else from the group's ``"param_kinds"`` tuple (one entry per parameter, set by :meth:`Tiger.assign_kinds`), else
-from ``ndim`` (a guess, warned once per
-optimizer with a :class:`KindGuessWarning`). The settings of each kind are the table of
-:class:`~lightning_tiger.optim.ParamKind` (Su 2023, kexue.fm/archives/9512; bojone/tiger ``tiger.py``).
+from ``ndim`` (a guess, warned once per optimizer with a :class:`KindGuessWarning`). The settings of each kind
+are the table of :class:`~lightning_tiger.optim.ParamKind` (Su 2023, kexue.fm/archives/9512; bojone/tiger
+``tiger.py``).
 """
 
 from __future__ import annotations
@@ -156,7 +156,10 @@ class TigerKindsMixin:
 
     def _settings(self, p: Tensor, group: dict[str, Any], lr: float,
                   state: dict[str, Any] | None = None) -> TigerParamSettings:
-        """The settings of one parameter from its kind (the table of :class:`~lightning_tiger.optim.ParamKind`)."""
+        """The settings of one parameter from its kind (the table of :class:`~lightning_tiger.optim.ParamKind`).
+
+        ``state`` is accepted for the callers' convenience and not used (kinds no longer live in the state).
+        """
         # The kind-dependent part is memoised per parameter (this runs for every tensor on every step; keyed by
         # id: Tensor.__hash__ is a Python function); the key holds everything it depends on, so assign_kinds,
         # load_state_dict or editing a group's "kind" / "rms_floor" / the parameter's shape recompute it.
