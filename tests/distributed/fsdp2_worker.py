@@ -11,12 +11,12 @@ Cases:
 
 - ``tiger``; ``tiger_nan``: a NaN in rank 1's local shard of one matrix gradient at step 5 (flagged on rank 1
   only, so rank 0 must learn it from the all-reduce); ``tiger_accum``: ``grad_accum_steps=2``, one ``step()`` per
-  backward; ``tiger_bf16m``: bf16 momentum, stochastic rounding; ``tiger_ndim``: ``model.parameters()`` without
-  kinds (the ``ndim`` fallback on the global shape); ``tiger_hsdp``: a 2-D mesh, placements (Replicate, Shard(0));
-  ``tiger_shard1``: matrices sharded on dim 1;
+  backward; ``tiger_bf16m``: bf16 momentum, stochastic rounding; ``tiger_bf16p``: bf16 parameters, fp32
+  momentum; ``tiger_ndim``: ``model.parameters()`` without kinds (the ``ndim`` fallback on the global shape);
+  ``tiger_hsdp``: a 2-D mesh, placements (Replicate, Shard(0)); ``tiger_shard1``: matrices sharded on dim 1;
 - ``tiger_resume``, ``tiger_kinds_resume`` (kinds from ``assign_kinds``), ``lion_resume``: torch.distributed.checkpoint
   save after 10 steps, a fresh model/optimizer loads it and continues (bit-identical to the uninterrupted run);
-- ``lion``, ``lion_bf16m``;
+- ``lion``, ``lion_bf16m``, ``lion_bf16p``;
 - ``fsdp1``: FSDP1 ``FullyShardedDataParallel(use_orig_params=True)``: Tiger refused, Lion exact;
 - ``embedding_shard1``: an embedding sharded on dim 1 via ``shard_placement_fn``: refused.
 """
@@ -64,7 +64,8 @@ def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     x, y = batch
-    return torch.nn.functional.mse_loss(model(x), y)
+    out = model(x)
+    return torch.nn.functional.mse_loss(out, y.to(out.dtype))
 
 
 # ------------------------------------------------------------------------------ Tiger from the formula
@@ -130,7 +131,7 @@ def shard(model: nn.Module, case: str = "", **kw: Any) -> nn.Module:
 def make_opt(name: str, model: nn.Module, case: str) -> torch.optim.Optimizer:
     from lightning_tiger.optim import Lion, Tiger, tiger_param_groups
 
-    mdt = torch.bfloat16 if case.endswith("bf16m") else None
+    mdt = torch.bfloat16 if case.endswith("bf16m") else torch.float32 if case.endswith("bf16p") else None
     if name == "lion":
         return Lion(model.parameters(), lr=3e-3, weight_decay=0.1, momentum_dtype=mdt, seed=7)
     plain = case in ("tiger_ndim", "tiger_kinds_resume")
@@ -198,6 +199,8 @@ def run_case(case: str) -> dict[str, Any]:
     name = "lion" if case.startswith("lion") else "tiger"
     torch.manual_seed(0)
     base = Net()
+    if case.endswith("bf16p"):  # bf16 parameters (stochastic rounding of θ), fp32 momentum
+        base = base.to(torch.bfloat16)
     init = full(base)
     nan = case == "tiger_nan"
     n = STEPS * (2 if case == "tiger_accum" else 1)
