@@ -158,18 +158,23 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data: list, *, nan: bool
 
 
 def count_collectives(opt: torch.optim.Optimizer) -> dict[str, int]:
-    """Count the collectives that ``opt.step()`` issues (FSDP2's own run outside it)."""
+    """Count the collectives and fused-kernel calls of ``opt.step()`` (FSDP2's own collectives run outside it)."""
     counts: dict[str, int] = {}
     inside = [False]
-    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
-        orig = getattr(dist, name)
+    from lightning_tiger.optim import _fused
+
+    targets = [(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor",
+                                         "reduce_scatter_tensor", "broadcast")]
+    targets += [(_fused, "tiger_step_"), (_fused, "lion_step_")]  # the fused CPU kernels, on the local shards
+    for owner, name in targets:
+        orig = getattr(owner, name)
 
         def counted(*args: Any, _orig: Any = orig, _name: str = name, **kwargs: Any) -> Any:
             if inside[0]:
                 counts[_name] = counts.get(_name, 0) + 1
             return _orig(*args, **kwargs)
 
-        setattr(dist, name, counted)
+        setattr(owner, name, counted)
     step = opt.step
 
     def counting_step(*args: Any, **kwargs: Any) -> Any:
@@ -181,6 +186,12 @@ def count_collectives(opt: torch.optim.Optimizer) -> dict[str, int]:
 
     opt.step = counting_step  # type: ignore[method-assign]
     return counts
+
+
+def _fused_available() -> bool:
+    from lightning_tiger.optim._fused import fused_available
+
+    return bool(fused_available("cpu"))
 
 
 def full(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -218,7 +229,9 @@ def run_case(case: str) -> dict[str, Any]:
     out["placements"] = sorted({str(tuple(p.placements)) for p in sharded.parameters()})
     collectives = count_collectives(opt2)
     train(sharded, opt2, data, nan=nan)
-    out["collectives_per_step"] = {k: v / n for k, v in collectives.items()}
+    out["collectives_per_step"] = {k: v / n for k, v in collectives.items() if not k.endswith("step_")}
+    out["fused_calls_per_step"] = {k: v / n for k, v in collectives.items() if k.endswith("step_")}
+    out["fused_available"] = _fused_available()
     got = full(sharded)
 
     out["vs_single"] = compare(got, full(single))

@@ -68,6 +68,8 @@ def test_tiger_fsdp2_equals_single_process(results: dict[str, dict[str, Any]], c
         assert res["vs_formula"]["max_abs"] <= FORMULA_TOL, res["vs_formula"]
     # Σθ² of every tensor and every non-finite flag travel in ONE all-reduce per step (the mesh's group)
     assert res["collectives_per_step"] == {"all_reduce": 1.0}, res["collectives_per_step"]
+    if res["fused_available"]:  # the fused CPU kernel updates the local shards, once per step
+        assert res["fused_calls_per_step"] == {"tiger_step_": 1.0}, res["fused_calls_per_step"]
 
 
 def test_tiger_fsdp2_momentum_is_a_sharded_dtensor_and_state_has_no_strings(
@@ -95,6 +97,8 @@ def test_lion_fsdp2_is_bit_identical_to_single_process(results: dict[str, dict[s
     assert res["finite"] and res["moved"] > 0.01, res
     assert res["vs_single"]["unequal"] == 0, res["vs_single"]
     assert res["collectives_per_step"] == {}, res["collectives_per_step"]  # elementwise: no communication
+    if res["fused_available"]:
+        assert res["fused_calls_per_step"] == {"lion_step_": 1.0}, res["fused_calls_per_step"]
 
 
 def test_fsdp1_tiger_is_refused_and_lion_is_exact(results: dict[str, dict[str, Any]]) -> None:
