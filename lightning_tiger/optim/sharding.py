@@ -16,7 +16,9 @@ the fused kernel does from a sum of squares, and then runs the ordinary update (
 given by the caller) on the local shards with ``lr_mode`` 0 and ``lr = η``. Per-row rates of an embedding table
 stay local when its rows are whole on every rank (``Shard(0)``); a table sharded along another dimension is
 refused. A tensor flagged on any rank is flagged on every rank: its momentum is kept and θ shrinks on all
-shards, although the kernel would only have seen a finite local gradient.
+shards, although the kernel would only have seen a finite local gradient. ``Replicate`` mesh dimensions (HSDP:
+``(Replicate(), Shard(0))``) are handled: only the replica at coordinate 0 adds its Σθ²; ``Partial`` placements
+and gradients whose placements differ from their parameter's are refused.
 
 Exactness: the only difference from the single-process run is the order in which Σθ² is summed (the kernel adds
 fixed 16-lane float32 partial sums per block in float64; here each rank sums its shard in float64 and the ranks'
