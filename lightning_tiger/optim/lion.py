@@ -14,7 +14,7 @@ from lightning_tiger.optim._functional import lion_step_
 from lightning_tiger.optim._options import check_paths, check_rounding, lion_hparams, parse_dtype, prepare_fused
 from lightning_tiger.optim._rounding import fused_rounding_kwargs, kahan_buffer, sr_advance, sr_keys_of, sr_state
 from lightning_tiger.optim._state import cast_momenta, momentum_of, restore_int_state, split_int_state
-from lightning_tiger.optim.sharding import any_dtensor, lion_sharded_step_
+from lightning_tiger.optim.sharding import any_dtensor, check_shards, lion_sharded_step_
 
 __all__ = ["Lion"]
 
@@ -140,6 +140,7 @@ class Lion(torch.optim.Optimizer):
             kahan = [self._kahan(p) for p in params]
             kernel_ok = all(c is None for c in kahan)  # the kernels round stochastically or to nearest, not Kahan
             path = step_path(self.fused, self.foreach, fused_mod, params, grads, moms, kernel_ok=kernel_ok)
+            check_shards(params, grads)  # DTensor placements Lion cannot handle, before anything moves
             plans.append((group, params, grads, moms, srs, kahan, path))
         for group, params, grads, moms, srs, kahan, path in plans:
             beta1, beta2 = group["betas"]

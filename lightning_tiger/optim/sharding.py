@@ -55,6 +55,7 @@ from lightning_tiger.optim.stochastic_rounding import MASK32, MOMENTUM_SALT
 
 __all__ = [
     "any_dtensor",
+    "check_shards",
     "eta_of_sumsq",
     "is_dtensor",
     "lion_sharded_step_",
@@ -256,6 +257,29 @@ def _group_of(mesh: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------ Tiger
+def check_shards(params: Sequence[Tensor], grads: Sequence[Tensor],
+                 settings: Sequence[TigerParamSettings] | None = None) -> dict[int, _Layout]:
+    """Check the DTensors among ``params`` (and their gradients) before anything is written; their layouts by index.
+
+    Raises ``RuntimeError`` naming the placement for a ``Partial`` placement, a gradient whose placements differ
+    from its parameter's, and (Tiger, given ``settings``) an embedding whose rows are split across ranks.
+    """
+    what = "Lion" if settings is None else "Tiger"
+    layouts: dict[int, _Layout] = {}
+    for i, p in enumerate(params):
+        if not is_dtensor(p):
+            continue
+        _check_grad(p, grads[i], what)
+        lay = layouts[i] = _LAYOUTS.get(p, what)
+        if settings is not None and settings[i].lr_mode == LR_ROW_RMS and p.ndim >= 2 and not lay.rows_whole:
+            raise RuntimeError(
+                f"{what}: embedding parameter of global shape {tuple(p.shape)} has placements "
+                f"{tuple(p.placements)}: its per-row RMS needs whole rows on every rank; shard embedding tables "
+                "along dim 0 (Shard(0), FSDP2's default) or give them the kind 'matrix' (whole-tensor RMS)"
+            )
+    return layouts
+
+
 def tiger_sharded_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -291,25 +315,15 @@ def tiger_sharded_step_(
     Returns:
         Per tensor, whether its gradient was treated as non-finite.
     """
-    what = "Tiger"
     n = len(params)
-    sharded = [i for i in range(n) if is_dtensor(params[i])]
+    layouts = check_shards(params, grads, settings)
     meshes: list[Any] = []
     stats: list[list[Tensor]] = []
     slots: dict[int, tuple[int, int, int | None]] = {}  # i -> (mesh index, flag slot, sum slot)
-    layouts: dict[int, _Layout] = {}
     pending: list[tuple[int, Tensor, Tensor | None]] = []
-    for i in sharded:
+    for i, lay in layouts.items():
         p, g = params[i], grads[i]
-        _check_grad(p, g, what)
-        lay = layouts[i] = _LAYOUTS.get(p, what)
         mode = settings[i].lr_mode
-        if mode == LR_ROW_RMS and p.ndim >= 2 and not lay.rows_whole:
-            raise RuntimeError(
-                f"{what}: embedding parameter of global shape {tuple(p.shape)} has placements "
-                f"{tuple(p.placements)}: its per-row RMS needs whole rows on every rank; shard embedding tables "
-                "along dim 0 (Shard(0), FSDP2's default) or give them the kind 'matrix' (whole-tensor RMS)"
-            )
         gl = g.to_local()
         bad = _nonfinite(gl)
         ss = None
@@ -398,11 +412,7 @@ def lion_sharded_step_(
     """One Lion step over tensors of which some are DTensors: Lion is elementwise (Chen et al. 2023, Algorithm
     2), so ``run(params, grads, moms, keys, kahan)`` updates the local shards; placements are checked and the
     stochastic-rounding keys shifted to the shards' global element indices."""
-    layouts = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if is_dtensor(p):
-            _check_grad(p, g, "Lion")
-            layouts[i] = _LAYOUTS.get(p, "Lion")
+    layouts = check_shards(params, grads)
     local_keys = [_key_for(i, params, moms, keys, layouts, momentum_sr) for i in range(len(params))]
     run([local_tensor(p) for p in params], [local_tensor(g) for g in grads], [local_tensor(m) for m in moms],
         local_keys, [None if c is None else local_tensor(c) for c in kahan])

@@ -28,7 +28,7 @@ from lightning_tiger.optim._tiger_fold import FoldHooks, TigerFoldMixin, refuse_
 from lightning_tiger.optim._tiger_kinds import KindGuessWarning, TigerKindsMixin
 from lightning_tiger.optim.param_groups import ParamKind
 from lightning_tiger.optim.settings import TigerParamSettings
-from lightning_tiger.optim.sharding import any_dtensor, refuse_fsdp1, tiger_sharded_step_
+from lightning_tiger.optim.sharding import any_dtensor, check_shards, refuse_fsdp1, tiger_sharded_step_
 from lightning_tiger.validation import check_bool
 
 __all__ = ["KindGuessWarning", "Tiger"]
@@ -199,6 +199,8 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         # before any tensor or counter moves
         paths = [step_path(self.fused, self.foreach, fused_mod, b.params, b.grads, b.moms,
                              kernel_ok=self._kernel_ok(fused_mod, b)) for b in batches.values()]
+        for b in batches.values():  # DTensor placements Tiger cannot handle, also before anything moves
+            check_shards(b.params, b.grads, b.settings)
         for p, group in sparse:
             self._sparse_step(p, group)
         for ((b1, b2, update, shrink), batch), path in zip(batches.items(), paths):

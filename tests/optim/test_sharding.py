@@ -227,3 +227,17 @@ def test_gradient_placements_must_match_the_parameter(one_rank_group: None) -> N
     with pytest.raises(RuntimeError, match=r"gradient placements \(Shard\(dim=0\),\) differ"):
         Tiger([{"params": [p], "kind": "matrix"}], lr=1e-3).step()
     assert torch.equal(p.detach().full_tensor(), before)
+
+
+def test_a_refused_step_moves_nothing_in_other_batches(one_rank_group: None) -> None:
+    """Groups with different betas are separate batches; the refusal comes before the first batch is written."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    ok, bad = _one_rank_dtensor(Replicate(), Replicate()), _one_rank_dtensor(Partial(), Partial())
+    before = ok.detach().full_tensor().clone()
+    opt = Tiger([{"params": [ok], "kind": "matrix", "beta": 0.9}, {"params": [bad], "kind": "matrix", "beta": 0.5}])
+    with pytest.raises(RuntimeError, match="Partial"):
+        opt.step()
+    assert torch.equal(ok.detach().full_tensor(), before)
+    assert not opt.state[ok]["momentum"].full_tensor().any()  # created as zeros, never updated
+    assert opt.param_groups[0]["micro_step"] == 0
