@@ -158,6 +158,36 @@ class CausalLMModule(L.LightningModule):
         """Logits ``[batch, seq, vocab]`` of ``tokens [batch, seq]``."""
         return self.model(tokens, positions=positions)
 
+    def configure_model(self) -> None:
+        """Shard the model with FSDP2 under Lightning's ``ModelParallelStrategy`` (``trainer/fsdp.yaml``).
+
+        Each block of ``self.model.blocks`` (``TransformerLM``), then the whole model, is wrapped with
+        ``torch.distributed.fsdp.fully_shard`` over the data-parallel mesh: parameters, gradients and the
+        Tiger/Lion momenta are sharded across processes, and Tiger stays exact (its per-tensor RMS and non-finite
+        decision are reduced across the shards). A no-op under any other strategy (no device mesh).
+
+        Raises:
+            ValueError: the mesh has a tensor-parallel dimension larger than 1 (this module has no
+                tensor-parallel plan: use ``tensor_parallel_size=1``).
+        """
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # already sharded (configure_model runs once per trainer call)
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"CausalLMModule has no tensor-parallel plan, got tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()}; use ModelParallelStrategy(data_parallel_size=<processes>, "
+                "tensor_parallel_size=1)")
+        dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        for block in getattr(self.model, "blocks", ()):
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+
     def _datamodule_attr(self, name: str) -> Any:
         trainer = self._trainer
         dm = getattr(trainer, "datamodule", None) if trainer is not None else None

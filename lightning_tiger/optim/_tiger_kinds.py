@@ -1,9 +1,10 @@
 """How Tiger knows each parameter's kind (and warns when it has to guess), and the settings that follow from it.
 
 A parameter's kind comes from its group's ``"kind"`` key (``tiger_param_groups``, :meth:`Tiger.from_module`),
-else from ``state[p]["kind"]`` (:meth:`Tiger.assign_kinds`), else from ``ndim`` (a guess, warned once per
-optimizer with a :class:`KindGuessWarning`). The settings of each kind are the table of
-:class:`~lightning_tiger.optim.ParamKind` (Su 2023, kexue.fm/archives/9512; bojone/tiger ``tiger.py``).
+else from the group's ``"param_kinds"`` tuple (one entry per parameter, set by :meth:`Tiger.assign_kinds`), else
+from ``ndim`` (a guess, warned once per optimizer with a :class:`KindGuessWarning`). The settings of each kind
+are the table of :class:`~lightning_tiger.optim.ParamKind` (Su 2023, kexue.fm/archives/9512; bojone/tiger
+``tiger.py``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ class TigerKindsMixin:
         """Classify by module type the parameters whose group has no ``"kind"`` key (see ``classify_parameters``).
 
         Call it when the optimizer was built from ``model.parameters()`` (LightningCLI does). The kinds are
-        stored in the optimizer state (``state[p]["kind"]``), hence saved in checkpoints.
+        stored in the param group (``group["param_kinds"]``: one kind name or None per parameter), hence saved in
+        checkpoints; never in the per-parameter state, which state-dict utilities cast and shard, and which
+        ``torch.distributed.checkpoint.state_dict.get_state_dict`` must find empty on a fresh optimizer to create
+        the entries a sharded checkpoint is loaded into.
 
         Returns:
             ``{name: kind}`` of the parameters that were assigned.
@@ -65,13 +69,18 @@ class TigerKindsMixin:
         """
         named = dict(module.named_parameters())
         assigned: dict[str, ParamKind] = {}
+        new: dict[int, list[str | None]] = {}  # id(group) -> its param_kinds
         for name, kind in classify_parameters(module).items():
             p = named[name]
             group = self._param_group.get(p)
             if group is None or "kind" in group:
                 continue
-            self.state[p]["kind"] = kind.value
+            kinds = new.setdefault(id(group), list(group.get("param_kinds") or [None] * len(group["params"])))
+            kinds[next(i for i, q in enumerate(group["params"]) if q is p)] = kind.value
             assigned[name] = kind
+        for group in self.param_groups:
+            if id(group) in new:
+                group["param_kinds"] = tuple(new[id(group)])
         self._warn_guessed_names([n for n in guessed_parameters(module) if n in assigned])
         return assigned
 
@@ -134,24 +143,32 @@ class TigerKindsMixin:
         return eta.float().reshape(-1) if eta.ndim > 0 else eta.float()
 
     def _kind(self, p: Tensor, group: dict[str, Any]) -> ParamKind:
-        if "kind" in group:
-            return ParamKind(group["kind"])
-        kind = self.state[p].get("kind") if p in self.state else None
+        kind = self._assigned_kind(p, group)
         return ParamKind(kind) if kind is not None else ParamKind.from_ndim(p.ndim)
+
+    @staticmethod
+    def _assigned_kind(p: Tensor, group: dict[str, Any]) -> str | None:
+        """The group's ``"kind"``, else p's entry of the group's ``"param_kinds"``, else None (a guess by ndim)."""
+        if "kind" in group:
+            return group["kind"]
+        kinds = group.get("param_kinds")
+        return kinds[next(i for i, q in enumerate(group["params"]) if q is p)] if kinds else None
 
     def _settings(self, p: Tensor, group: dict[str, Any], lr: float,
                   state: dict[str, Any] | None = None) -> TigerParamSettings:
-        """The settings of one parameter from its kind (the table of :class:`~lightning_tiger.optim.ParamKind`)."""
+        """The settings of one parameter from its kind (the table of :class:`~lightning_tiger.optim.ParamKind`).
+
+        ``state`` is accepted for the callers' convenience and not used (kinds no longer live in the state).
+        """
         # The kind-dependent part is memoised per parameter (this runs for every tensor on every step; keyed by
         # id: Tensor.__hash__ is a Python function); the key holds everything it depends on, so assign_kinds,
         # load_state_dict or editing a group's "kind" / "rms_floor" / the parameter's shape recompute it.
-        if state is None:
-            state = self.state.get(p)
-        key = (group.get("kind"), state.get("kind") if state else None, group["rms_floor"], p.shape)
+        # (param_kinds is a tuple: compared by identity first, so an unchanged one costs nothing)
+        key = (group.get("kind"), group.get("param_kinds"), group["rms_floor"], p.shape)
         cached = self._static.get(id(p))
         if cached is None or cached[0] != key:
             kind = self._kind(p, group)
-            if key[0] is None and key[1] is None:
+            if self._assigned_kind(p, group) is None:
                 self._warn_guessed(p, kind)
             floor = group["rms_floor"]
             if floor is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -13,6 +14,7 @@ from lightning_tiger.optim._functional import lion_step_
 from lightning_tiger.optim._options import check_paths, check_rounding, lion_hparams, parse_dtype, prepare_fused
 from lightning_tiger.optim._rounding import fused_rounding_kwargs, kahan_buffer, sr_advance, sr_keys_of, sr_state
 from lightning_tiger.optim._state import cast_momenta, momentum_of, restore_int_state, split_int_state
+from lightning_tiger.optim.sharding import any_dtensor, check_shards, lion_sharded_step_
 
 __all__ = ["Lion"]
 
@@ -51,6 +53,9 @@ class Lion(torch.optim.Optimizer):
     deterministic alternative, ``stochastic_rounding=False`` rounds to nearest (a bf16 Lion at lr 1e-4 then
     mostly stalls: the step is below half an ulp of any element larger than ~0.05). The PyTorch paths are
     sync-free: ``torch.compile(opt.step, fullgraph=True)`` captures the step (Triton kernels on a GPU).
+
+    Sharded training: Lion is elementwise, so it updates the local shards of FSDP2 / DTensor parameters
+    (:mod:`lightning_tiger.optim.sharding`) and FSDP1 flat parameters exactly as one process would.
 
     Args:
         params: parameters or param groups (extra group keys such as ``"kind"`` are stored and ignored).
@@ -135,19 +140,30 @@ class Lion(torch.optim.Optimizer):
             kahan = [self._kahan(p) for p in params]
             kernel_ok = all(c is None for c in kahan)  # the kernels round stochastically or to nearest, not Kahan
             path = step_path(self.fused, self.foreach, fused_mod, params, grads, moms, kernel_ok=kernel_ok)
+            check_shards(params, grads)  # DTensor placements Lion cannot handle, before anything moves
             plans.append((group, params, grads, moms, srs, kahan, path))
         for group, params, grads, moms, srs, kahan, path in plans:
             beta1, beta2 = group["betas"]
             kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
-            keys = sr_keys_of(srs)
-            if path == "fused":
-                kwargs.update(fused_rounding_kwargs(keys, self.momentum_sr))
-                fused_mod.lion_step_(params, grads, moms, **kwargs)
+            if any_dtensor(params):  # FSDP2 / DTensor: elementwise, so the local shards are updated (sharding.py)
+                run = functools.partial(self._update, None, fused_mod, kwargs)
+                lion_sharded_step_(params, grads, moms, sr_keys_of(srs), kahan, momentum_sr=self.momentum_sr, run=run)
             else:
-                lion_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,
-                             foreach=path == "foreach", **kwargs)
+                self._update(path, fused_mod, kwargs, params, grads, moms, sr_keys_of(srs), kahan)
             sr_advance(srs)
         return loss
+
+    def _update(self, path: str | None, fused_mod: Any, kwargs: dict[str, Any], params: list[Tensor],
+                grads: list[Tensor], moms: list[Tensor], keys: list[Tensor | None], kahan: list[Tensor | None]) -> None:
+        """The update of plain tensors by ``path`` (None: chosen here, for the local shards of DTensors)."""
+        if path is None:
+            path = step_path(self.fused, self.foreach, fused_mod, params, grads, moms,
+                             kernel_ok=all(c is None for c in kahan))
+        if path == "fused":
+            fused_mod.lion_step_(params, grads, moms, **kwargs, **fused_rounding_kwargs(keys, self.momentum_sr))
+        else:
+            lion_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,
+                         foreach=path == "foreach", **kwargs)
 
     def _sr_state(self, p: Tensor, m: Tensor, index: int) -> dict[str, Any] | None:
         """The state dict holding p's rounding generator when its update rounds stochastically, else None."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_tiger.optim._tiger_fold import FoldHooks, TigerFoldMixin, refuse_
 from lightning_tiger.optim._tiger_kinds import KindGuessWarning, TigerKindsMixin
 from lightning_tiger.optim.param_groups import ParamKind
 from lightning_tiger.optim.settings import TigerParamSettings
+from lightning_tiger.optim.sharding import any_dtensor, check_shards, refuse_fsdp1, tiger_sharded_step_
 from lightning_tiger.validation import check_bool
 
 __all__ = ["KindGuessWarning", "Tiger"]
@@ -60,6 +62,11 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
     rounding, not bit for bit (they roll back in one pass); ``exact_nonfinite=True`` removes it. Sparse
     gradients update rows lazily (an extension; the official code moves every row).
 
+    Sharded training: under FSDP2 / DTensor (``fully_shard``, Lightning's ``ModelParallelStrategy``) the RMS of
+    each tensor, its kind, floor and non-finite decision are those of the whole tensor (one all-reduce per step,
+    :mod:`lightning_tiger.optim.sharding`), so results match one process to float rounding; FSDP1 flat
+    parameters (Lightning's ``FSDPStrategy``) are refused.
+
     Args:
         params: parameters or param groups (e.g. from ``tiger_param_groups``). Group keys: ``lr``, ``beta``,
             ``weight_decay``, ``grad_accum_steps``, ``shrink_ratio``, ``rms_floor``, ``kind``.
@@ -88,7 +95,8 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         ValueError: a hyperparameter is out of range, or ``fused=True`` is combined with ``foreach=True`` or
             ``compensation="kahan"``.
         RuntimeError: ``fused=True`` where the kernels are unavailable, or ``fold_in_backward=True`` under
-            ``torch.distributed`` with more than one process.
+            ``torch.distributed`` with more than one process; at ``step()``: FSDP1 flat parameters, an embedding
+            whose rows are split across ranks, a ``Partial`` placement (messages name the alternative).
     """
 
     def __init__(
@@ -175,6 +183,7 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         if self._hooks.active:
             self._fold_step()
             return loss
+        refuse_fsdp1(self.param_groups)  # flat 1-D shards: RMS, kind and non-finite rule would be the piece's
         # torch.compile traces the PyTorch paths (the fused op is opaque to it and its flags come back to the host)
         compiling = torch.compiler.is_compiling()
         fused_mod = load_fused() if self.fused is not False and not self.foreach and not compiling else None
@@ -190,6 +199,8 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         # before any tensor or counter moves
         paths = [step_path(self.fused, self.foreach, fused_mod, b.params, b.grads, b.moms,
                              kernel_ok=self._kernel_ok(fused_mod, b)) for b in batches.values()]
+        for b in batches.values():  # DTensor placements Tiger cannot handle, also before anything moves
+            check_shards(b.params, b.grads, b.settings)
         for p, group in sparse:
             self._sparse_step(p, group)
         for ((b1, b2, update, shrink), batch), path in zip(batches.items(), paths):
@@ -247,18 +258,31 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         return all(c is None for c in batch.kahan)
 
     def _apply(self, batch: _Batch, path: str, fused_mod: Any, **coefs: Any) -> None:
-        params, grads, moms = batch.params, batch.grads, batch.moms
-        modes, lrs, wds, centers, floors = (list(x) for x in zip(*batch.settings))
+        tensors = (batch.params, batch.grads, batch.moms, batch.settings, sr_keys_of(batch.sr), batch.kahan)
+        if any_dtensor(batch.params):  # FSDP2 / DTensor shards: global RMS and non-finite decision, then local update
+            run = functools.partial(self._update, None, fused_mod, coefs)
+            tiger_sharded_step_(*tensors, update=coefs["update"], shrink_ratio=coefs["shrink_ratio"],
+                                momentum_sr=self.momentum_sr, run=run)
+        else:
+            self._update(path, fused_mod, coefs, *tensors)
+        sr_advance(batch.sr)
+
+    def _update(self, path: str | None, fused_mod: Any, coefs: dict[str, Any], params: list[Tensor],
+                grads: list[Tensor], moms: list[Tensor], settings: list[TigerParamSettings],
+                keys: list[Tensor | None], kahan: list[Tensor | None]) -> None:
+        """The update of plain tensors by ``path`` (None: chosen here, for the local shards of DTensors)."""
+        if path is None:
+            path = step_path(self.fused, self.foreach, fused_mod, params, grads, moms,
+                             kernel_ok=all(c is None for c in kahan))
+        modes, lrs, wds, centers, floors = (list(x) for x in zip(*settings))
         kwargs = dict(lr_modes=modes, lrs=lrs, weight_decays=wds, centers=centers, rms_floor=floors, **coefs)
-        keys = sr_keys_of(batch.sr)
         if path == "fused":
             kwargs.update(fused_rounding_kwargs(keys, self.momentum_sr))
             fused_mod.tiger_step_(params, grads, moms, exact=self.exact_nonfinite, rms_cache=self._rms_cache,
                                   **kwargs)
         else:
-            tiger_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=batch.kahan,
+            tiger_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,
                           foreach=path == "foreach", **kwargs)
-        sr_advance(batch.sr)
 
     def _sparse_step(self, p: Tensor, group: dict[str, Any]) -> None:
         b1, b2, update = self._coefficients(group)
@@ -275,20 +299,23 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------- state I/O
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
-        # torch's _cast turns string state values into generators: take the kinds out and put them back.
+        # Checkpoints from before kinds moved to the param groups keep them in state[i]["kind"] (torch's _cast
+        # would turn those strings into generators): move them to their group's "param_kinds".
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         kinds = {i: s["kind"] for i, s in state_dict["state"].items() if isinstance(s, dict) and "kind" in s}
         if kinds:
             state_dict = dict(state_dict)
             state_dict["state"] = {i: {k: v for k, v in s.items() if k != "kind"} if i in kinds else s
                                    for i, s in state_dict["state"].items()}
+            state_dict["param_groups"] = [
+                g if "kind" in g or not any(i in kinds for i in g["params"]) else
+                {**g, "param_kinds": tuple(ParamKind.parse(kinds[i], "state 'kind'").value if i in kinds else None
+                                           for i in g["params"])}
+                for g in state_dict["param_groups"]]
         state_dict, generators = split_int_state(state_dict)
         super().load_state_dict(state_dict)
         restore_int_state(self, saved_ids, generators)
         self._param_group = {p: g for g in self.param_groups for p in g["params"]}
-        id_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
-        for i, kind in kinds.items():
-            self.state[id_to_param[i]]["kind"] = ParamKind.parse(kind, "state 'kind'").value
         cast_momenta(self.state.values(), "momentum", self.momentum_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
