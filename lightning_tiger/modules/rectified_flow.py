@@ -39,7 +39,9 @@ import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 
-from lightning_tiger.modules.flow_solvers import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
+from lightning_tiger.data.reflow import generate_reflow_pairs
+from lightning_tiger.generative.flow import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
+from lightning_tiger.generative.nets import default_net, instantiate
 from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
 __all__ = ["RectifiedFlowModule", "load_rectified_flow"]
@@ -47,18 +49,6 @@ __all__ = ["RectifiedFlowModule", "load_rectified_flow"]
 _MODES = ("flow", "reflow", "distill")
 _TIME_SAMPLING = ("uniform", "logit_normal")
 _VAL_NOISE = ("iid", "sobol")
-
-
-def _default_net(data_shape: tuple[int, ...]) -> nn.Module:
-    if len(data_shape) == 1:
-        from lightning_tiger.nn.time_mlp import TimeMLP
-
-        return TimeMLP(data_dim=data_shape[0])
-    if len(data_shape) == 3:
-        from lightning_tiger.nn.small_unet import SmallUNet
-
-        return SmallUNet(in_channels=data_shape[0])
-    raise ValueError(f"no default net for data_shape {data_shape}: pass net=... (any module net(x, t))")
 
 
 class RectifiedFlowModule(pl.LightningModule):
@@ -144,7 +134,7 @@ class RectifiedFlowModule(pl.LightningModule):
         # Source is replaced by its sample pool saved in the checkpoint.
         from_config = _given_hyperparameters.get() is not None
         self.save_hyperparameters(ignore=["source"] if from_config or net is None else ["source", "net"])
-        self.net = net if net is not None else _default_net(data_shape)
+        self.net = net if net is not None else default_net(data_shape)
         self.data_shape = data_shape
         self.mode = mode
         self.t_eps = float(t_eps)
@@ -272,25 +262,8 @@ class RectifiedFlowModule(pl.LightningModule):
         Returns:
             ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
         """
-        from lightning_tiger.data.reflow import write_pair_shards
-
-        check_int("n", n, low=1)
-        check_int("batch_size", batch_size, low=1)
-        from tqdm.auto import tqdm
-
-        z0s, z1s = [], []
-        with tqdm(total=n, desc="reflow pairs", unit="pair", disable=not progress) as bar:
-            for start in range(0, n, batch_size):
-                b = min(batch_size, n - start)
-                z0 = self.sample_source(b, generator)
-                z1 = self.sample(b, steps=steps, solver=solver, z0=z0, **solver_kwargs)
-                z0s.append(z0.cpu())
-                z1s.append(z1.float().cpu())
-                bar.update(b)
-        z0_all, z1_all = torch.cat(z0s), torch.cat(z1s)
-        if path is not None:
-            write_pair_shards(path, z0s, z1s, meta={"steps": steps, "solver": solver, "n": n})
-        return z0_all, z1_all
+        return generate_reflow_pairs(self, n, steps, batch_size, path, solver=solver, generator=generator,
+                                     progress=progress, **solver_kwargs)
 
     def load_net_weights(self, checkpoint_path: str | os.PathLike[str]) -> None:
         """Copy the network weights (and source pool) of a RectifiedFlowModule checkpoint into this module."""
@@ -447,18 +420,6 @@ def _flow_metrics_of(sol: FlowSolution, z0: Tensor) -> dict[str, Tensor]:
     return {"straightness": sol.straightness, "transport_cost": cost.double()}
 
 
-def _instantiate(spec: Any) -> Any:
-    """Instantiate a jsonargparse-style ``{"class_path": ..., "init_args": {...}}`` (nested allowed)."""
-    if isinstance(spec, dict) and "class_path" in spec:
-        import importlib
-
-        module_name, _, cls_name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
-        return cls(**kwargs)
-    return spec
-
-
 def load_rectified_flow(
     checkpoint_path: str | os.PathLike[str],
     map_location: str | torch.device = "cpu",
@@ -488,7 +449,7 @@ def load_rectified_flow(
         if key.startswith("_"):  # LightningCLI bookkeeping such as _instantiator / _class_path
             hp.pop(key)
     spec = hp.pop("net", None)
-    net = net if net is not None else _instantiate(spec)
+    net = net if net is not None else instantiate(spec)
     if net is not None and not isinstance(net, nn.Module):
         raise ValueError(f"cannot rebuild the network from the checkpoint's hyperparameters: {net!r}")
     hp.pop("init_from", None)  # the weights below replace any warm start

@@ -29,24 +29,14 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_tiger.modules import score_samplers as samplers
-from lightning_tiger.modules.sde import SDE, VESDE, _bcast, make_sde, randn
+from lightning_tiger.generative import samplers
+from lightning_tiger.generative.nets import default_net
+from lightning_tiger.generative.sde import SDE, VESDE, make_sde
+from lightning_tiger.generative.tensors import batch_broadcast, randn
 from lightning_tiger.validation import check_int, check_real
 
 WEIGHTINGS: tuple[str, ...] = ("sigma2", "likelihood", "none")
 PARAMETERIZATIONS: tuple[str, ...] = ("noise", "score")
-
-
-def default_net(data_shape: Sequence[int]) -> nn.Module:
-    """TimeMLP for vectors ``(d,)``, SmallUNet for images ``(c, h, w)``."""
-    from lightning_tiger.nn.small_unet import SmallUNet
-    from lightning_tiger.nn.time_mlp import TimeMLP
-
-    if len(data_shape) == 1:
-        return TimeMLP(data_dim=int(data_shape[0]))
-    if len(data_shape) == 3:
-        return SmallUNet(in_channels=int(data_shape[0]))
-    raise ValueError(f"no default net for data_shape {tuple(data_shape)}; pass net=...")
 
 
 class ScoreMatchingModule(pl.LightningModule):
@@ -169,7 +159,7 @@ class ScoreMatchingModule(pl.LightningModule):
             return out
         with torch.autocast(device_type=x.device.type, enabled=False):
             sigma = self.sde.marginal_coefs(t)[1]
-            return -out / _bcast(sigma, out)
+            return -out / batch_broadcast(sigma, out)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """The score s_θ(x, t) (same as :meth:`score`)."""
@@ -197,11 +187,11 @@ class ScoreMatchingModule(pl.LightningModule):
         noise = noise.float()
         with torch.autocast(device_type=x0.device.type, enabled=False):
             alpha, sigma = self.sde.marginal_coefs(t)
-            xt = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
+            xt = batch_broadcast(alpha, x0) * x0 + batch_broadcast(sigma, x0) * noise
         out = self._net(xt, t)
         with torch.autocast(device_type=x0.device.type, enabled=False):
             # resid = σ_t·(s_θ − ∇log p(x_t|x_0)), computed without dividing ε by σ_t.
-            resid = noise - out if self.parameterization == "noise" else _bcast(sigma, out) * out + noise
+            resid = noise - out if self.parameterization == "noise" else batch_broadcast(sigma, out) * out + noise
             per_sample = resid.pow(2).reshape(b, -1).sum(-1)
             return self.loss_weight(t).float() / sigma.pow(2) * per_sample
 
@@ -282,31 +272,15 @@ class ScoreMatchingModule(pl.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            if sampler == "annealed_langevin":
-                if not isinstance(self.sde, VESDE):
-                    raise ValueError("annealed_langevin needs sde='ve' (noise-level model)")
-                sig = samplers.geometric_sigmas() if sigmas is None else sigmas
-                x = randn(shape, generator=generator, device=self.device) * float(torch.as_tensor(sig).max())
-                return samplers.annealed_langevin(self.score, self.sde, x, steps, sigmas=sig,
-                                                  generator=generator, return_trajectory=return_trajectory,
-                                                  progress=progress)
-            x = self.sde.prior_sample(shape, generator=generator, device=self.device)
-            common = {"t_end": t_end, "return_trajectory": return_trajectory, "progress": progress}
-            if sampler == "em":
-                return samplers.euler_maruyama(self.score, self.sde, x, steps, generator=generator, **common)
-            if sampler == "pc":
-                return samplers.predictor_corrector(self.score, self.sde, x, steps, generator=generator,
-                                                    snr=self.snr if snr is None else snr, **common)
-            if sampler == "ode_euler":
-                return samplers.ode_euler(self.score, self.sde, x, steps, **common)
-            if sampler == "ode_heun":
-                return samplers.ode_heun(self.score, self.sde, x, steps, **common)
-            out = samplers.ode_adaptive(self.score, self.sde, x, rtol=rtol, atol=atol, return_nfe=True,
-                                        **common)
-            self.last_nfe = int(out[-1])
-            return out[0] if len(out) == 2 else (out[0], out[1])
+            out = samplers.sample(sampler, self.score, self.sde, shape, samplers.SamplerOptions(
+                steps=steps, generator=generator, device=self.device, t_end=t_end,
+                snr=self.snr if snr is None else snr, rtol=rtol, atol=atol, sigmas=sigmas,
+                return_trajectory=return_trajectory, progress=progress))
         finally:
             self.net.train(was_training)
+        if out.nfe is not None:
+            self.last_nfe = out.nfe
+        return (out.x, out.trajectory) if return_trajectory else out.x
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: Any, batch_idx: int) -> None:
