@@ -4,7 +4,7 @@ Usage: ``python benchmarks/distributed.py [--quick]``
 
 A measuring script, not a launcher: it spawns its own 2 CPU ranks (``torch.multiprocessing``, gloo, one thread
 each). Model: a residual MLP, ``depth`` blocks ``x + Linear(width, width)(relu(x))`` plus a ``Linear`` head
-(width 1024, depth 8: 8.4M fp32 parameters; ``--quick``: width 512, depth 4, 1.1M), 8 rows per rank and
+(width 1024, depth 8: 9.4M fp32 parameters; ``--quick``: width 512, depth 4, 1.3M), 8 rows per rank and
 micro-batch, MSE to a fixed random target; the same data on every row.
 
 Rows (one optimizer step = k micro-batches, loss / k each):
@@ -311,7 +311,7 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 1.1M-parameter MLP, 2 rounds (smoke check)")
+    parser.add_argument("--quick", action="store_true", help="a 1.3M-parameter MLP, 2 rounds (smoke check)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; quick 2)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row and round")
     args = parser.parse_args(argv)
