@@ -28,6 +28,9 @@ This module holds the communication: :class:`FoldSync` reduces, in a fixed order
    once to the storage dtype: stochastically, with a key computed from the tensor's rounding stream
    (:func:`momentum_sync_key`), identical on every rank, so the ranks' momenta stay bit-identical.
 
+The reduced flags are read back to the host once per ``step()`` (they decide which tensors enter the momentum
+buckets, a layout every rank must agree on); the collective synchronises the ranks at that point anyway.
+
 Non-finite gradients (Tiger's rule: such a gradient is not folded and the tensor shrinks toward its centre
 instead of moving): each rank drops its own non-finite micro-batches from its fold; the flags are OR-ed, so a
 tensor flagged on any rank shrinks on every rank. The averaged momentum then holds every rank's finite folds:
