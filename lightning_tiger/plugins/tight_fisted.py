@@ -38,11 +38,15 @@ them in its own backward hooks).
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
@@ -50,13 +54,6 @@ from torch import nn
 from lightning_tiger.optim import Tiger
 
 __all__ = ["TightFistedDDPStrategy", "broadcast_module_states"]
-
-_DDP_ONLY = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
-_DDP_STRATEGY_ARGS = frozenset({
-    "accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin",
-    "process_group_backend", "timeout", "start_method",
-})
-
 
 @torch.no_grad()
 def broadcast_module_states(module: nn.Module, src: int = 0, process_group: dist.ProcessGroup | None = None) -> None:
@@ -81,10 +78,10 @@ class TightFistedDDPStrategy(DDPStrategy):
 
     Args:
         bucket_cap_mb: largest float32 bucket of momenta per all-reduce, MiB (default 25, like DDP's).
-        **kwargs: ``DDPStrategy``'s arguments (accelerator, parallel_devices, cluster_environment,
-            checkpoint_io, precision_plugin, process_group_backend, timeout, start_method). Its DDP-wrapper options
-            (``find_unused_parameters``, ``static_graph``, communication hooks, model averaging, ...) do not
-            apply and raise ``TypeError``.
+        accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+            process_group_backend, timeout, start_method: as ``DDPStrategy`` (the Trainer fills in most). Its
+            ``DistributedDataParallel`` options (``find_unused_parameters``, ``static_graph``, communication
+            hooks, model averaging, ...) do not apply: passing one is a ``TypeError``.
 
     Example (``examples/configs/trainer/ddp_tight.yaml`` is the CLI form)::
 
@@ -92,17 +89,26 @@ class TightFistedDDPStrategy(DDPStrategy):
                             accumulate_grad_batches=4)
     """
 
-    def __init__(self, bucket_cap_mb: float = 25.0, **kwargs: Any) -> None:
-        wrapper_only = sorted(k for k in kwargs if k in _DDP_ONLY or k not in _DDP_STRATEGY_ARGS)
-        if wrapper_only:
-            raise TypeError(
-                f"TightFistedDDPStrategy does not wrap the module in DistributedDataParallel, so {wrapper_only} "
-                "do not apply (no gradient is synchronised; Tiger's momenta are reduced at each step). Use "
-                "strategy='ddp' for DistributedDataParallel's options."
-            )
+    def __init__(
+        self,
+        bucket_cap_mb: float = 25.0,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        # DDPStrategy's own arguments only, listed (no **kwargs): its extra keyword arguments go to the
+        # DistributedDataParallel wrapper, which this strategy does not use (and LightningCLI would fill them all in)
         if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
-        super().__init__(**kwargs)
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment, checkpoint_io=checkpoint_io,
+                         precision_plugin=precision_plugin, process_group_backend=process_group_backend,
+                         timeout=timeout, start_method=start_method)
         self.bucket_cap_mb = float(bucket_cap_mb)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:

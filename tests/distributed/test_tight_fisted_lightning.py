@@ -153,3 +153,20 @@ def test_ddp_wrapper_options_are_refused() -> None:
         TightFistedDDPStrategy(find_unused_parameters=True)
     with pytest.raises(ValueError, match="bucket_cap_mb"):
         TightFistedDDPStrategy(bucket_cap_mb=0)
+
+
+def test_cli_profile_instantiates_the_strategy(tmp_path: Path, no_process_group: None) -> None:
+    """examples/configs/trainer/ddp_tight.yaml through the CLI (one CPU process): LightningCLI fills in every
+    argument of the strategy's signature, so it must list only DDPStrategy's own (not DistributedDataParallel's)."""
+    from lightning_tiger.cli import main
+
+    configs = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    cli = main(["fit", "--config", str(configs / "flow" / "moons.yaml"),
+                "--config", str(configs / "optim" / "tiger.yaml"),
+                "--config", str(configs / "trainer" / "ddp_tight.yaml"), "--trainer.accelerator=cpu",
+                "--trainer.devices=1", "--trainer.max_steps=2", "--trainer.precision=32-true",
+                "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}"])
+    assert isinstance(cli.trainer.strategy, TightFistedDDPStrategy)
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, Tiger) and opt.fold_in_backward and cli.trainer.global_step == 2
