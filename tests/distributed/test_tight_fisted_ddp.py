@@ -9,7 +9,10 @@ the single-process m of the concatenated batch). Checked against
   the loss divided by k, θ ← θ − η·(sign(m) + λ·θ), η = lr·RMS(θ) for matrices, lr/2 and no decay for biases);
 - single-process ``Tiger(fold_in_backward=True)`` on the same global batches;
 
-and the collectives are counted by wrapping ``torch.distributed``'s functions in the workers.
+and the collectives are counted by wrapping ``torch.distributed``'s functions in the workers. Also: a NaN on
+one rank (the tensor shrinks on both), a bf16 momentum (ranks bit-identical), the official accumulation pattern
+(``grad_accum_steps=K``, step() after every backward: reduced at every call), a bucket cap below the tensors (one
+bucket each, in parameter order), and the refusals (no ``sync_momenta``, FSDP2, another layout or seed per rank).
 
 Tolerances: float32 sums in another order (the ranks' means averaged instead of one mean). Tiger moves each
 element by ±η, so a momentum within rounding of 0 can take the other sign and move one element by 2η: we require
@@ -110,27 +113,36 @@ class Calls:
 
 
 def _train_tight(rank: int, momentum_dtype: torch.dtype | None, nan: bool, bucket_cap_mb: float = 25.0,
-                 ) -> dict[str, Any]:
-    """One rank: WINDOWS windows of K local micro-batches, loss = local mean / K, one step() per window."""
+                 official: bool = False) -> dict[str, Any]:
+    """One rank: WINDOWS windows of K local micro-batches, loss = local mean / K, one step() per window.
+
+    ``official``: the official code's pattern instead, ``grad_accum_steps=K`` and step() after every backward of
+    the local mean loss (the same update: b2 = (1 − β)/K takes the place of the loss's 1/K).
+    """
     calls = Calls()
     model = _model()
-    opt = _tiger(model, momentum_dtype=momentum_dtype)
+    opt = _tiger(model, momentum_dtype=momentum_dtype, grad_accum_steps=K if official else 1)
     opt.sync_momenta(bucket_cap_mb=bucket_cap_mb)
     x, y = _local(_data()[0], rank), _local(_data()[1], rank)
     per_window = []
     for w in range(WINDOWS):
         calls.take()
+        window_calls = []
         for j in range(K):
             handle = None
             if nan and (w, j, rank) == NAN_AT:
                 handle = model[0].weight.register_hook(lambda g: torch.full_like(g, float("nan")))
-            (nn.functional.mse_loss(model(x[w, j]), y[w, j]) / K).backward()
+            (nn.functional.mse_loss(model(x[w, j]), y[w, j]) / (1 if official else K)).backward()
             if handle is not None:
                 handle.remove()
             assert all(p.grad is None for p in model.parameters())  # folded and freed during backward
             assert not calls.log, calls.log  # nothing communicated during backward
-        opt.step()
-        per_window.append(calls.take())
+            if official:
+                opt.step()
+                window_calls += calls.take()
+        if not official:
+            opt.step()
+        per_window.append(window_calls + calls.take())
     return {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
             "moms": {k: opt.state[p]["momentum"].clone() for k, p in model.named_parameters()},
             "calls": per_window, "numel": sum(p.numel() for p in model.parameters())}
@@ -253,11 +265,12 @@ def test_nonfinite_on_one_rank_shrinks_on_every_rank(fp32_runs: dict[str, list[d
 
 def _bf16_and_buckets(rank: int) -> dict[str, Any]:
     return {"bf16": _train_tight(rank, torch.bfloat16, nan=False),
+            "official": _train_tight(rank, None, nan=False, official=True),
             # a cap below the first weight (96 floats): one bucket per tensor, in the parameter order
             "small": _train_tight(rank, None, nan=False, bucket_cap_mb=64 / 2**20)}
 
 
-def test_bf16_momentum_ranks_bit_identical_and_buckets(tmp_path: Path) -> None:
+def test_bf16_momentum_official_pattern_and_buckets(tmp_path: Path) -> None:
     results = spawn(_bf16_and_buckets, tmp_path)
     _check_ok(results)
     bf16 = [r["bf16"] for r in results]
@@ -275,6 +288,14 @@ def test_bf16_momentum_ranks_bit_identical_and_buckets(tmp_path: Path) -> None:
     _assert_close_sign(small[0]["params"], _single_process(None)["params"])
     sizes = [n for _, dtype, n in small[0]["calls"][0] if dtype == torch.float32]
     assert sizes == [96, 16, 16, 1], sizes  # fixed order: the optimizer's parameter order
+    # official pattern (step() after every backward, grad_accum_steps=K): reduced at every step() call, same result
+    official = [r["official"] for r in results]
+    _assert_ranks_identical(official)
+    ref = _reference(nan=False)
+    _assert_close_sign(official[0]["params"], ref["params"])
+    for k, m in ref["moms"].items():
+        torch.testing.assert_close(official[0]["moms"][k], m, rtol=1e-5, atol=1e-7)
+    assert [len(c) for c in official[0]["calls"]] == [2 * K] * WINDOWS  # flags + momenta at each of the K calls
 
 
 
