@@ -3,7 +3,8 @@
 A post-accumulate-grad hook on every parameter folds ``p.grad`` into the momentum and frees it at once, so
 training never holds a full set of gradients (Su 2023, kexue.fm/archives/9512, "tight-fisted" Tiger: the
 momentum is the only state). ``step()`` then moves the parameters from the folded momenta. The rationale and the
-exact fold rule are in the optimizer docs (``docs/optim.md``).
+exact fold rule are in the optimizer docs (``docs/optim.md``). Under data parallelism, :meth:`sync_momenta` makes
+``step()`` average the ranks' momenta first (``lightning_tiger.optim.fold_sync``: exact, one reduction per step).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from lightning_tiger.optim._functional import tiger_fold_, tiger_fold_update_
 from lightning_tiger.optim._rounding import is_low_precision, sr_advance, sr_fold_key, sr_keys_of
+from lightning_tiger.optim.fold_sync import FoldSync, FoldWindow, momentum_sync_key
 
 __all__ = ["FoldHooks", "TigerFoldMixin", "refuse_distributed"]
 
@@ -36,20 +38,24 @@ class FoldHooks:
         self.active = False
         self.handles: list[Any] = []
         self.owner_id: int | None = None
+        self.sync: FoldSync | None = None  # set by sync_momenta (data parallelism)
 
 
-def refuse_distributed() -> None:
-    """Raise under ``torch.distributed`` with more than one process (the hooks see un-reduced gradients).
+def refuse_distributed(sync: FoldSync | None = None) -> None:
+    """Raise under ``torch.distributed`` with more than one process unless the momenta are reduced (``sync``).
 
     Raises:
-        RuntimeError: world size > 1.
+        RuntimeError: world size > 1 and ``sync`` is None (the hooks see each rank's local gradient).
     """
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if sync is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise RuntimeError(
-            "Tiger(fold_in_backward=True) is not supported with torch.distributed world_size > 1: the "
-            "post-accumulate-grad hooks see each rank's local, un-reduced gradient (before DDP's all-reduce), "
-            "so the replicas' momenta would diverge. Use fold_in_backward=False under DDP."
+            f"Tiger(fold_in_backward=True) under torch.distributed (world_size={dist.get_world_size()}) needs its "
+            "momenta averaged across ranks at every step(): its hooks fold each rank's local gradient. With "
+            "Lightning use Trainer(strategy=lightning_tiger.plugins.TightFistedDDPStrategy()); in plain PyTorch "
+            "call opt.sync_momenta() and do not let DistributedDataParallel all-reduce the gradients. Data "
+            "parallelism only: under FSDP / ModelParallelStrategy the gradients are sharded and reduce-scattered "
+            "by their own hooks, so there is no whole local gradient to fold; use fold_in_backward=False there."
         )
 
 
@@ -64,6 +70,7 @@ class TigerFoldMixin:
     param_groups: list[dict[str, Any]]
     state: Any
     momentum_sr: bool
+    seed: int
     _hooks: FoldHooks
     _window: dict[Tensor, list[Any]]
     _param_group: dict[Tensor, dict[str, Any]]
@@ -80,6 +87,65 @@ class TigerFoldMixin:
             The flagged parameters, in folding order.
         """
         return [p for p, window in self._window.items() if bool(window[1])]
+
+    def sync_momenta(self, process_group: Any = None, bucket_cap_mb: float = 25.0) -> FoldSync:
+        """Data parallelism: every ``step()`` first averages the ranks' momenta (tight-fisted mode only).
+
+        Each rank folds its local gradients; ``step()`` then OR-s the non-finite flags over ``process_group`` (one
+        int64 all-reduce) and averages the momenta folded on any rank (float32 buckets of ``bucket_cap_mb``, one
+        all-reduce each, a fixed order), so every rank applies the same update: the single-process update of
+        the global batch (``lightning_tiger.optim.fold_sync`` has the algebra). The gradients must not be
+        all-reduced as well: do not wrap the model in ``DistributedDataParallel`` (or run every backward
+        under its ``no_sync()``); Lightning: ``lightning_tiger.plugins.TightFistedDDPStrategy`` calls this.
+
+        Args:
+            process_group: the data-parallel group (None: the default group).
+            bucket_cap_mb: largest float32 bucket per all-reduce, MiB (default 25).
+
+        Returns:
+            The :class:`~lightning_tiger.optim.fold_sync.FoldSync` (its ``collectives``/``bytes_reduced`` count
+            the communication).
+
+        Raises:
+            RuntimeError: not in tight-fisted mode, or a parameter is a DTensor (sharded by FSDP2 / tensor
+                parallelism: there is no whole local gradient to fold).
+        """
+        if not self._hooks.active:
+            raise RuntimeError("Tiger.sync_momenta() is for the tight-fisted mode: construct Tiger with "
+                               "fold_in_backward=True")
+        params = [p for g in self.param_groups for p in g["params"]]
+        sharded = next((i for i, p in enumerate(params) if type(p).__name__ == "DTensor"), None)
+        if sharded is not None:
+            raise RuntimeError(
+                f"Tiger.sync_momenta(): parameter {sharded} is a DTensor (sharded by FSDP / ModelParallelStrategy): "
+                "the tight-fisted mode folds whole local gradients (data parallelism only); use "
+                "fold_in_backward=False with sharded strategies"
+            )
+        self._hooks.sync = FoldSync(process_group, bucket_cap_mb)
+        return self._hooks.sync
+
+    def _reduce_windows(self, sync: FoldSync) -> None:
+        """Replace this rank's windows by the ranks' common ones, averaging the momenta (``fold_sync``)."""
+        flat = [p for g in self.param_groups for p in g["params"]]
+        index = {id(p): i for i, p in enumerate(flat)}
+        params = [p for p in flat if p.requires_grad]  # the hooked ones: the same list on every rank
+        windows = []
+        for p in params:
+            group, w = self._param_group[p], self._window.get(p)
+            decay = group["beta"] if group["micro_step"] % group["grad_accum_steps"] == 0 else 1.0
+            windows.append(FoldWindow(p, w is not None, w is not None and w[0], w is not None and w[1], decay))
+
+        def momentum_of(i: int) -> tuple[Tensor, Tensor | None]:
+            p = params[i]
+            m = self._momentum(p)  # type: ignore[attr-defined]
+            st = self._sr_state(self.state[p], p, m, index[id(p)])  # type: ignore[attr-defined]
+            use = st is not None and self.momentum_sr and is_low_precision(m)
+            return m, momentum_sync_key(st["sr_stream"], st["sr_step"]) if use else None
+
+        for p, flags in zip(params, sync.reduce_(windows, self.seed, momentum_of)):
+            if flags.seen:
+                self._window[p] = [torch.tensor(flags.folded, device=p.device),
+                                   torch.tensor(flags.bad, device=p.device), 0]
 
     def _register_hooks(self, group: dict[str, Any]) -> None:
         self._hooks.owner_id = id(self)
@@ -98,7 +164,7 @@ class TigerFoldMixin:
         g = p.grad
         if g is None:
             return
-        refuse_distributed()
+        refuse_distributed(self._hooks.sync)
         if g.is_sparse:
             raise RuntimeError("Tiger(fold_in_backward=True) does not support sparse gradients")
         group = self._param_group[p]
@@ -125,7 +191,9 @@ class TigerFoldMixin:
         p.grad = None
 
     def _fold_step(self) -> None:
-        refuse_distributed()
+        refuse_distributed(self._hooks.sync)
+        if self._hooks.sync is not None:
+            self._reduce_windows(self._hooks.sync)
         first = 0
         for group in self.param_groups:
             update = (group["micro_step"] + 1) % group["grad_accum_steps"] == 0
@@ -158,6 +226,7 @@ class TigerFoldMixin:
             handle.remove()
         self._hooks.handles.clear()
         self._hooks.active = False
+        self._hooks.sync = None
         self._window.clear()
 
     def __del__(self) -> None:

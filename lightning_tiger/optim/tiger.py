@@ -24,7 +24,7 @@ from lightning_tiger.optim._options import (
 from lightning_tiger.optim._rounding import fused_rounding_kwargs, kahan_buffer, sr_advance, sr_keys_of, sr_state
 from lightning_tiger.optim._sparse import tiger_sparse_step_
 from lightning_tiger.optim._state import cast_momenta, momentum_of, restore_int_state, split_int_state
-from lightning_tiger.optim._tiger_fold import FoldHooks, TigerFoldMixin, refuse_distributed
+from lightning_tiger.optim._tiger_fold import FoldHooks, TigerFoldMixin
 from lightning_tiger.optim._tiger_kinds import KindGuessWarning, TigerKindsMixin
 from lightning_tiger.optim.param_groups import ParamKind
 from lightning_tiger.optim.settings import TigerParamSettings
@@ -94,9 +94,10 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         TypeError: a hyperparameter or flag has the wrong type.
         ValueError: a hyperparameter is out of range, or ``fused=True`` is combined with ``foreach=True`` or
             ``compensation="kahan"``.
-        RuntimeError: ``fused=True`` where the kernels are unavailable, or ``fold_in_backward=True`` under
-            ``torch.distributed`` with more than one process; at ``step()``: FSDP1 flat parameters, an embedding
-            whose rows are split across ranks, a ``Partial`` placement (messages name the alternative).
+        RuntimeError: ``fused=True`` where the kernels are unavailable; at ``step()``: FSDP1 flat parameters, an
+            embedding whose rows are split across ranks, a ``Partial`` placement (messages name the alternative);
+            ``fold_in_backward=True`` under ``torch.distributed`` with more than one process raises at the first
+            fold or ``step()`` unless :meth:`sync_momenta` was called.
     """
 
     def __init__(
@@ -140,7 +141,6 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         super().__init__(params, defaults)
         prepare_fused(self.fused, [p for g in self.param_groups for p in g["params"]], "Tiger")
         if self.fold_in_backward:
-            refuse_distributed()
             self._hooks.active = True
             for group in self.param_groups:
                 self._register_hooks(group)

@@ -1,4 +1,5 @@
-"""Checkpoint safety: I/O that detects truncated or corrupted checkpoints, and a ``last.ckpt`` kept at train end."""
+"""Checkpoint safety (I/O that detects truncated or corrupted checkpoints, a ``last.ckpt`` kept at train end) and
+the data-parallel strategy of tight-fisted Tiger."""
 
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ _EXPORTS = {
     "verify_checkpoint": ".checkpoint_io",
     "verified_checkpoints": ".checkpoint_io",
     "LastCheckpoint": ".last_checkpoint",
+    "TightFistedDDPStrategy": ".tight_fisted",
 }
 __all__ = sorted(_EXPORTS)  # the names are listed once, in _EXPORTS
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -20,3 +22,4 @@ if TYPE_CHECKING:  # pragma: no cover  (static re-exports: `name as name`)
     from .checkpoint_io import verified_checkpoints as verified_checkpoints
     from .checkpoint_io import verify_checkpoint as verify_checkpoint
     from .last_checkpoint import LastCheckpoint as LastCheckpoint
+    from .tight_fisted import TightFistedDDPStrategy as TightFistedDDPStrategy

@@ -190,11 +190,19 @@ def test_refuses_distributed_and_sparse(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
-    with pytest.raises(RuntimeError, match="un-reduced"):
-        Tiger(nn.Linear(2, 2).parameters(), fold_in_backward=True)
+    # under 2 processes without sync_momenta(): the first fold and step() refuse (local gradients would make the
+    # replicas diverge), naming the two ways out; construction is allowed (a strategy attaches the sync after it)
+    lin = nn.Linear(2, 2)
+    opt2 = Tiger(lin.parameters(), fold_in_backward=True)
+    with pytest.raises(RuntimeError, match=r"opt.sync_momenta\(\).*TightFistedDDPStrategy|TightFistedDDPStrategy.*"
+                                           r"sync_momenta"):
+        lin(torch.ones(1, 2)).sum().backward()
     Tiger(nn.Linear(2, 2).parameters())  # the standard mode is fine under DDP
-    with pytest.raises(RuntimeError, match="un-reduced"):
+    with pytest.raises(RuntimeError, match="momenta averaged across ranks"):
         opt.step()
+    with pytest.raises(RuntimeError, match="fold_in_backward=True"):
+        Tiger(nn.Linear(2, 2).parameters()).sync_momenta()
+    del opt2
 
 
 # ------------------------------------------------------------------------------------------- Lightning

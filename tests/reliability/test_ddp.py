@@ -10,7 +10,8 @@ Tolerances, per case:
 - Diffusion modules draw per-sample noise from each process's global generator, so one process with the
   global batch draws different noise by construction: there we require the replicas to stay identical
   (``torch.equal`` across ranks), finite, and trained.
-Tiger(fold_in_backward=True) under DDP is refused with a clear error (the optimizer issue's decision), and a
+Tiger(fold_in_backward=True) under Lightning's DDPStrategy is refused with a clear error naming the strategy that
+runs it exactly (``TightFistedDDPStrategy``, tested in ``tests/distributed/test_tight_fisted_*.py``), and a
 non-finite gradient on one rank only is vetoed on every rank (ranks stay bit-identical).
 """
 
@@ -193,7 +194,7 @@ def test_ddp_diffusion_replicas_stay_identical(name: str, tmp_path: Path) -> Non
 def test_ddp_tiger_fold_in_backward_is_refused(tmp_path: Path, fault_tally: Any) -> None:
     with pytest.raises(Exception, match="fold_in_backward") as info:
         _fit(DDPRegression("Tiger", fold=True), tmp_path, devices=2)
-    assert "distributed" in str(info.value).lower() or "ddp" in str(info.value).lower()
+    assert "distributed" in str(info.value).lower() and "TightFistedDDPStrategy" in str(info.value)
     fault_tally.record("distributed", "Tiger(fold_in_backward=True) under 2-process DDP", "stopped")
 
 
