@@ -40,6 +40,10 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -53,11 +57,48 @@
 namespace {
 
 constexpr int64_t kBlock = 16384;  // elements per work item (64 KiB of fp32): L1/L2-friendly, cheap to schedule
-constexpr int kLanes = 16;         // lanes of the sums of squares and of the finiteness checks
+
+// ---------------------------------------------------------------------------------------------- SIMD
+// The loops over fp32/bf16 data work on 16 lanes at a time with GCC/Clang vector extensions (one AVX-512
+// register, two AVX2 ones, four SSE ones: the compiler splits the type for the ISA it targets). Written as
+// vectors rather than left to the auto-vectorizer, which handled the mixed 16/32-bit lanes of bf16 poorly (and
+// versioned every 16-element group for aliasing). Lane l of a vector holds element i + l, so the lanes of the
+// sums of squares are the same as in the scalar code (lane = index % 16) and every element goes through the
+// same IEEE operations in the same order (no FMA: -ffp-contract=off): the results are bit-identical to the
+// scalar code, which still handles the tails (n % 16) and the fp16 types.
+constexpr int kLanes = 16;  // lanes of the vectors, of the sums of squares and of the finiteness checks
+typedef float VF __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+
+template <class V>
+inline V loadv(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // unaligned load
+  return v;
+}
+template <class V>
+inline void storev(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <class To, class From>
+inline To bitcast(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &v, sizeof(To));
+  return t;
+}
+inline VF splat(float x) { return VF{} + x; }
+inline VU splat(uint32_t x) { return VU{} + x; }
 
 // ---------------------------------------------------------------------------------------------- dtypes
+// S: the storage type; ld/st: one element to/from float (st rounds to nearest even); nonfinite: NaN or ±inf.
+// kSimd types also have ldv (16 elements to floats), nonfinite_v (a -1/0 mask per lane) and rn_bits (16 floats
+// rounded to nearest, as the storage's bits in 32-bit lanes) with stv (stores such bits).
 struct F32 {
   using S = float;
+  static constexpr bool kSimd = true;
   static inline float ld(S x) { return x; }
   static inline S st(float x) { return x; }
   static inline bool nonfinite(S x) {
@@ -65,6 +106,8 @@ struct F32 {
     std::memcpy(&u, &x, 4);
     return (u & 0x7f800000u) == 0x7f800000u;
   }
+  static inline VF ldv(const S* p) { return loadv<VF>(p); }
+  static inline VI nonfinite_v(const S* p) { return (loadv<VU>(p) & 0x7f800000u) == 0x7f800000u; }
 };
 
 struct BF16 {
@@ -85,10 +128,38 @@ struct BF16 {
     return static_cast<S>((r & ~nan) | (0x7fc0u & nan));
   }
   static inline bool nonfinite(S x) { return (x & 0x7f80u) == 0x7f80u; }
+  static constexpr bool kSimd = true;
+  // 16 bf16 values zero-extended to 32-bit lanes (one vpmovzxwd with AVX-512: GCC's generic widening of the
+  // vector type takes several shuffles under its default 256-bit preference)
+  static inline VU ldbits(const S* p) {
+#if defined(__AVX512F__)
+    return bitcast<VU>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+    return __builtin_convertvector(loadv<VH>(p), VU);
+#endif
+  }
+  static inline VF ldv(const S* p) { return bitcast<VF>(ldbits(p) << 16); }  // bf16 -> fp32 is exact: a shift
+  static inline VI nonfinite_v(const S* p) { return (ldbits(p) & 0x7f80u) == 0x7f80u; }
+  // st() on 16 lanes: the bf16 bits in the low half of each 32-bit lane (NaN lanes: x != x)
+  static inline VU rn_bits(VF f) {
+    const VU u = bitcast<VU>(f);
+    const VU r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return f != f ? VU{} + 0x7fc0u : r;
+  }
+  // stores the low halves of the 32-bit lanes (vpmovdw with AVX-512)
+  static inline void stv(S* p, VU bits) {
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bitcast<__m512i>(bits)));
+#else
+    storev(p, __builtin_convertvector(bits, VH));
+#endif
+  }
+  static inline VF bits_to_float(VU bits) { return bitcast<VF>(bits << 16); }
 };
 
 struct F16 {
   using S = uint16_t;
+  static constexpr bool kSimd = false;
 #if defined(__FLT16_MAX__) && !defined(LIGHTNING_TIGER_NO_FLOAT16) && (defined(__x86_64__) || defined(__aarch64__))
   // Hardware conversions (F16C / ARMv8 fp16) where the compiler has _Float16; IEEE round-to-nearest-even.
   static inline float ld(S x) {
@@ -152,6 +223,15 @@ inline uint16_t bf16_sr(float x, uint32_t hi16) {
   return static_cast<uint16_t>((((u + hi16) >> 16) & ~nan) | (0x7fc0u & nan));
 }
 
+// sr_bits_hi16 on 16 lanes (x = key + jg)
+inline VU sr_bits_hi16_v(VU x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x >> 16;
+}
+
 // Stochastic rounding of a float to fp16: between the two fp16 neighbours lo <= x <= hi, hi iff
 // u < (x - lo)/(hi - lo) with u = (bits >> 8) * 2^-24; exact values, NaN/inf and magnitudes beyond the largest
 // finite fp16 (65504) round to nearest. Same operations, in the same order, as stochastic_round(). The other
@@ -195,7 +275,34 @@ struct Sto : B {
       return B::st(x);
     }
   }
+  // put() on 16 lanes (kSimd types): rounds x, stores it at p and returns the stored values as floats (what a
+  // load of p would give). jg: the lanes' counters (see put).
+  static inline VF putv(typename B::S* p, VF x, uint32_t key, VU jg) {
+    if constexpr (std::is_same_v<B, F32>) {
+      (void)key;
+      (void)jg;
+      storev(p, x);
+      return x;
+    } else {
+      static_assert(std::is_same_v<B, BF16>, "putv: fp32 and bf16 only");
+      VU bits;
+      if constexpr (SR) {  // bf16_sr on 16 lanes
+        const VU r = (bitcast<VU>(x) + sr_bits_hi16_v(jg + key)) >> 16;
+        bits = x != x ? VU{} + 0x7fc0u : r;
+      } else {
+        (void)key;
+        (void)jg;
+        bits = BF16::rn_bits(x);
+      }
+      BF16::stv(p, bits);
+      return BF16::bits_to_float(bits);
+    }
+  }
 };
+
+// Whether a kernel over (param, momentum) types runs on 16-lane vectors (then the scalar code does the tail).
+template <class P, class M>
+constexpr bool kSimdPair = P::kSimd && M::kSimd;
 
 // Per-tensor keys of a call: theta's and the momentum's (only read where the type rounds stochastically).
 struct Keys {
@@ -203,13 +310,13 @@ struct Keys {
 };
 
 // ---------------------------------------------------------------------------------------------- kernels
-// Calls one(i, lane, jg) for i in [0, n) with lane = i % 16 and jg = (base + i) * kGolden mod 2^32 (from the
-// element's flat index, for the random bits). Groups of 16 with an int lane loop and 32-bit values: GCC
-// vectorizes that loop (a 64-bit index computed in its body stops the vectorizer); jg of the lanes is a
-// constant vector added to the group's, not a multiplication per element.
+// Calls one(i, lane, jg) for i in [i0, n) with lane = i % 16 and jg = (base + i) * kGolden mod 2^32 (from the
+// element's flat index, for the random bits): the scalar loop, for the fp16 types and for the tails of the
+// vector loops (i0 = where they stopped, a multiple of 16). Groups of 16 with an int lane loop and 32-bit
+// values, so that GCC can still vectorize what it can of the fp16 bodies.
 template <class F>
-inline void for_lanes(int64_t n, int64_t base, F&& one) {
-  int64_t i = 0;
+inline void for_lanes(int64_t i0, int64_t n, int64_t base, F&& one) {
+  int64_t i = i0;
   for (; i + kLanes <= n; i += kLanes) {
     const uint32_t jg0 = static_cast<uint32_t>(base + i) * kGolden;
     for (int l = 0; l < kLanes; ++l) one(i + l, l, jg0 + static_cast<uint32_t>(l) * kGolden);
@@ -217,7 +324,22 @@ inline void for_lanes(int64_t n, int64_t base, F&& one) {
   for (; i < n; ++i) one(i, static_cast<int>(i % kLanes), static_cast<uint32_t>(base + i) * kGolden);
 }
 
+// The counters jg of the 16 elements from flat index base + i: that of the first plus l * kGolden in lane l.
+inline VU lane_counters(int64_t base, int64_t i) {
+  const VU step = {0u,          kGolden,      2u * kGolden,  3u * kGolden,  4u * kGolden,  5u * kGolden,
+                   6u * kGolden, 7u * kGolden,  8u * kGolden,  9u * kGolden,  10u * kGolden, 11u * kGolden,
+                   12u * kGolden, 13u * kGolden, 14u * kGolden, 15u * kGolden};
+  return step + static_cast<uint32_t>(base + i) * kGolden;
+}
+
 inline float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
+
+// sign_of on 16 lanes: ±1.0f (1.0f's bits with x's sign bit) where x < 0 or x > 0, else +0.0f (zeros, NaN)
+inline VF sign_v(VF x) {
+  const VF zero = {};
+  const VU nonzero = bitcast<VU>((x < zero) | (x > zero));
+  return bitcast<VF>(((bitcast<VU>(x) & 0x80000000u) | 0x3f800000u) & nonzero);
+}
 
 inline double combine(const float* acc) {
   double s = 0.0;
@@ -230,6 +352,14 @@ template <class P>
 double sumsq(const typename P::S* __restrict x, int64_t n) {
   float acc[kLanes] = {0.f};
   int64_t i = 0;
+  if constexpr (P::kSimd) {
+    VF a = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      const VF v = P::ldv(x + i);
+      a += v * v;
+    }
+    storev(acc, a);
+  }
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float v = P::ld(x[i + l]);
@@ -256,14 +386,20 @@ bool any_nonfinite(const typename P::S* __restrict g, int64_t n) {
   constexpr int64_t kPiece = 4096;  // early exit granularity
   for (int64_t b = 0; b < n; b += kPiece) {
     const int64_t e = std::min(n, b + kPiece);
-    uint32_t acc[kLanes] = {0};
-    int64_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) acc[l] |= static_cast<uint32_t>(P::nonfinite(g[i + l]));
-    }
-    for (; i < e; ++i) acc[0] |= static_cast<uint32_t>(P::nonfinite(g[i]));
     uint32_t any = 0;
-    for (int l = 0; l < kLanes; ++l) any |= acc[l];
+    int64_t i = b;
+    if constexpr (P::kSimd) {
+      VI acc = {};
+      for (; i + kLanes <= e; i += kLanes) acc |= P::nonfinite_v(g + i);
+      for (int l = 0; l < kLanes; ++l) any |= static_cast<uint32_t>(acc[l]);
+    } else {
+      uint32_t acc[kLanes] = {0};
+      for (; i + kLanes <= e; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) acc[l] |= static_cast<uint32_t>(P::nonfinite(g[i + l]));
+      }
+      for (int l = 0; l < kLanes; ++l) any |= acc[l];
+    }
+    for (; i < e; ++i) any |= static_cast<uint32_t>(P::nonfinite(g[i]));
     if (any) return true;
   }
   return false;
@@ -277,6 +413,17 @@ double scan_g_theta(const typename P::S* __restrict g, const typename P::S* __re
   float acc[kLanes] = {0.f};
   uint32_t bad = 0;
   int64_t i = 0;
+  if constexpr (P::kSimd) {
+    VF a = {};
+    VI b = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      const VF v = P::ldv(th + i);
+      a += v * v;
+      b |= P::nonfinite_v(g + i);
+    }
+    storev(acc, a);
+    for (int l = 0; l < kLanes; ++l) bad |= static_cast<uint32_t>(b[l]);
+  }
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float v = P::ld(th[i + l]);
@@ -305,7 +452,19 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
   float acc[kLanes];  // a local copy keeps the lanes in registers; same accumulation order as one long pass
   std::memcpy(acc, acc_io, sizeof(acc));
   const uint32_t kp = k.p, km = k.m;  // locals, not members of a by-reference capture: keeps it vectorizable
-  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
+  int64_t i0 = 0;
+  if constexpr (kSimdPair<P, M>) {
+    VF a = loadv<VF>(acc);
+    for (; i0 + kLanes <= n; i0 += kLanes) {
+      const VU jg = lane_counters(base, i0);
+      const VF mn = b1 * M::ldv(m + i0) + b2 * P::ldv(g + i0);
+      const VF s = sign_v(M::putv(m + i0, mn, km, jg));  // sign of the momentum as stored
+      const VF v = P::putv(th + i0, P::ldv(th + i0) * decay - eta * s, kp, jg);
+      if (WantSS) a += v * v;
+    }
+    storev(acc, a);
+  }
+  for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
     const float mn = b1 * M::ld(m[i]) + b2 * P::ld(g[i]);
     const typename M::S ms = M::put(mn, km, jg);
     m[i] = ms;
@@ -325,7 +484,14 @@ template <class P, class M>
 void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2,
                     Keys k, int64_t base) {
   const uint32_t km = k.m;  // locals, not members of a by-reference capture: keeps the loop vectorizable
-  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
+  int64_t i0 = 0;
+  if constexpr (kSimdPair<P, M>) {
+    for (; i0 + kLanes <= n; i0 += kLanes) {
+      M::putv(m + i0, b1 * M::ldv(m + i0) + b2 * P::ldv(g + i0), km, lane_counters(base, i0));
+    }
+  }
+  for_lanes(i0, n, base,
+            [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
 }
 
 // The optimistic path checks g piece by piece (kCheckPiece elements: 2 KiB of fp32, still in L1 when the update
@@ -405,7 +571,16 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
 template <class P, bool WantSS>
 double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, uint32_t key, int64_t base) {
   float acc[kLanes] = {0.f};
-  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
+  int64_t i0 = 0;
+  if constexpr (P::kSimd) {
+    VF a = {};
+    for (; i0 + kLanes <= n; i0 += kLanes) {
+      const VF v = P::putv(th + i0, (P::ldv(th + i0) - c) * s + c, key, lane_counters(base, i0));
+      if (WantSS) a += v * v;
+    }
+    storev(acc, a);
+  }
+  for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
     const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, key, jg);
     th[i] = ts;
     if (WantSS) {
@@ -421,7 +596,18 @@ template <class P, class M>
 void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
                  int64_t n, float b1, float c1, float b2, float c2, float lr, float decay, Keys k, int64_t base) {
   const uint32_t kp = k.p, km = k.m;
-  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) {
+  int64_t i0 = 0;
+  if constexpr (kSimdPair<P, M>) {
+    for (; i0 + kLanes <= n; i0 += kLanes) {
+      const VU jg = lane_counters(base, i0);
+      const VF mo = M::ldv(m + i0);
+      const VF gi = P::ldv(g + i0);
+      const VF c = b1 * mo + c1 * gi;
+      P::putv(th + i0, P::ldv(th + i0) * decay - lr * sign_v(c), kp, jg);
+      M::putv(m + i0, b2 * mo + c2 * gi, km, jg);
+    }
+  }
+  for_lanes(i0, n, base, [&](int64_t i, int, uint32_t jg) {
     const float mo = M::ld(m[i]);
     const float gi = P::ld(g[i]);
     const float c = b1 * mo + c1 * gi;
