@@ -71,6 +71,7 @@ typedef float VF __attribute__((vector_size(64)));
 typedef uint32_t VU __attribute__((vector_size(64)));
 typedef int32_t VI __attribute__((vector_size(64)));
 typedef uint16_t VH __attribute__((vector_size(32)));
+typedef uint16_t VW __attribute__((vector_size(64)));  // 32 lanes of 16 bits (the finiteness scan of bf16)
 
 template <class V>
 inline V loadv(const void* p) {
@@ -94,8 +95,8 @@ inline VU splat(uint32_t x) { return VU{} + x; }
 
 // ---------------------------------------------------------------------------------------------- dtypes
 // S: the storage type; ld/st: one element to/from float (st rounds to nearest even); nonfinite: NaN or ±inf.
-// kSimd types also have ldv (16 elements to floats), nonfinite_v (a -1/0 mask per lane) and rn_bits (16 floats
-// rounded to nearest, as the storage's bits in 32-bit lanes) with stv (stores such bits).
+// kSimd types also have ldv (16 elements to floats), nonfinite_v (a -1/0 mask per lane), exp_max/exp_all_ones
+// (the finiteness scan) and stv/stv2 (store 16/32 rounded values given as 32-bit "bits", see BF16).
 struct F32 {
   using S = float;
   static constexpr bool kSimd = true;
@@ -108,6 +109,25 @@ struct F32 {
   }
   static inline VF ldv(const S* p) { return loadv<VF>(p); }
   static inline VI nonfinite_v(const S* p) { return (loadv<VU>(p) & 0x7f800000u) == 0x7f800000u; }
+  // "bits" of 16 rounded values (see BF16): here the floats' own bits
+  static inline void stv(S* p, VU bits) { storev(p, bits); }
+  static inline void stv2(S* p, VU lo, VU hi) {
+    storev(p, lo);
+    storev(p + kLanes, hi);
+  }
+  // finiteness scan: acc = lane-wise max of the exponent fields of kScan elements; some element is NaN/±inf
+  // iff a lane of acc ends with the all-ones exponent (two operations per vector instead of four for a mask)
+  static constexpr int kScan = 16;
+  static inline VU exp_max(VU acc, const S* p) {
+    const VU e = loadv<VU>(p) & 0x7f800000u;
+    return acc > e ? acc : e;
+  }
+  static inline bool exp_all_ones(VU acc) {
+    const VI hit = acc == 0x7f800000u;
+    int any = 0;
+    for (int l = 0; l < kLanes; ++l) any |= hit[l];
+    return any != 0;
+  }
 };
 
 struct BF16 {
@@ -140,21 +160,44 @@ struct BF16 {
   }
   static inline VF ldv(const S* p) { return bitcast<VF>(ldbits(p) << 16); }  // bf16 -> fp32 is exact: a shift
   static inline VI nonfinite_v(const S* p) { return (ldbits(p) & 0x7f80u) == 0x7f80u; }
-  // st() on 16 lanes: the bf16 bits in the low half of each 32-bit lane (NaN lanes: x != x)
+  static constexpr int kScan = 32;  // see F32::exp_max; here on 32 lanes of 16 bits
+  static inline VU exp_max(VU acc, const S* p) {
+    const VW a = bitcast<VW>(acc), e = loadv<VW>(p) & static_cast<uint16_t>(0x7f80u);
+    return bitcast<VU>(a > e ? a : e);
+  }
+  static inline bool exp_all_ones(VU acc) {
+    const auto hit = bitcast<VW>(acc) == static_cast<uint16_t>(0x7f80u);
+    int any = 0;
+    for (int l = 0; l < 32; ++l) any |= hit[l];
+    return any != 0;
+  }
+  // Rounded values are handled as "bits": 32-bit lanes whose high half is the bf16 value (the low half is
+  // ignored), so that the float of the stored value is bits & 0xffff0000 and no shift is needed to store.
+  // st() on 16 lanes (NaN lanes: x != x)
   static inline VU rn_bits(VF f) {
     const VU u = bitcast<VU>(f);
-    const VU r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    return f != f ? VU{} + 0x7fc0u : r;
+    return f != f ? VU{} + 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
   }
-  // stores the low halves of the 32-bit lanes (vpmovdw with AVX-512)
+  static inline VF bits_to_float(VU bits) { return bitcast<VF>(bits & 0xffff0000u); }
+  // stores the high halves of 16 lanes (vpmovdw with AVX-512)
   static inline void stv(S* p, VU bits) {
 #if defined(__AVX512F__)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bitcast<__m512i>(bits)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bitcast<__m512i>(bits >> 16)));
 #else
-    storev(p, __builtin_convertvector(bits, VH));
+    storev(p, __builtin_convertvector(bits >> 16, VH));
 #endif
   }
-  static inline VF bits_to_float(VU bits) { return bitcast<VF>(bits << 16); }
+  // stores the high halves of 32 lanes, lo's then hi's (one vpermt2w with AVX512BW: cheaper than two vpmovdw)
+  static inline void stv2(S* p, VU lo, VU hi) {
+#if defined(__AVX512BW__)
+    const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                                         25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bitcast<__m512i>(lo), odd, bitcast<__m512i>(hi)));
+#else
+    stv(p, lo);
+    stv(p + kLanes, hi);
+#endif
+  }
 };
 
 struct F16 {
@@ -275,26 +318,21 @@ struct Sto : B {
       return B::st(x);
     }
   }
-  // put() on 16 lanes (kSimd types): rounds x, stores it at p and returns the stored values as floats (what a
-  // load of p would give). jg: the lanes' counters (see put).
-  static inline VF putv(typename B::S* p, VF x, uint32_t key, VU jg) {
+  // put() on 16 lanes (kSimd types), without the store: rounds x, sets `bits` for B::stv/stv2 and returns the
+  // rounded values as floats (what a load of the stored values gives). kj: the lanes' key + jg (see put and
+  // lane_hash_inputs).
+  static inline VF roundv(VF x, VU kj, VU& bits) {
+    (void)kj;
     if constexpr (std::is_same_v<B, F32>) {
-      (void)key;
-      (void)jg;
-      storev(p, x);
+      bits = bitcast<VU>(x);
       return x;
     } else {
-      static_assert(std::is_same_v<B, BF16>, "putv: fp32 and bf16 only");
-      VU bits;
+      static_assert(std::is_same_v<B, BF16>, "roundv: fp32 and bf16 only");
       if constexpr (SR) {  // bf16_sr on 16 lanes
-        const VU r = (bitcast<VU>(x) + sr_bits_hi16_v(jg + key)) >> 16;
-        bits = x != x ? VU{} + 0x7fc0u : r;
+        bits = x != x ? VU{} + 0x7fc00000u : bitcast<VU>(x) + sr_bits_hi16_v(kj);
       } else {
-        (void)key;
-        (void)jg;
         bits = BF16::rn_bits(x);
       }
-      BF16::stv(p, bits);
       return BF16::bits_to_float(bits);
     }
   }
@@ -303,6 +341,25 @@ struct Sto : B {
 // Whether a kernel over (param, momentum) types runs on 16-lane vectors (then the scalar code does the tail).
 template <class P, class M>
 constexpr bool kSimdPair = P::kSimd && M::kSimd;
+
+// The vector loops: body(i, k) for the 16 elements from i, where k (0 or 1) says which half of a pair of
+// vectors they are, then store(i, pair) with pair = 2 (32 elements from i: bf16 stores them with one
+// instruction) or 1; returns where the scalar tail starts.
+template <class Body, class Store>
+inline int64_t vec_loop(int64_t n, Body&& body, Store&& store) {
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    body(i, 0);
+    body(i + kLanes, 1);
+    store(i, 2);
+  }
+  if (i + kLanes <= n) {
+    body(i, 0);
+    store(i, 1);
+    i += kLanes;
+  }
+  return i;
+}
 
 // Per-tensor keys of a call: theta's and the momentum's (only read where the type rounds stochastically).
 struct Keys {
@@ -324,21 +381,29 @@ inline void for_lanes(int64_t i0, int64_t n, int64_t base, F&& one) {
   for (; i < n; ++i) one(i, static_cast<int>(i % kLanes), static_cast<uint32_t>(base + i) * kGolden);
 }
 
-// The counters jg of the 16 elements from flat index base + i: that of the first plus l * kGolden in lane l.
-inline VU lane_counters(int64_t base, int64_t i) {
+// The hash inputs key + jg of the 16 elements from flat index `base` (jg: see for_lanes): key + that of the
+// first plus l * kGolden in lane l. The next 16 elements' are these + kGolden16 (mod 2^32, like jg).
+constexpr uint32_t kGolden16 = 16u * kGolden;
+inline VU lane_hash_inputs(uint32_t key, int64_t base) {
   const VU step = {0u,          kGolden,      2u * kGolden,  3u * kGolden,  4u * kGolden,  5u * kGolden,
                    6u * kGolden, 7u * kGolden,  8u * kGolden,  9u * kGolden,  10u * kGolden, 11u * kGolden,
                    12u * kGolden, 13u * kGolden, 14u * kGolden, 15u * kGolden};
-  return step + static_cast<uint32_t>(base + i) * kGolden;
+  return step + (static_cast<uint32_t>(base) * kGolden + key);
 }
 
 inline float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
 
 // sign_of on 16 lanes: ±1.0f (1.0f's bits with x's sign bit) where x < 0 or x > 0, else +0.0f (zeros, NaN)
 inline VF sign_v(VF x) {
+#if defined(__AVX512F__)
+  // one compare into a mask and one zero-masked ternary logic op: (x & sign bit) | 1.0f (imm 0xEA = A&B | C)
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(bitcast<__m512>(x), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  return bitcast<VF>(_mm512_maskz_ternarylogic_epi32(nonzero, bitcast<__m512i>(x), _mm512_set1_epi32(INT32_MIN),
+                                                     _mm512_set1_epi32(0x3f800000), 0xEA));
+#else
   const VF zero = {};
-  const VU nonzero = bitcast<VU>((x < zero) | (x > zero));
-  return bitcast<VF>(((bitcast<VU>(x) & 0x80000000u) | 0x3f800000u) & nonzero);
+  return bitcast<VF>((x < zero) | (x > zero) ? (bitcast<VU>(x) & 0x80000000u) | 0x3f800000u : VU{});
+#endif
 }
 
 inline double combine(const float* acc) {
@@ -389,9 +454,9 @@ bool any_nonfinite(const typename P::S* __restrict g, int64_t n) {
     uint32_t any = 0;
     int64_t i = b;
     if constexpr (P::kSimd) {
-      VI acc = {};
-      for (; i + kLanes <= e; i += kLanes) acc |= P::nonfinite_v(g + i);
-      for (int l = 0; l < kLanes; ++l) any |= static_cast<uint32_t>(acc[l]);
+      VU acc = {};
+      for (; i + P::kScan <= e; i += P::kScan) acc = P::exp_max(acc, g + i);
+      any = P::exp_all_ones(acc);
     } else {
       uint32_t acc[kLanes] = {0};
       for (; i + kLanes <= e; i += kLanes) {
@@ -455,13 +520,27 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
   int64_t i0 = 0;
   if constexpr (kSimdPair<P, M>) {
     VF a = loadv<VF>(acc);
-    for (; i0 + kLanes <= n; i0 += kLanes) {
-      const VU jg = lane_counters(base, i0);
-      const VF mn = b1 * M::ldv(m + i0) + b2 * P::ldv(g + i0);
-      const VF s = sign_v(M::putv(m + i0, mn, km, jg));  // sign of the momentum as stored
-      const VF v = P::putv(th + i0, P::ldv(th + i0) * decay - eta * s, kp, jg);
-      if (WantSS) a += v * v;
-    }
+    VU hp = lane_hash_inputs(kp, base), hm = lane_hash_inputs(km, base);
+    VU tb[2], mb[2];  // rounded theta and m of a pair of vectors
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          const VF mn = b1 * M::ldv(m + i) + b2 * P::ldv(g + i);
+          const VF s = sign_v(M::roundv(mn, hm, mb[k]));  // sign of the momentum as stored
+          const VF v = P::roundv(P::ldv(th + i) * decay - eta * s, hp, tb[k]);
+          if (WantSS) a += v * v;
+          hp += kGolden16;
+          hm += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            M::stv2(m + i, mb[0], mb[1]);
+            P::stv2(th + i, tb[0], tb[1]);
+          } else {
+            M::stv(m + i, mb[0]);
+            P::stv(th + i, tb[0]);
+          }
+        });
     storev(acc, a);
   }
   for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
@@ -486,9 +565,21 @@ void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict
   const uint32_t km = k.m;  // locals, not members of a by-reference capture: keeps the loop vectorizable
   int64_t i0 = 0;
   if constexpr (kSimdPair<P, M>) {
-    for (; i0 + kLanes <= n; i0 += kLanes) {
-      M::putv(m + i0, b1 * M::ldv(m + i0) + b2 * P::ldv(g + i0), km, lane_counters(base, i0));
-    }
+    VU hm = lane_hash_inputs(km, base);
+    VU mb[2];
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          M::roundv(b1 * M::ldv(m + i) + b2 * P::ldv(g + i), hm, mb[k]);
+          hm += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            M::stv2(m + i, mb[0], mb[1]);
+          } else {
+            M::stv(m + i, mb[0]);
+          }
+        });
   }
   for_lanes(i0, n, base,
             [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
@@ -574,10 +665,22 @@ double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, u
   int64_t i0 = 0;
   if constexpr (P::kSimd) {
     VF a = {};
-    for (; i0 + kLanes <= n; i0 += kLanes) {
-      const VF v = P::putv(th + i0, (P::ldv(th + i0) - c) * s + c, key, lane_counters(base, i0));
-      if (WantSS) a += v * v;
-    }
+    VU hp = lane_hash_inputs(key, base);
+    VU tb[2];
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          const VF v = P::roundv((P::ldv(th + i) - c) * s + c, hp, tb[k]);
+          if (WantSS) a += v * v;
+          hp += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            P::stv2(th + i, tb[0], tb[1]);
+          } else {
+            P::stv(th + i, tb[0]);
+          }
+        });
     storev(acc, a);
   }
   for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
@@ -598,14 +701,28 @@ void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g
   const uint32_t kp = k.p, km = k.m;
   int64_t i0 = 0;
   if constexpr (kSimdPair<P, M>) {
-    for (; i0 + kLanes <= n; i0 += kLanes) {
-      const VU jg = lane_counters(base, i0);
-      const VF mo = M::ldv(m + i0);
-      const VF gi = P::ldv(g + i0);
-      const VF c = b1 * mo + c1 * gi;
-      P::putv(th + i0, P::ldv(th + i0) * decay - lr * sign_v(c), kp, jg);
-      M::putv(m + i0, b2 * mo + c2 * gi, km, jg);
-    }
+    VU hp = lane_hash_inputs(kp, base), hm = lane_hash_inputs(km, base);
+    VU tb[2], mb[2];
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          const VF mo = M::ldv(m + i);
+          const VF gi = P::ldv(g + i);
+          const VF c = b1 * mo + c1 * gi;
+          P::roundv(P::ldv(th + i) * decay - lr * sign_v(c), hp, tb[k]);
+          M::roundv(b2 * mo + c2 * gi, hm, mb[k]);
+          hp += kGolden16;
+          hm += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            P::stv2(th + i, tb[0], tb[1]);
+            M::stv2(m + i, mb[0], mb[1]);
+          } else {
+            P::stv(th + i, tb[0]);
+            M::stv(m + i, mb[0]);
+          }
+        });
   }
   for_lanes(i0, n, base, [&](int64_t i, int, uint32_t jg) {
     const float mo = M::ld(m[i]);
