@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.update(rows_for(_load_ref(args.ref), shape, count, g32, g16, "ref "))
     if args.cpu_time and args.threads != "1":
         parser.error("--cpu-time needs --threads 1")
-    results = {t: run(t, rows, args.rounds, numel, args.reps, args.cpu_time) for t in (int(x) for x in args.threads.split(","))}
+    threads = [int(x) for x in args.threads.split(",")]
+    results = {t: run(t, rows, args.rounds, numel, args.reps, args.cpu_time) for t in threads}
     if args.json is not None:
         args.json.write_text(json.dumps(dict(shape=args.shape, rounds=args.rounds, results=results), indent=2))
     return results
