@@ -15,10 +15,12 @@ Lion fp32 (20), Tiger fp32 θ + bf16 m with and without momentum stochastic roun
 with stochastic rounding and to nearest (10), and ``a.add_(b)`` (12) for the in-place bandwidth, from which
 "x bound" = time / (bytes / bandwidth).
 
-``--ref OLD.cpp``: also builds another version of ``fused_optim.cpp`` (e.g. ``git show main:<path> > old.cpp``)
-under the op namespace ``lightning_tiger_ref`` and times the same rows on it, in the same rounds, for a
-before/after comparison. Nothing is written to ``benchmarks/results/`` (the reference figures are those of
-``benchmarks/optimizer_step.py``); ``--json PATH`` writes the table.
+``--ref OLD.cpp`` (repeatable): also builds another version of ``fused_optim.cpp`` (e.g.
+``git show main:lightning_tiger/optim/csrc/fused_optim.cpp > old.cpp``) under the op namespace
+``lightning_tiger_ref<k>`` and times the same rows on it ("ref<k> ..."), in the same rounds, for a before/after
+comparison; ``--only TEXT`` keeps the rows whose name contains TEXT (plus the bandwidth and AdamW rows). Nothing
+is written to ``benchmarks/results/`` (the reference figures are those of ``benchmarks/optimizer_step.py``);
+``--json PATH`` writes the table.
 """
 
 from __future__ import annotations
@@ -37,18 +39,19 @@ from lightning_tiger.optim import build
 from lightning_tiger.optim.stochastic_rounding import step_key
 
 
-def _load_ref(src: Path) -> str:
-    """Builds ``src`` with its op library renamed to ``lightning_tiger_ref``; returns that namespace."""
+def _load_ref(src: Path, k: int) -> str:
+    """Builds ``src`` with its op library renamed to ``lightning_tiger_ref<k>``; returns that namespace."""
     from torch.utils import cpp_extension
 
-    text = src.read_text().replace("TORCH_LIBRARY(lightning_tiger,", "TORCH_LIBRARY(lightning_tiger_ref,")
-    text = text.replace("TORCH_LIBRARY_IMPL(lightning_tiger,", "TORCH_LIBRARY_IMPL(lightning_tiger_ref,")
+    ns = f"lightning_tiger_ref{k}"
+    text = src.read_text().replace("TORCH_LIBRARY(lightning_tiger,", f"TORCH_LIBRARY({ns},")
+    text = text.replace("TORCH_LIBRARY_IMPL(lightning_tiger,", f"TORCH_LIBRARY_IMPL({ns},")
     folder = Path(tempfile.mkdtemp(prefix="lt_ref_"))
     (folder / "ref.cpp").write_text(text)
     cflags, ldflags = build.flag_sets()[0]
-    cpp_extension.load(name="lt_ref_kernel", sources=[str(folder / "ref.cpp")], extra_cflags=cflags,
+    cpp_extension.load(name=f"lt_ref_kernel{k}", sources=[str(folder / "ref.cpp")], extra_cflags=cflags,
                        extra_ldflags=ldflags, build_directory=str(folder), is_python_module=False, verbose=False)
-    return "lightning_tiger_ref"
+    return ns
 
 
 class TigerRow:
@@ -147,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shape", default="3x4096x4096", help="COUNTxD0xD1...: COUNT tensors of that shape")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--ref", type=Path, default=None, help="another fused_optim.cpp to time side by side")
+    parser.add_argument("--ref", type=Path, action="append", default=[],
+                        help="another fused_optim.cpp to time side by side (repeatable: 'ref0 ', 'ref1 ', ...)")
+    parser.add_argument("--only", default=None, help="time only the rows whose name contains this text")
     parser.add_argument("--reps", type=int, default=1,
                         help="calls per timed sample (for small, cache-resident shapes: compute throughput)")
     parser.add_argument("--cpu-time", action="store_true",
@@ -172,8 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
     adam = torch.optim.AdamW(adam_params, lr=1e-3, weight_decay=0.01, fused=True)
     rows["torch AdamW fused"] = (adam.step, 28)
     rows.update(rows_for("lightning_tiger", shape, count, g32, g16, ""))
-    if args.ref is not None:
-        rows.update(rows_for(_load_ref(args.ref), shape, count, g32, g16, "ref "))
+    for k, src in enumerate(args.ref):
+        rows.update(rows_for(_load_ref(src, k), shape, count, g32, g16, f"ref{k} "))
+    if args.only:
+        keep = ("bandwidth a.add_(b)", "torch AdamW fused")
+        rows = {name: row for name, row in rows.items() if name in keep or args.only in name}
     if args.cpu_time and args.threads != "1":
         parser.error("--cpu-time needs --threads 1")
     threads = [int(x) for x in args.threads.split(",")]
