@@ -71,6 +71,11 @@ constexpr int64_t kBlock = 16384;  // elements per work item (64 KiB of fp32): L
 // same IEEE operations in the same order (no FMA: -ffp-contract=off): the results are bit-identical to the
 // scalar code, which still handles the tails (n % 16) and the fp16 types.
 constexpr int kLanes = 16;  // lanes of the vectors, of the sums of squares and of the finiteness checks
+#if defined(__GNUC__) && !defined(__clang__)
+// Without AVX-512 GCC notes that passing 64-byte vectors by value "changes the ABI": irrelevant here, every
+// function taking them is internal to this file (anonymous namespace) and inlined.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float VF __attribute__((vector_size(64)));
 typedef uint32_t VU __attribute__((vector_size(64)));
 typedef int32_t VI __attribute__((vector_size(64)));
