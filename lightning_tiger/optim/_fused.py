@@ -77,8 +77,10 @@ Optimization Algorithms", Algorithm 2, the paper's order):
 
 Supported: dense contiguous CPU tensors; params float32/bfloat16/float16, grads of the param dtype, momenta
 float32 or the param dtype, and float32 params with a bfloat16/float16 momentum (:func:`fused_supports`).
-bf16 loads, stores and stochastic rounding are vectorized; fp16 conversions are not (GCC 12 does not vectorize
-them here), so fp16 tensors run several times slower than bf16 ones (still one pass, no allocation).
+The fp32/bf16 loops are written on 16-lane vectors (bf16 conversions, rounding to nearest even and the
+stochastic-rounding hash as integer vector operations, bit-identical to the scalar definitions) with software
+prefetch; fp16 conversions stay scalar, so fp16 tensors run several times slower than bf16 ones (still one pass,
+no allocation).
 No CUDA kernel: on GPUs the ``foreach`` path of ``_functional.py`` is used (``fused_available("cuda")`` is
 False).
 

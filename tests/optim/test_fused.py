@@ -1,4 +1,8 @@
-"""Fused C++ Tiger/Lion kernels against the straightforward references of tests/optim/reference.py (SPEC §1.1/1.2).
+"""Fused C++ Tiger/Lion kernels against the straightforward references of tests/optim/reference.py.
+
+Formulas: Tiger (Su, 2023, "Tiger: 一个“抠”到极致的优化器", kexue.fm/archives/9512, and bojone/tiger ``tiger.py``
+for the gradient accumulation folded into the momentum) and Lion (Chen et al., 2023, "Symbolic Discovery of
+Optimization Algorithms", arXiv:2302.06675, Algorithm 2).
 
 The reference works in float64 per tensor; the kernels compute in float32 and round once to the storage dtype, so
 comparisons allow fp32 rounding (and one ulp of bf16/fp16 for low-precision storage). Where a NaN/inf is
@@ -70,7 +74,7 @@ SHAPES = [(0,), (1,), (1, 1), (3, 0), (7,), (33, 17), (BLOCK + 5,), (5, 3, 4), (
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("update", [True, False])
 def test_tiger_matches_reference_fp32(mode: int, update: bool) -> None:
-    k, t = (1, 0) if update else (4, 1)  # non-final micro-step: b1 = 1 (SPEC §1.2 accumulation)
+    k, t = (1, 0) if update else (4, 1)  # non-final micro-step: b1 = 1 (accumulation, bojone/tiger)
     params, moms, rp, rm, _, flags, ref_flags = _run_both(SHAPES, [mode] * len(SHAPES), k=k, t=t)
     assert flags == ref_flags == [False] * len(SHAPES)
     for p, r in zip(params, rp):

@@ -253,6 +253,54 @@ def test_rounding_of_arbitrary_values_matches_stochastic_round(mdtype) -> None:
         assert torch.equal(m[~nan].view(torch.int16), want[~nan].view(torch.int16))
 
 
+def _from_bits(bits: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Values with the given bit patterns (NaN payloads and signs included)."""
+    ity = torch.int32 if dtype == F32 else torch.int16
+    width = 32 if dtype == F32 else 16
+    return torch.tensor([b - (1 << width) if b >= 1 << (width - 1) else b for b in bits], dtype=ity).view(dtype)
+
+
+@pytest.mark.parametrize("sr", [False, True])
+def test_bf16_rounding_of_special_values_at_every_position(sr) -> None:
+    """NaNs (either sign, several payloads), ±inf, ±0, subnormals, ties and the largest finite values at every
+    position of runs of 61 elements (a pair of 16-lane vectors, a single vector and a 13-element scalar tail in
+    the kernel) and 100 (no single vector): the bf16 bits of a rounded momentum (from fp32 g) and of a rounded
+    bf16 θ equal the reference's bit for bit (torch's cast, or stochastic_round), and every NaN is stored as
+    0x7FC0 (c10::BFloat16's rule; torch's own vectorized cast writes 0xFFFF instead, so the reference's NaN
+    bits depend on where an element falls, and only NaN-ness is compared there)."""
+
+    def check(got: torch.Tensor, want: torch.Tensor) -> None:
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+        assert bool((got[nan].view(torch.int16) == 0x7FC0).all())
+
+    g_special = torch.cat([
+        _from_bits([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FA12345], F32),
+        torch.tensor([math.inf, -math.inf, 0.0, -0.0, 2.0**-149, -(2.0**-140), 3.3895e38, -3.3895e38, 3.3e38,
+                      1 + 2.0**-8, 1 + 3 * 2.0**-8, -(1 + 2.0**-8), 0.1, -7.5e-39]),
+    ])
+    p_special = _from_bits([0x7FC1, 0xFFC0, 0x7F81, 0xFF81, 0x7F80, 0xFF80, 0x0000, 0x8000, 0x0001, 0x8003,
+                            0x7F7F, 0xFF7F, 0x3F80, 0x3DCD], BF16)
+    for n in (61, 100):
+        for shift in range(max(len(g_special), len(p_special))):
+            keys = [(shift * 2654435761 + n) % 2**32] if sr else None
+            g = g_special.roll(shift).repeat(n // len(g_special) + 1)[:n].clone()
+            p, m = torch.zeros(n), torch.zeros(n, dtype=BF16)
+            want_p, want_m = ref_lion([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, wd=0.0, keys=keys,
+                                      momentum_sr=True)
+            _fused.lion_step_([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0, sr_keys=keys)
+            check(m, want_m[0])  # (θ: sign(NaN) is 0 in the kernel, NaN in the reference; not compared)
+            gen = torch.Generator().manual_seed(shift)
+            p = p_special.roll(shift).repeat(n // len(p_special) + 1)[:n].clone()
+            g, m = torch.randn(n, generator=gen).to(BF16), torch.randn(n, generator=gen).to(BF16)
+            want_p, want_m = ref_lion([p], [g], [m], lr=2.0**-4, beta1=0.9, beta2=0.99, wd=0.5, keys=keys,
+                                      momentum_sr=True)
+            _fused.lion_step_([p], [g], [m], lr=2.0**-4, beta1=0.9, beta2=0.99, weight_decay=0.5, sr_keys=keys)
+            check(p, want_p[0])
+            check(m, want_m[0])
+
+
 @pytest.mark.parametrize("pdtype", [BF16, F16])
 def test_kernel_rounding_is_unbiased(pdtype) -> None:
     """Mean of θ_new over many keys = the fp32 update (within 5 standard errors of the Bernoulli draw), while

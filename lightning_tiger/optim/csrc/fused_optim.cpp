@@ -33,12 +33,20 @@
 // squares of the *new* theta (returned for the caller's cache) uses exactly the same blocks and lanes, so a
 // cached value is bit-identical to a recomputed one. Compiled with -ffp-contract=off: no FMA contraction, so
 // results do not depend on the ISA the kernels were built for.
+//
+// Speed: a step is a stream over a few arrays. The fp32/bf16 loops run on explicit 16-lane vectors (section
+// SIMD: bf16 widening/narrowing, round to nearest even and the stochastic-rounding hash as integer vector
+// operations, no per-element branches) and prefetch kPrefetchBytes ahead in software; fp16 stays scalar.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Half.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -53,17 +61,81 @@
 namespace {
 
 constexpr int64_t kBlock = 16384;  // elements per work item (64 KiB of fp32): L1/L2-friendly, cheap to schedule
-constexpr int kLanes = 16;         // lanes of the sums of squares and of the finiteness checks
+
+// ---------------------------------------------------------------------------------------------- SIMD
+// The loops over fp32/bf16 data work on 16 lanes at a time with GCC/Clang vector extensions (one AVX-512
+// register, two AVX2 ones, four SSE ones: the compiler splits the type for the ISA it targets). Written as
+// vectors rather than left to the auto-vectorizer, which handled the mixed 16/32-bit lanes of bf16 poorly (and
+// versioned every 16-element group for aliasing). Lane l of a vector holds element i + l, so the lanes of the
+// sums of squares are the same as in the scalar code (lane = index % 16) and every element goes through the
+// same IEEE operations in the same order (no FMA: -ffp-contract=off): the results are bit-identical to the
+// scalar code, which still handles the tails (n % 16) and the fp16 types.
+constexpr int kLanes = 16;  // lanes of the vectors, of the sums of squares and of the finiteness checks
+#if defined(__GNUC__) && !defined(__clang__)
+// Without AVX-512 GCC notes that passing 64-byte vectors by value "changes the ABI": irrelevant here, every
+// function taking them is internal to this file (anonymous namespace) and inlined.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float VF __attribute__((vector_size(64)));
+typedef uint32_t VU __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+typedef uint16_t VH __attribute__((vector_size(32)));
+typedef uint16_t VW __attribute__((vector_size(64)));  // 32 lanes of 16 bits (the finiteness scan of bf16)
+
+template <class V>
+inline V loadv(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));  // unaligned load
+  return v;
+}
+template <class V>
+inline void storev(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <class To, class From>
+inline To bitcast(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  std::memcpy(&t, &v, sizeof(To));
+  return t;
+}
+inline VF splat(float x) { return VF{} + x; }
+inline VU splat(uint32_t x) { return VU{} + x; }
 
 // ---------------------------------------------------------------------------------------------- dtypes
+// S: the storage type; ld/st: one element to/from float (st rounds to nearest even); nonfinite: NaN or ±inf.
+// kSimd types also have ldv (16 elements to floats), nonfinite_v (a -1/0 mask per lane), exp_max/exp_all_ones
+// (the finiteness scan) and stv/stv2 (store 16/32 rounded values given as 32-bit "bits", see BF16).
 struct F32 {
   using S = float;
+  static constexpr bool kSimd = true;
   static inline float ld(S x) { return x; }
   static inline S st(float x) { return x; }
   static inline bool nonfinite(S x) {
     uint32_t u;
     std::memcpy(&u, &x, 4);
     return (u & 0x7f800000u) == 0x7f800000u;
+  }
+  static inline VF ldv(const S* p) { return loadv<VF>(p); }
+  static inline VI nonfinite_v(const S* p) { return (loadv<VU>(p) & 0x7f800000u) == 0x7f800000u; }
+  // "bits" of 16 rounded values (see BF16): here the floats' own bits
+  static inline void stv(S* p, VU bits) { storev(p, bits); }
+  static inline void stv2(S* p, VU lo, VU hi) {
+    storev(p, lo);
+    storev(p + kLanes, hi);
+  }
+  // finiteness scan: acc = lane-wise max of the exponent fields of kScan elements; some element is NaN/±inf
+  // iff a lane of acc ends with the all-ones exponent (two operations per vector instead of four for a mask)
+  static constexpr int kScan = 16;
+  static inline VU exp_max(VU acc, const S* p) {
+    const VU e = loadv<VU>(p) & 0x7f800000u;
+    return acc > e ? acc : e;
+  }
+  static inline bool exp_all_ones(VU acc) {
+    const VI hit = acc == 0x7f800000u;
+    int any = 0;
+    for (int l = 0; l < kLanes; ++l) any |= hit[l];
+    return any != 0;
   }
 };
 
@@ -85,10 +157,61 @@ struct BF16 {
     return static_cast<S>((r & ~nan) | (0x7fc0u & nan));
   }
   static inline bool nonfinite(S x) { return (x & 0x7f80u) == 0x7f80u; }
+  static constexpr bool kSimd = true;
+  // 16 bf16 values zero-extended to 32-bit lanes (one vpmovzxwd with AVX-512: GCC's generic widening of the
+  // vector type takes several shuffles under its default 256-bit preference)
+  static inline VU ldbits(const S* p) {
+#if defined(__AVX512F__)
+    return bitcast<VU>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#else
+    return __builtin_convertvector(loadv<VH>(p), VU);
+#endif
+  }
+  static inline VF ldv(const S* p) { return bitcast<VF>(ldbits(p) << 16); }  // bf16 -> fp32 is exact: a shift
+  static inline VI nonfinite_v(const S* p) { return (ldbits(p) & 0x7f80u) == 0x7f80u; }
+  static constexpr int kScan = 32;  // see F32::exp_max; here on 32 lanes of 16 bits
+  static inline VU exp_max(VU acc, const S* p) {
+    const VW a = bitcast<VW>(acc), e = loadv<VW>(p) & static_cast<uint16_t>(0x7f80u);
+    return bitcast<VU>(a > e ? a : e);
+  }
+  static inline bool exp_all_ones(VU acc) {
+    const auto hit = bitcast<VW>(acc) == static_cast<uint16_t>(0x7f80u);
+    int any = 0;
+    for (int l = 0; l < 32; ++l) any |= hit[l];
+    return any != 0;
+  }
+  // Rounded values are handled as "bits": 32-bit lanes whose high half is the bf16 value (the low half is
+  // ignored), so that the float of the stored value is bits & 0xffff0000 and no shift is needed to store.
+  // st() on 16 lanes (NaN lanes: x != x)
+  static inline VU rn_bits(VF f) {
+    const VU u = bitcast<VU>(f);
+    return f != f ? VU{} + 0x7fc00000u : u + 0x7fffu + ((u >> 16) & 1u);
+  }
+  static inline VF bits_to_float(VU bits) { return bitcast<VF>(bits & 0xffff0000u); }
+  // stores the high halves of 16 lanes (vpmovdw with AVX-512)
+  static inline void stv(S* p, VU bits) {
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bitcast<__m512i>(bits >> 16)));
+#else
+    storev(p, __builtin_convertvector(bits >> 16, VH));
+#endif
+  }
+  // stores the high halves of 32 lanes, lo's then hi's (one vpermt2w with AVX512BW: cheaper than two vpmovdw)
+  static inline void stv2(S* p, VU lo, VU hi) {
+#if defined(__AVX512BW__)
+    const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27,
+                                         25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    _mm512_storeu_si512(p, _mm512_permutex2var_epi16(bitcast<__m512i>(lo), odd, bitcast<__m512i>(hi)));
+#else
+    stv(p, lo);
+    stv(p + kLanes, hi);
+#endif
+  }
 };
 
 struct F16 {
   using S = uint16_t;
+  static constexpr bool kSimd = false;
 #if defined(__FLT16_MAX__) && !defined(LIGHTNING_TIGER_NO_FLOAT16) && (defined(__x86_64__) || defined(__aarch64__))
   // Hardware conversions (F16C / ARMv8 fp16) where the compiler has _Float16; IEEE round-to-nearest-even.
   static inline float ld(S x) {
@@ -152,6 +275,15 @@ inline uint16_t bf16_sr(float x, uint32_t hi16) {
   return static_cast<uint16_t>((((u + hi16) >> 16) & ~nan) | (0x7fc0u & nan));
 }
 
+// sr_bits_hi16 on 16 lanes (x = key + jg)
+inline VU sr_bits_hi16_v(VU x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x >> 16;
+}
+
 // Stochastic rounding of a float to fp16: between the two fp16 neighbours lo <= x <= hi, hi iff
 // u < (x - lo)/(hi - lo) with u = (bits >> 8) * 2^-24; exact values, NaN/inf and magnitudes beyond the largest
 // finite fp16 (65504) round to nearest. Same operations, in the same order, as stochastic_round(). The other
@@ -195,7 +327,58 @@ struct Sto : B {
       return B::st(x);
     }
   }
+  // put() on 16 lanes (kSimd types), without the store: rounds x, sets `bits` for B::stv/stv2 and returns the
+  // rounded values as floats (what a load of the stored values gives). kj: the lanes' key + jg (see put and
+  // lane_hash_inputs).
+  static inline VF roundv(VF x, VU kj, VU& bits) {
+    (void)kj;
+    if constexpr (std::is_same_v<B, F32>) {
+      bits = bitcast<VU>(x);
+      return x;
+    } else {
+      static_assert(std::is_same_v<B, BF16>, "roundv: fp32 and bf16 only");
+      if constexpr (SR) {  // bf16_sr on 16 lanes
+        bits = x != x ? VU{} + 0x7fc00000u : bitcast<VU>(x) + sr_bits_hi16_v(kj);
+      } else {
+        bits = BF16::rn_bits(x);
+      }
+      return BF16::bits_to_float(bits);
+    }
+  }
 };
+
+// Whether a kernel over (param, momentum) types runs on 16-lane vectors (then the scalar code does the tail).
+template <class P, class M>
+constexpr bool kSimdPair = P::kSimd && M::kSimd;
+
+// Software prefetch of the 32 elements kPrefetchBytes after element i of p (into L1): the loops are long
+// streams, and with a dozen vector operations per element group the out-of-order window alone does not reach
+// far enough ahead to keep memory busy. Addresses are formed as integers (a prefetch never faults).
+constexpr int64_t kPrefetchBytes = 4096;  // 2-8 KiB measured alike (benchmarks/kernel_micro.py), 16 KiB slower
+template <class T>
+inline void ahead(const T* p, int64_t i) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p + i) + kPrefetchBytes;
+  for (size_t b = 0; b < 2 * kLanes * sizeof(T); b += 64) __builtin_prefetch(reinterpret_cast<const void*>(a + b));
+}
+
+// The vector loops: body(i, k) for the 16 elements from i, where k (0 or 1) says which half of a pair of
+// vectors they are, then store(i, pair) with pair = 2 (32 elements from i: bf16 stores them with one
+// instruction) or 1; returns where the scalar tail starts.
+template <class Body, class Store>
+inline int64_t vec_loop(int64_t n, Body&& body, Store&& store) {
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    body(i, 0);
+    body(i + kLanes, 1);
+    store(i, 2);
+  }
+  if (i + kLanes <= n) {
+    body(i, 0);
+    store(i, 1);
+    i += kLanes;
+  }
+  return i;
+}
 
 // Per-tensor keys of a call: theta's and the momentum's (only read where the type rounds stochastically).
 struct Keys {
@@ -203,13 +386,13 @@ struct Keys {
 };
 
 // ---------------------------------------------------------------------------------------------- kernels
-// Calls one(i, lane, jg) for i in [0, n) with lane = i % 16 and jg = (base + i) * kGolden mod 2^32 (from the
-// element's flat index, for the random bits). Groups of 16 with an int lane loop and 32-bit values: GCC
-// vectorizes that loop (a 64-bit index computed in its body stops the vectorizer); jg of the lanes is a
-// constant vector added to the group's, not a multiplication per element.
+// Calls one(i, lane, jg) for i in [i0, n) with lane = i % 16 and jg = (base + i) * kGolden mod 2^32 (from the
+// element's flat index, for the random bits): the scalar loop, for the fp16 types and for the tails of the
+// vector loops (i0 = where they stopped, a multiple of 16). Groups of 16 with an int lane loop and 32-bit
+// values, so that GCC can still vectorize what it can of the fp16 bodies.
 template <class F>
-inline void for_lanes(int64_t n, int64_t base, F&& one) {
-  int64_t i = 0;
+inline void for_lanes(int64_t i0, int64_t n, int64_t base, F&& one) {
+  int64_t i = i0;
   for (; i + kLanes <= n; i += kLanes) {
     const uint32_t jg0 = static_cast<uint32_t>(base + i) * kGolden;
     for (int l = 0; l < kLanes; ++l) one(i + l, l, jg0 + static_cast<uint32_t>(l) * kGolden);
@@ -217,7 +400,30 @@ inline void for_lanes(int64_t n, int64_t base, F&& one) {
   for (; i < n; ++i) one(i, static_cast<int>(i % kLanes), static_cast<uint32_t>(base + i) * kGolden);
 }
 
+// The hash inputs key + jg of the 16 elements from flat index `base` (jg: see for_lanes): key + that of the
+// first plus l * kGolden in lane l. The next 16 elements' are these + kGolden16 (mod 2^32, like jg).
+constexpr uint32_t kGolden16 = 16u * kGolden;
+inline VU lane_hash_inputs(uint32_t key, int64_t base) {
+  const VU step = {0u,          kGolden,      2u * kGolden,  3u * kGolden,  4u * kGolden,  5u * kGolden,
+                   6u * kGolden, 7u * kGolden,  8u * kGolden,  9u * kGolden,  10u * kGolden, 11u * kGolden,
+                   12u * kGolden, 13u * kGolden, 14u * kGolden, 15u * kGolden};
+  return step + (static_cast<uint32_t>(base) * kGolden + key);
+}
+
 inline float sign_of(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
+
+// sign_of on 16 lanes: ±1.0f (1.0f's bits with x's sign bit) where x < 0 or x > 0, else +0.0f (zeros, NaN)
+inline VF sign_v(VF x) {
+#if defined(__AVX512F__)
+  // one compare into a mask and one zero-masked ternary logic op: (x & sign bit) | 1.0f (imm 0xEA = A&B | C)
+  const __mmask16 nonzero = _mm512_cmp_ps_mask(bitcast<__m512>(x), _mm512_setzero_ps(), _CMP_NEQ_OQ);
+  return bitcast<VF>(_mm512_maskz_ternarylogic_epi32(nonzero, bitcast<__m512i>(x), _mm512_set1_epi32(INT32_MIN),
+                                                     _mm512_set1_epi32(0x3f800000), 0xEA));
+#else
+  const VF zero = {};
+  return bitcast<VF>((x < zero) | (x > zero) ? (bitcast<VU>(x) & 0x80000000u) | 0x3f800000u : VU{});
+#endif
+}
 
 inline double combine(const float* acc) {
   double s = 0.0;
@@ -230,6 +436,15 @@ template <class P>
 double sumsq(const typename P::S* __restrict x, int64_t n) {
   float acc[kLanes] = {0.f};
   int64_t i = 0;
+  if constexpr (P::kSimd) {
+    VF a = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      if ((i & (2 * kLanes - 1)) == 0) ahead(x, i);
+      const VF v = P::ldv(x + i);
+      a += v * v;
+    }
+    storev(acc, a);
+  }
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float v = P::ld(x[i + l]);
@@ -256,14 +471,20 @@ bool any_nonfinite(const typename P::S* __restrict g, int64_t n) {
   constexpr int64_t kPiece = 4096;  // early exit granularity
   for (int64_t b = 0; b < n; b += kPiece) {
     const int64_t e = std::min(n, b + kPiece);
-    uint32_t acc[kLanes] = {0};
-    int64_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      for (int l = 0; l < kLanes; ++l) acc[l] |= static_cast<uint32_t>(P::nonfinite(g[i + l]));
-    }
-    for (; i < e; ++i) acc[0] |= static_cast<uint32_t>(P::nonfinite(g[i]));
     uint32_t any = 0;
-    for (int l = 0; l < kLanes; ++l) any |= acc[l];
+    int64_t i = b;
+    if constexpr (P::kSimd) {
+      VU acc = {};
+      for (; i + P::kScan <= e; i += P::kScan) acc = P::exp_max(acc, g + i);
+      any = P::exp_all_ones(acc);
+    } else {
+      uint32_t acc[kLanes] = {0};
+      for (; i + kLanes <= e; i += kLanes) {
+        for (int l = 0; l < kLanes; ++l) acc[l] |= static_cast<uint32_t>(P::nonfinite(g[i + l]));
+      }
+      for (int l = 0; l < kLanes; ++l) any |= acc[l];
+    }
+    for (; i < e; ++i) any |= static_cast<uint32_t>(P::nonfinite(g[i]));
     if (any) return true;
   }
   return false;
@@ -277,6 +498,21 @@ double scan_g_theta(const typename P::S* __restrict g, const typename P::S* __re
   float acc[kLanes] = {0.f};
   uint32_t bad = 0;
   int64_t i = 0;
+  if constexpr (P::kSimd) {
+    VF a = {};
+    VI b = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      if ((i & (2 * kLanes - 1)) == 0) {
+        ahead(th, i);
+        ahead(g, i);
+      }
+      const VF v = P::ldv(th + i);
+      a += v * v;
+      b |= P::nonfinite_v(g + i);
+    }
+    storev(acc, a);
+    for (int l = 0; l < kLanes; ++l) bad |= static_cast<uint32_t>(b[l]);
+  }
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float v = P::ld(th[i + l]);
@@ -305,7 +541,36 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
   float acc[kLanes];  // a local copy keeps the lanes in registers; same accumulation order as one long pass
   std::memcpy(acc, acc_io, sizeof(acc));
   const uint32_t kp = k.p, km = k.m;  // locals, not members of a by-reference capture: keeps it vectorizable
-  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
+  int64_t i0 = 0;
+  if constexpr (kSimdPair<P, M>) {
+    VF a = loadv<VF>(acc);
+    VU hp = lane_hash_inputs(kp, base), hm = lane_hash_inputs(km, base);
+    VU tb[2], mb[2];  // rounded theta and m of a pair of vectors
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          const VF mn = b1 * M::ldv(m + i) + b2 * P::ldv(g + i);
+          const VF s = sign_v(M::roundv(mn, hm, mb[k]));  // sign of the momentum as stored
+          const VF v = P::roundv(P::ldv(th + i) * decay - eta * s, hp, tb[k]);
+          if (WantSS) a += v * v;
+          hp += kGolden16;
+          hm += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            ahead(th, i);
+            ahead(g, i);
+            ahead(m, i);
+            M::stv2(m + i, mb[0], mb[1]);
+            P::stv2(th + i, tb[0], tb[1]);
+          } else {
+            M::stv(m + i, mb[0]);
+            P::stv(th + i, tb[0]);
+          }
+        });
+    storev(acc, a);
+  }
+  for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
     const float mn = b1 * M::ld(m[i]) + b2 * P::ld(g[i]);
     const typename M::S ms = M::put(mn, km, jg);
     m[i] = ms;
@@ -325,7 +590,28 @@ template <class P, class M>
 void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict m, int64_t n, float b1, float b2,
                     Keys k, int64_t base) {
   const uint32_t km = k.m;  // locals, not members of a by-reference capture: keeps the loop vectorizable
-  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
+  int64_t i0 = 0;
+  if constexpr (kSimdPair<P, M>) {
+    VU hm = lane_hash_inputs(km, base);
+    VU mb[2];
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          M::roundv(b1 * M::ldv(m + i) + b2 * P::ldv(g + i), hm, mb[k]);
+          hm += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            ahead(g, i);
+            ahead(m, i);
+            M::stv2(m + i, mb[0], mb[1]);
+          } else {
+            M::stv(m + i, mb[0]);
+          }
+        });
+  }
+  for_lanes(i0, n, base,
+            [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
 }
 
 // The optimistic path checks g piece by piece (kCheckPiece elements: 2 KiB of fp32, still in L1 when the update
@@ -405,7 +691,28 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
 template <class P, bool WantSS>
 double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, uint32_t key, int64_t base) {
   float acc[kLanes] = {0.f};
-  for_lanes(n, base, [&](int64_t i, int lane, uint32_t jg) {
+  int64_t i0 = 0;
+  if constexpr (P::kSimd) {
+    VF a = {};
+    VU hp = lane_hash_inputs(key, base);
+    VU tb[2];
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          const VF v = P::roundv((P::ldv(th + i) - c) * s + c, hp, tb[k]);
+          if (WantSS) a += v * v;
+          hp += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            P::stv2(th + i, tb[0], tb[1]);
+          } else {
+            P::stv(th + i, tb[0]);
+          }
+        });
+    storev(acc, a);
+  }
+  for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
     const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, key, jg);
     th[i] = ts;
     if (WantSS) {
@@ -421,7 +728,35 @@ template <class P, class M>
 void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g, typename M::S* __restrict m,
                  int64_t n, float b1, float c1, float b2, float c2, float lr, float decay, Keys k, int64_t base) {
   const uint32_t kp = k.p, km = k.m;
-  for_lanes(n, base, [&](int64_t i, int, uint32_t jg) {
+  int64_t i0 = 0;
+  if constexpr (kSimdPair<P, M>) {
+    VU hp = lane_hash_inputs(kp, base), hm = lane_hash_inputs(km, base);
+    VU tb[2], mb[2];
+    i0 = vec_loop(
+        n,
+        [&](int64_t i, int k) {
+          const VF mo = M::ldv(m + i);
+          const VF gi = P::ldv(g + i);
+          const VF c = b1 * mo + c1 * gi;
+          P::roundv(P::ldv(th + i) * decay - lr * sign_v(c), hp, tb[k]);
+          M::roundv(b2 * mo + c2 * gi, hm, mb[k]);
+          hp += kGolden16;
+          hm += kGolden16;
+        },
+        [&](int64_t i, int pair) {
+          if (pair == 2) {
+            ahead(th, i);
+            ahead(g, i);
+            ahead(m, i);
+            P::stv2(th + i, tb[0], tb[1]);
+            M::stv2(m + i, mb[0], mb[1]);
+          } else {
+            P::stv(th + i, tb[0]);
+            M::stv(m + i, mb[0]);
+          }
+        });
+  }
+  for_lanes(i0, n, base, [&](int64_t i, int, uint32_t jg) {
     const float mo = M::ld(m[i]);
     const float gi = P::ld(g[i]);
     const float c = b1 * mo + c1 * gi;
