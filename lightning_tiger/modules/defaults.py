@@ -172,7 +172,11 @@ def configure_default_optimization(
     if lr_scheduler is not None:
         scheduler = lr_scheduler(opt)
     else:
-        total = run_length(module.trainer)
+        try:
+            trainer = module.trainer
+        except RuntimeError:  # not attached to a Trainer (configure_optimizers called by hand): length unknown
+            trainer = None
+        total = run_length(trainer)
         if total is None:
             rank_zero_info(
                 f"{type(module).__name__}: the run's length is unknown (trainer.max_steps and max_epochs unset), "
