@@ -23,6 +23,7 @@ The top-level ``--optimizer`` / ``--lr_scheduler`` of the ``lightning-tiger`` CL
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import types
@@ -50,6 +51,8 @@ __all__ = [
     "default_ema_callbacks",
     "default_net",
     "default_param_groups",
+    "init_kwargs_from_hparams",
+    "instantiate_config",
     "run_length",
     "save_config_hyperparameters",
     "warmup_decay_knots",
@@ -260,3 +263,38 @@ def save_config_hyperparameters(
     dropped = [name for name in objects if _holds_object(module.hparams.get(name))]
     if dropped:
         module.save_hyperparameters(ignore=[*ignore, *dropped], frame=frame)
+
+
+def instantiate_config(spec: Any) -> Any:
+    """Build a jsonargparse-style ``{"class_path": ..., "init_args": {...}}`` (nested allowed); other values as is.
+
+    What LightningCLI records as hyperparameters for class-typed arguments (``net``, ``optimizer``).
+    """
+    if isinstance(spec, dict) and "class_path" in spec:
+        module_name, _, cls_name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        kwargs = {k: instantiate_config(v) for k, v in (spec.get("init_args") or {}).items()}
+        return cls(**kwargs)
+    return spec
+
+
+def init_kwargs_from_hparams(cls: type, hparams: dict[str, Any], drop: Sequence[str] = (),
+                             where: str = "checkpoint") -> dict[str, Any]:
+    """Constructor arguments of ``cls`` from saved hyperparameters, for rebuilding a module.
+
+    LightningCLI's bookkeeping keys (``_instantiator``, ``_class_path``) and ``drop`` are removed; any other key
+    that ``cls.__init__`` does not take raises a ``ValueError`` naming it (a checkpoint of another class, or of
+    an incompatible version), rather than a bare ``TypeError`` from the constructor.
+
+    Args:
+        cls: the class to rebuild.
+        hparams: ``checkpoint["hyper_parameters"]``.
+        drop: keys to leave out (e.g. training-only settings).
+        where: what the hyperparameters come from, for the message.
+    """
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_") and k not in drop}
+    unknown = set(kwargs) - set(inspect.signature(cls.__init__).parameters)
+    if unknown:
+        raise ValueError(f"{where}: hyperparameters {sorted(unknown)} are not arguments of {cls.__name__}: not a "
+                         f"{cls.__name__} checkpoint, or one from an incompatible version")
+    return kwargs

@@ -37,8 +37,6 @@ TensorBoard.
 from __future__ import annotations
 
 import copy
-import inspect
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -54,10 +52,12 @@ from lightning_tiger.modules.defaults import (
     configure_default_optimization,
     default_ema_callbacks,
     default_net,
+    init_kwargs_from_hparams,
+    instantiate_config,
     save_config_hyperparameters,
 )
 from lightning_tiger.modules.flow_solvers import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
-from lightning_tiger.modules.sample_validation import SampleValidationMixin
+from lightning_tiger.modules.sample_validation import SampleValidationMixin, sobol_normal
 from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
 __all__ = ["RectifiedFlowModule", "load_rectified_flow"]
@@ -104,14 +104,10 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
         val_steps: Euler step counts at which W2 is logged (default (1, 2, 4, 8, 100)).
         val_solver: ``"euler"`` (default) | ``"heun"`` | ``"adaptive"`` for validation sampling.
         val_seed: seed of the fixed validation noise (default 0), so curves are comparable across runs.
-        val_noise: how the fixed validation noise is drawn from the Gaussian source: ``"iid"`` (default,
-            ``torch.randn``) or ``"sobol"``, quasi-Monte Carlo: the first ``num_val_samples`` points of a
-            scrambled Sobol sequence (Sobol 1967; Owen 1995 scrambling, ``torch.quasirandom.SobolEngine``)
-            mapped through the standard normal inverse CDF. Evenly spread noise gives evenly spread samples, so
-            W2 against the reference measures the model rather than the draw: on moons (whose reference,
-            ``make_moons``, puts points on an even grid of angles) i.i.d. draws of the *true* distribution
-            score W2 ≈ 0.08 ± 0.02 at 1000 points, and one trained flow scored 0.075–0.136 over four i.i.d.
-            validation seeds but 0.055–0.062 with Sobol noise. A data-to-data source always uses its pool.
+        val_noise: the fixed validation noise of the Gaussian source: ``"iid"`` (default, ``torch.randn``) or
+            ``"sobol"`` (:func:`~lightning_tiger.modules.sample_validation.sobol_normal`; on moons one trained
+            flow scored W2 0.075–0.136 over four i.i.d. seeds, 0.055–0.062 with Sobol noise). A data-to-data
+            source always uses its pool.
         init_from: checkpoint to warm-start the network from (its ``state_dict``: EMA weights when the
             checkpoint was written with ``EMAWeightAveraging``). Typical: the previous stage's checkpoint.
         num_plot_trajectories: paths drawn in the validation picture (default 64; 0 disables the picture).
@@ -193,11 +189,7 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
     def validation_noise(self, n: int) -> Tensor:
         """The fixed source draws ``[n, *data_shape]`` (CPU) validation samples from (``val_noise``, ``val_seed``)."""
         if self.val_noise == "sobol" and self.source_pool is None:
-            dim = math.prod(self.data_shape)
-            u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=self.val_seed).draw(n, dtype=torch.float64)
-            # Scrambled points lie in (0, 1) almost surely; the clamp only guards ndtri against an exact 0 or 1.
-            u = u.clamp(1e-12, 1.0 - 1e-12)
-            return torch.special.ndtri(u).to(torch.float32).reshape(n, *self.data_shape)
+            return sobol_normal(n, self.data_shape, self.val_seed)
         return self.sample_source(n, torch.Generator().manual_seed(self.val_seed))
 
     def sample_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -431,18 +423,6 @@ def _flow_metrics_of(sol: FlowSolution, z0: Tensor) -> dict[str, Tensor]:
     return {"straightness": sol.straightness, "transport_cost": cost.double()}
 
 
-def _instantiate(spec: Any) -> Any:
-    """Instantiate a jsonargparse-style ``{"class_path": ..., "init_args": {...}}`` (nested allowed)."""
-    if isinstance(spec, dict) and "class_path" in spec:
-        import importlib
-
-        module_name, _, cls_name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        kwargs = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
-        return cls(**kwargs)
-    return spec
-
-
 def load_rectified_flow(
     checkpoint_path: str | os.PathLike[str],
     map_location: str | torch.device = "cpu",
@@ -469,26 +449,14 @@ def load_rectified_flow(
             else the default net for the data shape.
     """
     ckpt = torch.load(os.fspath(checkpoint_path), map_location=map_location, weights_only=False)
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    for key in list(hp):
-        if key.startswith("_"):  # LightningCLI bookkeeping such as _instantiator / _class_path
-            hp.pop(key)
-    spec = hp.pop("net", None)
-    net = net if net is not None else _instantiate(spec)
+    # Dropped: warm start and source (the weights and pool below replace them), and training settings: the
+    # optimizer callables, and the optimizer arguments of checkpoints written before those replaced them.
+    drop = ("net", "init_from", "source", "optimizer", "lr_scheduler", *LEGACY_OPTIMIZER_HPARAMS)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    hp = init_kwargs_from_hparams(RectifiedFlowModule, hparams, drop, where=os.fspath(checkpoint_path))
+    net = net if net is not None else instantiate_config(hparams.get("net"))
     if net is not None and not isinstance(net, nn.Module):
         raise ValueError(f"cannot rebuild the network from the checkpoint's hyperparameters: {net!r}")
-    hp.pop("init_from", None)  # the weights below replace any warm start
-    hp.pop("source", None)
-    # Training settings play no part in sampling: the optimizer callables (config dicts under LightningCLI), and
-    # the optimizer arguments of checkpoints written before the optimizer/lr_scheduler convention.
-    for key in ("optimizer", "lr_scheduler", *LEGACY_OPTIMIZER_HPARAMS):
-        hp.pop(key, None)
-    unknown = set(hp) - set(inspect.signature(RectifiedFlowModule.__init__).parameters)
-    if unknown:
-        raise ValueError(
-            f"{checkpoint_path}: hyperparameters {sorted(unknown)} are not arguments of RectifiedFlowModule: not a "
-            "RectifiedFlowModule checkpoint, or one from an incompatible version"
-        )
     model = RectifiedFlowModule(net=copy.deepcopy(net) if net is not None else None, **hp)
     try:
         model.load_state_dict(ckpt["state_dict"])
