@@ -80,7 +80,7 @@ def sampling_speed(model: RectifiedFlowModule, n: int) -> dict[str, float]:
     start = time.perf_counter()
     model.sample(0, steps=100, z0=z0)
     euler = n / (time.perf_counter() - start)
-    from lightning_tiger.modules.flow_solvers import integrate
+    from lightning_tiger.generative.flow import integrate
 
     start = time.perf_counter()
     with torch.no_grad():

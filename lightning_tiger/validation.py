@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_int", "check_int_sequence", "check_real"]
+__all__ = ["check_bool", "check_int", "check_int_sequence", "check_real"]
 
 
 def _range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -54,7 +54,8 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-               low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> float | None:
+               low_open: bool = False, high_open: bool = False, allow_none: bool = False,
+               allow_tensor: bool = False, brief: bool = False) -> float | None:
     """``value`` as a ``float`` if it is a finite real number (not a bool) in the given range.
 
     Args:
@@ -65,6 +66,10 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
         low_open: exclude ``low`` itself.
         high_open: exclude ``high`` itself.
         allow_none: accept ``None`` (and return it).
+        allow_tensor: also accept a one-element tensor that does not require grad (read with ``.item()``, one
+            host sync), as ``torch.optim`` accepts a tensor learning rate.
+        brief: the optimizers' shorter messages (``"lr must be in [0.0, inf), got -0.001"``, ``"lr must be a
+            float, got str"``), which the CLI's error output and the README quote.
 
     Returns:
         ``float(value)`` (``-0.0`` as ``0.0``: some consumers, e.g. NumPy's ``scale >= 0`` checks, refuse it), or
@@ -76,8 +81,13 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     """
     if value is None and allow_none:
         return None
-    expected = f"{'None or ' if allow_none else ''}a finite number in {_range(low, high, low_open, high_open)}"
+    if allow_tensor and _is_scalar_tensor(value):
+        value = value.item()
+    rng = _range(low, high, low_open, high_open)
+    expected = f"{'None or ' if allow_none else ''}{'' if brief else 'a finite number '}in {rng}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        if brief:
+            raise TypeError(f"{name} must be {'None or ' if allow_none else ''}a float, got {type(value).__name__}")
         raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
     value = float(value)
     ok = math.isfinite(value)
@@ -88,6 +98,33 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value}")
     return value + 0.0  # -0.0 + 0.0 == +0.0
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    # Duck-typed so that this module needs no torch import: a torch.Tensor with one element and no grad.
+    numel = getattr(value, "numel", None)
+    return callable(numel) and hasattr(value, "item") and numel() == 1 and not getattr(value, "requires_grad", True)
+
+
+def check_bool(name: str, value: Any, *, allow_none: bool = False) -> bool | None:
+    """``value`` if it is a ``bool`` (or None with ``allow_none``).
+
+    Args:
+        name: the parameter's name, used in the error message.
+        value: the value to check; ints such as 0/1 are refused (a flag given a number is a typo).
+        allow_none: accept ``None`` (and return it).
+
+    Returns:
+        ``value``, or None for an allowed None.
+
+    Raises:
+        TypeError: ``value`` is not a bool.
+    """
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be {'None or ' if allow_none else ''}a bool, got {value!r}")
+    return value
 
 
 def check_int_sequence(name: str, value: Any, *, low: int | None = None, high: int | None = None,

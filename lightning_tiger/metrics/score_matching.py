@@ -2,7 +2,7 @@
 the excess denoising loss L_DSM − C_t (SPEC §4.1) and the Kwon–Fan–Lee W2 bound estimate (SPEC §4.3).
 
 All functions take ``score_fn(x [n, d], t [n]) -> [n, d]`` (a trained model's score, or any fixed function),
-a :class:`~lightning_tiger.data.toy2d.GaussianMixture` ``p_0``, and either a perturbation (α, σ) or an SDE.
+a :class:`~lightning_tiger.generative.GaussianMixture` ``p_0``, and either a perturbation (α, σ) or an SDE.
 Monte-Carlo estimates come with their standard errors so tests and logs can say how sure they are.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_tiger.data.toy2d import GaussianMixture
-from lightning_tiger.modules.sde import SDE
+from lightning_tiger.generative.gaussian_mixture import GaussianMixture
+from lightning_tiger.generative.sde import SDE
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 

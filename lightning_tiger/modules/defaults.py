@@ -23,7 +23,6 @@ The top-level ``--optimizer`` / ``--lr_scheduler`` of the ``lightning-tiger`` CL
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import types
@@ -37,8 +36,6 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, WeightAver
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lightning_tiger.nn.small_unet import SmallUNet
-from lightning_tiger.nn.time_mlp import TimeMLP
 from lightning_tiger.optim import ParamKind, PiecewiseLinearLR, Tiger, tiger_param_groups
 from lightning_tiger.validation import check_int, check_real
 
@@ -49,10 +46,8 @@ __all__ = [
     "check_ema_decay",
     "configure_default_optimization",
     "default_ema_callbacks",
-    "default_net",
     "default_param_groups",
     "init_kwargs_from_hparams",
-    "instantiate_config",
     "run_length",
     "save_config_hyperparameters",
     "warmup_decay_knots",
@@ -76,19 +71,6 @@ FALLBACK_EMA_DECAY = 0.999
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-def default_net(data_shape: Sequence[int]) -> nn.Module:
-    """The diffusion modules' default network for one sample of ``data_shape``.
-
-    ``TimeMLP`` (hidden 256, depth 3) for vectors ``(d,)``, ``SmallUNet`` for images ``(c, h, w)``; both map
-    ``(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]``.
-    """
-    if len(data_shape) == 1:
-        return TimeMLP(data_dim=int(data_shape[0]))
-    if len(data_shape) == 3:
-        return SmallUNet(in_channels=int(data_shape[0]))
-    raise ValueError(f"no default net for data_shape {tuple(data_shape)}: pass net=... (any module net(x, t))")
 
 
 def default_param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -263,19 +245,6 @@ def save_config_hyperparameters(
     dropped = [name for name in objects if _holds_object(module.hparams.get(name))]
     if dropped:
         module.save_hyperparameters(ignore=[*ignore, *dropped], frame=frame)
-
-
-def instantiate_config(spec: Any) -> Any:
-    """Build a jsonargparse-style ``{"class_path": ..., "init_args": {...}}`` (nested allowed); other values as is.
-
-    What LightningCLI records as hyperparameters for class-typed arguments (``net``, ``optimizer``).
-    """
-    if isinstance(spec, dict) and "class_path" in spec:
-        module_name, _, cls_name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        kwargs = {k: instantiate_config(v) for k, v in (spec.get("init_args") or {}).items()}
-        return cls(**kwargs)
-    return spec
 
 
 def init_kwargs_from_hparams(cls: type, hparams: dict[str, Any], drop: Sequence[str] = (),

@@ -4,7 +4,7 @@
 Convention: the paper's. Source (Gaussian noise by default) at t = 0, data at t = 1,
 ``X_t = t·X_1 + (1−t)·X_0``, regression target ``X_1 − X_0``, sampling integrates ``dZ = v(Z, t)dt`` forward
 from Z_0. The notes (seed post "生成扩散模型漫谈(十七)") put data at t = 0 and sample from t = 1 down; convert
-with t ↦ 1 − t, v ↦ −v (:func:`~lightning_tiger.modules.flow_solvers.flip_time_convention`, also available as
+with t ↦ 1 − t, v ↦ −v (:func:`~lightning_tiger.generative.flow.flip_time_convention`, also available as
 :meth:`RectifiedFlowModule.notes_velocity`).
 
 Three modes share one module so that every stage of the workflow is one config:
@@ -47,16 +47,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lightning_tiger.data.reflow import generate_reflow_pairs
+from lightning_tiger.generative.flow import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
+from lightning_tiger.generative.nets import default_net, instantiate
 from lightning_tiger.modules.defaults import (
     check_ema_decay,
     configure_default_optimization,
     default_ema_callbacks,
-    default_net,
     init_kwargs_from_hparams,
-    instantiate_config,
     save_config_hyperparameters,
 )
-from lightning_tiger.modules.flow_solvers import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
 from lightning_tiger.modules.sample_validation import SampleValidationMixin, sobol_normal
 from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
@@ -283,25 +283,8 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
         Returns:
             ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
         """
-        from lightning_tiger.data.reflow import write_pair_shards
-
-        check_int("n", n, low=1)
-        check_int("batch_size", batch_size, low=1)
-        from tqdm.auto import tqdm
-
-        z0s, z1s = [], []
-        with tqdm(total=n, desc="reflow pairs", unit="pair", disable=not progress) as bar:
-            for start in range(0, n, batch_size):
-                b = min(batch_size, n - start)
-                z0 = self.sample_source(b, generator)
-                z1 = self.sample(b, steps=steps, solver=solver, z0=z0, **solver_kwargs)
-                z0s.append(z0.cpu())
-                z1s.append(z1.float().cpu())
-                bar.update(b)
-        z0_all, z1_all = torch.cat(z0s), torch.cat(z1s)
-        if path is not None:
-            write_pair_shards(path, z0s, z1s, meta={"steps": steps, "solver": solver, "n": n})
-        return z0_all, z1_all
+        return generate_reflow_pairs(self, n, steps, batch_size, path, solver=solver, generator=generator,
+                                     progress=progress, **solver_kwargs)
 
     def load_net_weights(self, checkpoint_path: str | os.PathLike[str]) -> None:
         """Copy the network weights (and source pool) of a RectifiedFlowModule checkpoint into this module."""
@@ -454,7 +437,7 @@ def load_rectified_flow(
     drop = ("net", "init_from", "source", "optimizer", "lr_scheduler", *LEGACY_OPTIMIZER_HPARAMS)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hp = init_kwargs_from_hparams(RectifiedFlowModule, hparams, drop, where=os.fspath(checkpoint_path))
-    net = net if net is not None else instantiate_config(hparams.get("net"))
+    net = net if net is not None else instantiate(hparams.get("net"))
     if net is not None and not isinstance(net, nn.Module):
         raise ValueError(f"cannot rebuild the network from the checkpoint's hyperparameters: {net!r}")
     model = RectifiedFlowModule(net=copy.deepcopy(net) if net is not None else None, **hp)

@@ -32,16 +32,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_tiger.modules import score_samplers as samplers
+from lightning_tiger.generative import samplers
+from lightning_tiger.generative.nets import default_net
+from lightning_tiger.generative.sde import SDE, VESDE, make_sde
+from lightning_tiger.generative.tensors import batch_broadcast, randn
 from lightning_tiger.modules.defaults import (
     check_ema_decay,
     configure_default_optimization,
     default_ema_callbacks,
-    default_net,
     save_config_hyperparameters,
 )
 from lightning_tiger.modules.sample_validation import SampleValidationMixin
-from lightning_tiger.modules.sde import SDE, VESDE, _bcast, make_sde, randn
 from lightning_tiger.validation import check_int, check_real
 
 WEIGHTINGS: tuple[str, ...] = ("sigma2", "likelihood", "none")
@@ -51,7 +52,7 @@ PARAMETERIZATIONS: tuple[str, ...] = ("noise", "score")
 class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
     """Score-based diffusion (VP / sub-VP / VE SDE) trained by denoising score matching.
 
-    Subclassing: override :meth:`loss_weight` (λ(t)), pass any :class:`~lightning_tiger.modules.sde.SDE`
+    Subclassing: override :meth:`loss_weight` (λ(t)), pass any :class:`~lightning_tiger.generative.sde.SDE`
     instance as ``sde`` (or override :meth:`configure_sde`), or pass/override the network; no copy of the
     training or sampling code is needed.
 
@@ -71,7 +72,7 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
 
     Args:
         net: ``net(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]``; default
-            :func:`~lightning_tiger.modules.defaults.default_net`.
+            :func:`~lightning_tiger.generative.nets.default_net`.
         sde: ``"vp"`` (default), ``"subvp"``, ``"ve"`` or an SDE instance (score_sde_pytorch's defaults).
         weighting: λ(t): ``"sigma2"`` (σ_t², default), ``"likelihood"`` (g(t)², Song et al. 2021b) or
             ``"none"`` (1).
@@ -90,7 +91,7 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
             (:func:`~lightning_tiger.modules.defaults.auto_ema_decay`) unless the Trainer already has a
             weight-averaging callback; a float in (0, 1): that decay; ``None``: no EMA.
         sampler: default sampler of :meth:`sample` and validation (one of
-            :data:`~lightning_tiger.modules.score_samplers.SAMPLERS`), default ``"pc"``.
+            :data:`~lightning_tiger.generative.samplers.SAMPLERS`), default ``"pc"``.
         sample_steps: default steps (per noise level for annealed Langevin), default 200.
         sample_t_end: where the reverse process stops, default 1e-3.
         snr: PC corrector signal-to-noise ratio, default 0.16.
@@ -186,7 +187,7 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
             return out
         with torch.autocast(device_type=x.device.type, enabled=False):
             sigma = self.sde.marginal_coefs(t)[1]
-            return -out / _bcast(sigma, out)
+            return -out / batch_broadcast(sigma, out)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """The score s_θ(x, t) (same as :meth:`score`)."""
@@ -214,11 +215,11 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
         noise = noise.float()
         with torch.autocast(device_type=x0.device.type, enabled=False):
             alpha, sigma = self.sde.marginal_coefs(t)
-            xt = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * noise
+            xt = batch_broadcast(alpha, x0) * x0 + batch_broadcast(sigma, x0) * noise
         out = self._net(xt, t)
         with torch.autocast(device_type=x0.device.type, enabled=False):
             # resid = σ_t·(s_θ − ∇log p(x_t|x_0)), computed without dividing ε by σ_t.
-            resid = noise - out if self.parameterization == "noise" else _bcast(sigma, out) * out + noise
+            resid = noise - out if self.parameterization == "noise" else batch_broadcast(sigma, out) * out + noise
             per_sample = resid.pow(2).reshape(b, -1).sum(-1)
             return self.loss_weight(t).float() / sigma.pow(2) * per_sample
 
@@ -300,31 +301,15 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
         was_training = self.net.training
         self.net.eval()
         try:
-            if sampler == "annealed_langevin":
-                if not isinstance(self.sde, VESDE):
-                    raise ValueError("annealed_langevin needs sde='ve' (noise-level model)")
-                sig = samplers.geometric_sigmas() if sigmas is None else sigmas
-                x = randn(shape, generator=generator, device=self.device) * float(torch.as_tensor(sig).max())
-                return samplers.annealed_langevin(self.score, self.sde, x, steps, sigmas=sig,
-                                                  generator=generator, return_trajectory=return_trajectory,
-                                                  progress=progress)
-            x = self.sde.prior_sample(shape, generator=generator, device=self.device)
-            common = {"t_end": t_end, "return_trajectory": return_trajectory, "progress": progress}
-            if sampler == "em":
-                return samplers.euler_maruyama(self.score, self.sde, x, steps, generator=generator, **common)
-            if sampler == "pc":
-                return samplers.predictor_corrector(self.score, self.sde, x, steps, generator=generator,
-                                                    snr=self.snr if snr is None else snr, **common)
-            if sampler == "ode_euler":
-                return samplers.ode_euler(self.score, self.sde, x, steps, **common)
-            if sampler == "ode_heun":
-                return samplers.ode_heun(self.score, self.sde, x, steps, **common)
-            out = samplers.ode_adaptive(self.score, self.sde, x, rtol=rtol, atol=atol, return_nfe=True,
-                                        **common)
-            self.last_nfe = int(out[-1])
-            return out[0] if len(out) == 2 else (out[0], out[1])
+            out = samplers.sample(sampler, self.score, self.sde, shape, samplers.SamplerOptions(
+                steps=steps, generator=generator, device=self.device, t_end=t_end,
+                snr=self.snr if snr is None else snr, rtol=rtol, atol=atol, sigmas=sigmas,
+                return_trajectory=return_trajectory, progress=progress))
         finally:
             self.net.train(was_training)
+        if out.nfe is not None:
+            self.last_nfe = out.nfe
+        return (out.x, out.trajectory) if return_trajectory else out.x
 
     # ------------------------------------------------------------------ validation (SampleValidationMixin)
     def validation_loss(self, batch: Any, batch_idx: int) -> Tensor:

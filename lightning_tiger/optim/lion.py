@@ -1,4 +1,4 @@
-"""Lion (Chen et al. 2023), in the paper's order of operations and decay convention (SPEC §1.1)."""
+"""Lion (Chen et al. 2023, Algorithm 2), in the paper's order of operations and decay convention."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tiger.optim import _functional as F
+from lightning_tiger.optim._dispatch import load_fused, step_path
+from lightning_tiger.optim._functional import lion_step_
+from lightning_tiger.optim._options import check_paths, check_rounding, lion_hparams, parse_dtype, prepare_fused
+from lightning_tiger.optim._rounding import fused_rounding_kwargs, kahan_buffer, sr_advance, sr_keys_of, sr_state
+from lightning_tiger.optim._state import cast_momenta, momentum_of, restore_int_state, split_int_state
 
 __all__ = ["Lion"]
 
@@ -16,7 +20,7 @@ __all__ = ["Lion"]
 class Lion(torch.optim.Optimizer):
     r"""Lion, "EvoLved Sign Momentum" (Chen et al. 2023; official code google/automl ``lion/lion_pytorch.py``).
 
-    Per parameter, in this order (SPEC §1.1)::
+    Per parameter, in this order (Chen et al. 2023, Algorithm 2)::
 
         c = β1·m + (1 − β1)·g
         θ ← θ·(1 − η·λ)            # decoupled weight decay, scaled by the learning rate (paper convention)
@@ -60,6 +64,12 @@ class Lion(torch.optim.Optimizer):
         compensation: None (default) or ``"kahan"`` (deterministic compensated rounding; PyTorch paths).
         seed: int >= 0 seeding the rounding streams, or None (``torch.initial_seed()``).
         momentum_sr: with stochastic rounding, also round a bf16/fp16 momentum stochastically. Default True.
+
+    Raises:
+        TypeError: a hyperparameter or flag has the wrong type.
+        ValueError: a hyperparameter is out of range, or ``fused=True`` is combined with ``foreach=True`` or
+            ``compensation="kahan"``.
+        RuntimeError: ``fused=True`` where the kernels are unavailable.
     """
 
     def __init__(
@@ -76,37 +86,19 @@ class Lion(torch.optim.Optimizer):
         seed: int | None = None,
         momentum_sr: bool = True,
     ) -> None:
-        defaults = _validated({"lr": lr, "betas": betas, "weight_decay": weight_decay}, where="")
-        self.momentum_dtype = F.parse_dtype("momentum_dtype", momentum_dtype)
-        self.foreach = F.check_flag("foreach", foreach)
-        self.fused = F.check_flag("fused", fused)
-        if self.fused and self.foreach:
-            raise ValueError("fused=True and foreach=True are mutually exclusive")
-        self.seed = F.check_rounding(stochastic_rounding, compensation, seed, momentum_sr)
+        defaults = lion_hparams({"lr": lr, "betas": betas, "weight_decay": weight_decay}, where="")
+        self.momentum_dtype = parse_dtype("momentum_dtype", momentum_dtype)
+        self.foreach, self.fused = check_paths(foreach, fused, compensation)
+        self.seed = check_rounding(stochastic_rounding, compensation, seed, momentum_sr)
         self.stochastic_rounding, self.compensation, self.momentum_sr = stochastic_rounding, compensation, momentum_sr
-        if self.fused and compensation is not None:
-            raise ValueError("compensation='kahan' runs in PyTorch (foreach/single-tensor paths): use fused=None "
-                             "or fused=False with it")
         super().__init__(params, defaults)
-        all_params = [p for g in self.param_groups for p in g["params"]]
-        if self.fused:
-            if not F.fused_available_for(all_params):
-                raise RuntimeError(
-                    "fused=True but the compiled Lion kernels are unavailable here (no C++ compiler, or the build "
-                    "failed: see the FusedKernelWarning, or run `python -m lightning_tiger.optim.build`); use "
-                    "fused=None to fall back to PyTorch"
-                )
-        elif self.fused is None and any(p.device.type == "cpu" for p in all_params):
-            # Build (or load) the kernels now, so that a first build's one visible line comes while the run is set
-            # up rather than as a silent stall of the first step; every rank constructs its optimizer, so the
-            # ranks' agreement on the kernel stays symmetric.
-            F.fused_available_for([p for p in all_params if p.device.type == "cpu"])
+        prepare_fused(self.fused, [p for g in self.param_groups for p in g["params"]], "Lion")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, validated like the constructor's arguments."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group.update(_validated(group, where=f" (param group {len(self.param_groups) - 1})"))
+        group.update(lion_hparams(group, where=f" (param group {len(self.param_groups) - 1})"))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -124,7 +116,7 @@ class Lion(torch.optim.Optimizer):
                 loss = closure()
         # torch.compile traces the PyTorch paths (the fused op is opaque to it)
         compiling = torch.compiler.is_compiling()
-        fused_mod = F.load_fused() if self.fused is not False and not self.foreach and not compiling else None
+        fused_mod = load_fused() if self.fused is not False and not self.foreach and not compiling else None
         # Collect and choose every group's path first: a refused step (sparse gradient, fused=True on a tensor the
         # kernels cannot take) raises before any parameter or momentum moves.
         plans = []
@@ -142,42 +134,39 @@ class Lion(torch.optim.Optimizer):
             srs = [self._sr_state(p, m, i) for (i, p), m in zip(indexed, moms)]
             kahan = [self._kahan(p) for p in params]
             kernel_ok = all(c is None for c in kahan)  # the kernels round stochastically or to nearest, not Kahan
-            path = F.step_path(self.fused, self.foreach, fused_mod, params, grads, moms, kernel_ok=kernel_ok)
+            path = step_path(self.fused, self.foreach, fused_mod, params, grads, moms, kernel_ok=kernel_ok)
             plans.append((group, params, grads, moms, srs, kahan, path))
         for group, params, grads, moms, srs, kahan, path in plans:
             beta1, beta2 = group["betas"]
             kwargs = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"])
-            keys = F.sr_keys_of(srs)
+            keys = sr_keys_of(srs)
             if path == "fused":
-                kwargs.update(F.fused_rounding_kwargs(keys, self.momentum_sr))
+                kwargs.update(fused_rounding_kwargs(keys, self.momentum_sr))
                 fused_mod.lion_step_(params, grads, moms, **kwargs)
             else:
-                F.lion_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,
+                lion_step_(params, grads, moms, keys=keys, momentum_sr=self.momentum_sr, kahan=kahan,
                              foreach=path == "foreach", **kwargs)
-            F.sr_advance(srs)
+            sr_advance(srs)
         return loss
 
     def _sr_state(self, p: Tensor, m: Tensor, index: int) -> dict[str, Any] | None:
         """The state dict holding p's rounding generator when its update rounds stochastically, else None."""
-        if not F.sr_key_needed(self.stochastic_rounding, self.compensation, self.momentum_sr, p, m):
-            return None
-        return F.sr_state(self.state[p], p, self.seed, index)
+        return sr_state(self.state[p], p, m, self.seed, index, stochastic_rounding=self.stochastic_rounding,
+                        compensation=self.compensation, momentum_sr=self.momentum_sr)
 
     def _kahan(self, p: Tensor) -> Tensor | None:
-        if self.compensation != "kahan" or not F.is_low_precision(p):
-            return None
-        return F.kahan_buffer(self.state[p], p)
+        return kahan_buffer(self.state[p], p, self.compensation)
 
     def _momentum(self, p: Tensor) -> Tensor:
-        return F.momentum_of(self.state[p], "exp_avg", p, self.momentum_dtype)
+        return momentum_of(self.state[p], "exp_avg", p, self.momentum_dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; the momentum keeps ``momentum_dtype`` (torch would cast it to the param dtype)."""
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        state_dict, generators = F.split_int_state(state_dict)
+        state_dict, generators = split_int_state(state_dict)
         super().load_state_dict(state_dict)
-        F.restore_int_state(self, saved_ids, generators)
-        F.cast_momenta(self.state.values(), "exp_avg", self.momentum_dtype)
+        restore_int_state(self, saved_ids, generators)
+        cast_momenta(self.state.values(), "exp_avg", self.momentum_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -194,16 +183,3 @@ class Lion(torch.optim.Optimizer):
             state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
 
-
-def _validated(group: dict[str, Any], where: str) -> dict[str, Any]:
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas{where} must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
-    return {
-        "lr": F.check_float(f"lr{where}", group["lr"], low=0.0, high=None),
-        "betas": (
-            F.check_float(f"betas[0]{where}", betas[0], low=0.0, high=1.0),
-            F.check_float(f"betas[1]{where}", betas[1], low=0.0, high=1.0),
-        ),
-        "weight_decay": F.check_float(f"weight_decay{where}", group["weight_decay"], low=0.0, high=None),
-    }

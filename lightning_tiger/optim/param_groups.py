@@ -1,4 +1,4 @@
-"""Parameter kinds for Tiger (SPEC §1.2) and the parameter groups built from them.
+"""Parameter kinds for Tiger (Su 2023, kexue.fm/archives/9512) and the parameter groups built from them.
 
 Tiger treats each parameter by its role: weight matrices and conv kernels move by ``lr·RMS(θ)``, embedding
 tables by ``lr·RMS(row)``, biases and normalisation parameters by ``0.5·lr`` without weight decay, and the
@@ -15,11 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ParamKind", "classify_parameters", "tiger_param_groups"]
+__all__ = ["ParamKind", "classify_parameters", "guessed_parameters", "tiger_param_groups"]
 
 
 class ParamKind(str, Enum):
-    """The role of a parameter, which sets Tiger's learning rate, decay and shrink centre (SPEC §1.2 table).
+    """The role of a parameter, which sets Tiger's learning rate, decay and shrink centre.
+
+    From the official code (bojone/tiger ``tiger.py``: half rate and no decay for biases and norms, shrink
+    centre 1 for norm scales) and the post (kexue.fm/archives/9512):
 
     ============  ==========================  =========  ============
     kind          η                           decay λ    shrink centre
@@ -78,22 +81,23 @@ _NORM_MODULES: tuple[type[nn.Module], ...] = tuple(
 )
 
 
-def _classify(module: nn.Module, param_name: str, param: torch.Tensor) -> ParamKind:
+def _classify(module: nn.Module, param_name: str, param: torch.Tensor) -> tuple[ParamKind, bool]:
+    """(kind, guessed): ``guessed`` when the kind came from the ``ndim`` fallback."""
     if isinstance(module, _NORM_MODULES):
         if param_name == "weight":
-            return ParamKind.NORM_SCALE
+            return ParamKind.NORM_SCALE, False
         if param_name == "bias":
-            return ParamKind.NORM_SHIFT
+            return ParamKind.NORM_SHIFT, False
     elif isinstance(module, _EMBEDDING_MODULES):
         if param_name == "weight":
-            return ParamKind.EMBEDDING
+            return ParamKind.EMBEDDING, False
     elif isinstance(module, _MATRIX_MODULES):
         if param_name == "weight":
-            return ParamKind.MATRIX
+            return ParamKind.MATRIX, False
         if param_name == "bias":
-            return ParamKind.BIAS
+            return ParamKind.BIAS, False
     # Unknown module, or an extra parameter of a known one: decide by shape.
-    return ParamKind.from_ndim(param.ndim)
+    return ParamKind.from_ndim(param.ndim), True
 
 
 def classify_parameters(module: nn.Module) -> dict[str, ParamKind]:
@@ -114,11 +118,34 @@ def classify_parameters(module: nn.Module) -> dict[str, ParamKind]:
     Returns:
         ``{qualified parameter name: ParamKind}`` in ``named_parameters()`` order, one entry per distinct
         parameter (including those with ``requires_grad=False``).
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
     """
+    return {name: kind for name, (kind, _) in _classified(module).items()}
+
+
+def guessed_parameters(module: nn.Module) -> list[str]:
+    """The parameters that :func:`classify_parameters` classifies by the ``ndim`` fallback (owned by a module type
+    it does not know, e.g. a hand-written RMSNorm, or extra parameters of a known one).
+
+    Args:
+        module: any ``nn.Module``.
+
+    Returns:
+        Their qualified names, in ``named_parameters()`` order.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+    """
+    return [name for name, (_, guessed) in _classified(module).items() if guessed]
+
+
+def _classified(module: nn.Module) -> dict[str, tuple[ParamKind, bool]]:
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     seen: set[int] = set()
-    kinds: dict[str, ParamKind] = {}
+    kinds: dict[str, tuple[ParamKind, bool]] = {}
     for mod_name, mod in module.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if id(p) in seen:
@@ -141,9 +168,9 @@ def tiger_param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups for Tiger, one per :class:`ParamKind` (empty kinds dropped), each with a ``"kind"`` key.
 
-    Tiger reads ``"kind"`` to pick the learning-rate mode, decay and shrink centre of SPEC §1.2. The groups also
-    suit Lion, AdamW or any ``torch.optim`` optimizer, which store the extra ``"kind"`` key and ignore it: the
-    usual "no decay on biases and norms" convention then comes from each group's ``weight_decay``.
+    Tiger reads ``"kind"`` to pick the learning-rate mode, decay and shrink centre (see :class:`ParamKind`).
+    The groups also suit Lion, AdamW or any ``torch.optim`` optimizer, which store the extra ``"kind"`` key and
+    ignore it: the usual "no decay on biases and norms" convention then comes from each group's ``weight_decay``.
 
     Example::
 
@@ -152,7 +179,7 @@ def tiger_param_groups(
 
     Args:
         model: the module whose trainable parameters (``requires_grad=True``) are grouped.
-        weight_decay: decay of the kinds not in ``no_decay``. Default 0.01 (SPEC §1.2). Tiger applies no decay
+        weight_decay: decay of the kinds not in ``no_decay``. Default 0.01. Tiger applies no decay
             to bias/norm kinds whatever the group says (official code); the 0 here is for other optimizers.
         overrides: per-kind extra options merged into the group last, e.g. ``{"matrix": {"lr": 2e-3}}``
             (keys: ``ParamKind`` or its string value; YAML strings work).

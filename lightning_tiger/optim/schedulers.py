@@ -66,7 +66,7 @@ def piecewise_linear(t: float, points: list[tuple[int, float]]) -> float:
 
 
 class PiecewiseLinearLR(LRScheduler):
-    """Piecewise-linear multiplier of each group's base lr: the official Tiger ``piecewise_linear`` (SPEC §1.2).
+    """Piecewise-linear multiplier of each group's base lr: the official Tiger ``piecewise_linear`` (bojone/tiger).
 
     ``{40000: 1, 160000: 0.5, 640000: 0.1, 1280000: 0.01}`` rises linearly from 0 to 1 over [0, 40000], falls
     to 0.5 at 160000, to 0.1 at 640000, to 0.01 at 1280000 and stays there. With ``from_zero=True`` the point

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_tiger.data.toy2d import eight_gaussians
+from lightning_tiger.generative.sde import VPSDE
 from lightning_tiger.metrics.score_matching import (
     KFL_ASSUMPTION,
     dsm_constant,
@@ -16,7 +17,6 @@ from lightning_tiger.metrics.score_matching import (
     kfl_w2_bound,
     score_loss_terms,
 )
-from lightning_tiger.modules.sde import VPSDE
 
 ALPHA, SIGMA = 0.8, 0.6
 

@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_tiger.modules.flow_solvers import flip_time_convention, gaussian_1rf_velocity, integrate
+from lightning_tiger.generative.flow import flip_time_convention, gaussian_1rf_velocity, integrate
 from lightning_tiger.modules.rectified_flow import RectifiedFlowModule, load_rectified_flow
 from lightning_tiger.nn.time_mlp import TimeMLP
 from lightning_tiger.optim import PiecewiseLinearLR, Tiger

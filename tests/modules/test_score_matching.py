@@ -15,8 +15,8 @@ from torch import nn
 
 from lightning_tiger.data.digits import DigitsDataModule
 from lightning_tiger.data.toy2d import ToyDataModule
+from lightning_tiger.generative.sde import VESDE, VPSDE
 from lightning_tiger.modules.score_matching import ScoreMatchingModule
-from lightning_tiger.modules.sde import VESDE, VPSDE
 from lightning_tiger.nn.small_unet import SmallUNet
 from lightning_tiger.nn.time_mlp import TimeMLP
 from lightning_tiger.optim import Tiger

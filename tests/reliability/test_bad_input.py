@@ -532,7 +532,7 @@ SDE_ARGS = {"VPSDE": ("beta_min", "beta_max"), "SubVPSDE": ("beta_min", "beta_ma
 @example(a=0.1, b=float("nan"), t=[0.5]).via("non-finite upper parameter")
 @example(a=0.1, b=float("inf"), t=[0.5]).via("infinite upper parameter")
 def test_sde_parameters(name: str, a: float, b: float, t: list[float]) -> None:
-    cls = _need("lightning_tiger.modules", name)
+    cls = _need("lightning_tiger.generative", name)
     kw = dict(zip(SDE_ARGS[name], (a, b)))
 
     def run() -> Any:
@@ -560,8 +560,8 @@ SAMPLERS = ["euler_maruyama", "predictor_corrector", "ode_euler", "ode_heun", "a
 @SETTINGS
 @given(steps=any_int, t_end=st.one_of(any_float, st.just(1e-3)), n=st.sampled_from([0, 1, 3]))
 def test_sampler_steps(sampler: str, steps: Any, t_end: float, n: int) -> None:
-    fn = _need("lightning_tiger.modules.score_samplers", sampler)
-    sde = _need("lightning_tiger.modules", "VESDE" if sampler == "annealed_langevin" else "VPSDE")()
+    fn = _need("lightning_tiger.generative.samplers", sampler)
+    sde = _need("lightning_tiger.generative", "VESDE" if sampler == "annealed_langevin" else "VPSDE")()
     kwargs: dict[str, Any] = {} if sampler == "annealed_langevin" else {"t_end": t_end}
     # steps an int >= 1; t_end in [0, T) with T = 1 (annealed Langevin has no t_end); any batch size, 0 included.
     checks = {"steps": is_int(steps, 1), "t_end": "t_end" not in kwargs or is_real(t_end, 0, 1, high_open=True)}
@@ -575,8 +575,8 @@ def test_sampler_steps(sampler: str, steps: Any, t_end: float, n: int) -> None:
 @given(snr=any_float, corrector_steps=any_int)
 @example(snr=float("nan"), corrector_steps=1).via("NaN snr")
 def test_predictor_corrector_options(snr: float, corrector_steps: Any) -> None:
-    fn = _need("lightning_tiger.modules.score_samplers", "predictor_corrector")
-    sde = _need("lightning_tiger.modules", "VPSDE")()
+    fn = _need("lightning_tiger.generative.samplers", "predictor_corrector")
+    sde = _need("lightning_tiger.generative", "VPSDE")()
     checks = {"snr": is_real(snr, 0, low_open=True), "corrector_steps": is_int(corrector_steps, 0)}
     works_or_refuses(lambda: fn(_gauss_score, sde, torch.randn(4, 2), 5, snr=snr, corrector_steps=corrector_steps),
                      [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
@@ -585,8 +585,8 @@ def test_predictor_corrector_options(snr: float, corrector_steps: Any) -> None:
 @SETTINGS
 @given(rtol=any_float, atol=any_float, max_steps=any_int)
 def test_adaptive_ode(rtol: float, atol: float, max_steps: Any) -> None:
-    fn = _need("lightning_tiger.modules.score_samplers", "ode_adaptive")
-    sde = _need("lightning_tiger.modules", "VPSDE")()
+    fn = _need("lightning_tiger.generative.samplers", "ode_adaptive")
+    sde = _need("lightning_tiger.generative", "VPSDE")()
     checks = {"rtol": is_real(rtol, 0, low_open=True), "atol": is_real(atol, 0, low_open=True),
               "max_steps": is_int(max_steps, 1)}
 
@@ -606,7 +606,7 @@ def test_adaptive_ode(rtol: float, atol: float, max_steps: Any) -> None:
 @given(steps=any_int, solver=st.sampled_from(["euler", "heun", "adaptive", "rk4", None]),
        z0=st.sampled_from(["ok", "empty", "1d", "nan"]))
 def test_flow_integrate(steps: Any, solver: Any, z0: str) -> None:
-    integrate = _need("lightning_tiger.modules.flow_solvers", "integrate")
+    integrate = _need("lightning_tiger.generative.flow", "integrate")
     z = {"ok": torch.randn(4, 2), "empty": torch.randn(0, 2), "1d": torch.randn(4),
          "nan": torch.full((4, 2), float("nan"))}[z0]
 

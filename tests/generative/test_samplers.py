@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from lightning_tiger.modules import score_samplers as S
-from lightning_tiger.modules.sde import VESDE, VPSDE, SubVPSDE
+from lightning_tiger.generative import samplers as S
+from lightning_tiger.generative.sde import VESDE, VPSDE, SubVPSDE
 
 M, SD = 1.5, 0.5
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_tiger.modules.sde import VESDE, VPSDE, SubVPSDE, make_sde
+from lightning_tiger.generative.sde import VESDE, VPSDE, SubVPSDE, make_sde
 
 
 def test_vp_closed_forms() -> None:

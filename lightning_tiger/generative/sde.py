@@ -1,9 +1,13 @@
-"""Score SDEs of Song et al. 2021 (VP, sub-VP, VE) with the score_sde_pytorch defaults (SPEC §4.2).
+"""Score SDEs of Song et al. 2021 (VP, sub-VP, VE) with the defaults of their code (score_sde_pytorch).
+
+Song, Sohl-Dickstein, Kingma, Kumar, Ermon, Poole, "Score-Based Generative Modeling through Stochastic
+Differential Equations", ICLR 2021: VE eq. 9, VP eq. 11, sub-VP eq. 12, reverse SDE eq. 6, probability-flow
+ODE eq. 13.
 
 Every SDE here is linear, dx = f(t)·x dt + g(t) dw, so the perturbation kernel is Gaussian,
 p_t(x_t | x_0) = N(α_t x_0, σ_t² I), and the samplers only need ``drift``, ``diffusion``, ``marginal_coefs``
 and the prior. All arithmetic is done in fp32 (or fp64 when given fp64), with autocast disabled, whatever the
-caller's precision: σ_t spans four decades near t = 0 and bf16 would round it visibly (SPEC §4.2 last bullet).
+caller's precision: σ_t spans four decades near t = 0 and bf16 would round it visibly.
 
 Subclass :class:`SDE` to add a process: implement ``drift_coef``, ``diffusion``, ``marginal_coefs``,
 ``prior_std`` and ``g2_integral``.
@@ -16,16 +20,9 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_tiger.generative.tensors import as_time, batch_broadcast, randn
 
-def _fp(t: Tensor | float, like: Tensor | None = None) -> Tensor:
-    """t as a floating tensor (fp64 kept, everything else fp32)."""
-    t = torch.as_tensor(t, device=None if like is None else like.device)
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _bcast(coef: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-sample coefficient ``[batch]`` to broadcast against x ``[batch, *shape]``."""
-    return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+__all__ = ["SDE", "SDE_NAMES", "VESDE", "VPSDE", "SubVPSDE", "make_sde"]
 
 
 class SDE:
@@ -55,19 +52,19 @@ class SDE:
         raise NotImplementedError
 
     def g2_integral(self, t0: Tensor | float, t1: Tensor | float) -> Tensor:
-        """∫_{t0}^{t1} g(t)² dt in closed form (used by the KFL bound, SPEC §4.3)."""
+        """∫_{t0}^{t1} g(t)² dt in closed form (used by the W2 bound of Kwon, Fan & Lee, NeurIPS 2022)."""
         raise NotImplementedError
 
     def drift(self, x: Tensor, t: Tensor) -> Tensor:
         """f(t)·x ``[batch, *shape]`` for x ``[batch, *shape]``, t ``[batch]``."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _bcast(self.drift_coef(_fp(t, x)), x) * x
+            return batch_broadcast(self.drift_coef(as_time(t, x)), x) * x
 
     def marginal(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """x_t = α_t x_0 + σ_t ε ``[batch, *shape]`` (fp32)."""
         with torch.autocast(device_type=x0.device.type, enabled=False):
-            alpha, sigma = self.marginal_coefs(_fp(t, x0))
-            return _bcast(alpha, x0) * x0.float() + _bcast(sigma, x0) * noise.float()
+            alpha, sigma = self.marginal_coefs(as_time(t, x0))
+            return batch_broadcast(alpha, x0) * x0.float() + batch_broadcast(sigma, x0) * noise.float()
 
     def prior_sample(self, shape: tuple[int, ...], *, generator: torch.Generator | None = None,
                      device: torch.device | str | None = None) -> Tensor:
@@ -78,17 +75,9 @@ class SDE:
         return randn(shape, generator=generator, device=device) * self.prior_std
 
     def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor, ode: bool = False) -> Tensor:
-        """f − g²·s (reverse SDE) or f − ½g²·s (probability-flow ODE), as dx/dt in forward time."""
-        g2 = _bcast(self.diffusion(_fp(t, x)) ** 2, x)
+        """f − g²·s (reverse SDE, Song et al. 2021 eq. 6) or f − ½g²·s (probability-flow ODE, eq. 13) as dx/dt."""
+        g2 = batch_broadcast(self.diffusion(as_time(t, x)) ** 2, x)
         return self.drift(x, t) - (0.5 if ode else 1.0) * g2 * score
-
-
-def randn(shape: tuple[int, ...], *, generator: torch.Generator | None = None,
-          device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise; draws on the generator's device, then moves to ``device``."""
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
 class VPSDE(SDE):
@@ -115,11 +104,11 @@ class VPSDE(SDE):
 
     def beta(self, t: Tensor) -> Tensor:
         """β(t) ``[batch]``."""
-        return self.beta_min + _fp(t) * (self.beta_max - self.beta_min)
+        return self.beta_min + as_time(t) * (self.beta_max - self.beta_min)
 
     def beta_integral(self, t: Tensor | float) -> Tensor:
         """B(t) = ∫_0^t β = β_min t + ½(β_max − β_min) t²."""
-        t = _fp(t)
+        t = as_time(t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
 
     def drift_coef(self, t: Tensor) -> Tensor:
@@ -191,14 +180,14 @@ class VESDE(SDE):
 
     def sigma(self, t: Tensor | float) -> Tensor:
         """σ(t) = σ_min (σ_max/σ_min)^t."""
-        return self.sigma_min * torch.exp(_fp(t) * self._log_ratio)
+        return self.sigma_min * torch.exp(as_time(t) * self._log_ratio)
 
     def t_for_sigma(self, sigma: Tensor | float) -> Tensor:
         """Inverse of σ(t): t = log(σ/σ_min) / log(σ_max/σ_min)."""
-        return torch.log(_fp(sigma) / self.sigma_min) / self._log_ratio
+        return torch.log(as_time(sigma) / self.sigma_min) / self._log_ratio
 
     def drift_coef(self, t: Tensor) -> Tensor:
-        return torch.zeros_like(_fp(t))
+        return torch.zeros_like(as_time(t))
 
     def diffusion(self, t: Tensor) -> Tensor:
         return self.sigma(t) * math.sqrt(2.0 * self._log_ratio)
