@@ -266,23 +266,9 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
         progress: bool = True,
         **solver_kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
-        """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` from this flow, in batches (for reflow / distillation).
-
-        Args:
-            n: number of pairs.
-            steps: solver steps (default 100).
-            batch_size: pairs integrated at once (memory bound), default 1000.
-            path: if given, a folder where the pairs are written as ``.pt`` shards (one per batch,
-                ``{"z0", "z1"}``) plus ``meta.pt``; :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule`
-                reads them back.
-            solver: ``"euler"`` | ``"heun"`` | ``"adaptive"``.
-            generator: CPU generator for the source draws (seed it for reproducible pairs).
-            progress: show a tqdm progress bar.
-            **solver_kwargs: forwarded to the solver (``rtol``, ``atol`` of the adaptive one).
-
-        Returns:
-            ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
-        """
+        """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` ``[n, *data_shape]`` (CPU) from this flow, for reflow or
+        distillation: :func:`~lightning_tiger.data.reflow.generate_reflow_pairs` (arguments documented there; ``path``
+        writes ``.pt`` shards that :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule` reads back)."""
         return generate_reflow_pairs(self, n, steps, batch_size, path, solver=solver, generator=generator,
                                      progress=progress, **solver_kwargs)
 
