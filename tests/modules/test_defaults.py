@@ -213,6 +213,23 @@ def test_exact_ema_decay_is_applied_and_left_in_the_module(ema_decay: Any, decay
     assert torch.allclose(module.net.output.bias, expected, atol=1e-7)
 
 
+@pytest.mark.parametrize("cls", [RectifiedFlowModule, ScoreMatchingModule])
+def test_bare_run_with_the_module_ema_resumes(cls: type, tmp_path: Path) -> None:
+    """The EMA the module adds is saved with the checkpoint and the run resumes from it (Lightning's default
+    weights_only load; configure_callbacks runs before the callbacks' states are restored)."""
+    module = _tiny(cls, optimizer=partial(Tiger, lr=1e-2))
+    trainer = _bare_fit(module, tmp_path, steps=3)
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    saved = torch.load(tmp_path / "step3.ckpt", weights_only=False)
+    assert any("EMAWeightAveraging" in key for key in saved["callbacks"])
+    resumed = _tiny(cls, optimizer=partial(Tiger, lr=1e-2))
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(resumed, PinwheelDataModule(), ckpt_path=str(tmp_path / "step3.ckpt"))
+    assert trainer.global_step == 4
+
+
 def test_config_that_lists_ema_gets_one_and_keeps_its_decay(tmp_path: Path) -> None:
     """flow/moons.yaml lists EMAWeightAveraging(decay=0.99): the module must not add (or replace it by) its own."""
     cli = cli_main(["fit", "--config", str(CONFIGS / "flow" / "moons.yaml"),
