@@ -95,14 +95,15 @@ def test_floor_is_the_sampling_noise_of_the_law() -> None:
     assert float(wasserstein2(other + 0.3, reference)) > 2 * floor
 
 
-# Bounds: the worst of three measured seeds (docs/modconv.md) with margin. Before the new defaults (Tiger at a
-# constant 2e-3, no EMA) the score model scored 1.6-1.9x here and the flow 1.5-1.7x.
+# Measured at 3000 steps, seeds 0 / 1 / 2 (notes: docs/modconv.md): W2 / floor 1.13 / 1.32 / 1.16 (flow) and
+# 1.02 / 1.48 / 1.10 (score model); the previous defaults (Tiger at a constant 2e-3, no EMA) gave the score model
+# 1.58 / 2.33 / 2.58. The test averages two seeds (one seed's ratio moves by ~0.3 with the draw of the data):
+# measured means 1.23 (flow) and 1.25 (score model; 1.96 before), bound 1.5.
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "bound"), [("rf", 1.35), ("sm", 1.35)])
-def test_defaults_with_a_bare_trainer_sample_near_the_floor(kind: str, bound: float) -> None:
-    w2, floor = w2_over_floor(kind, STEPS, seed=0)
-    assert w2 / floor < bound, (w2, floor)
-
+@pytest.mark.parametrize("kind", ["rf", "sm"])
+def test_defaults_with_a_bare_trainer_sample_near_the_floor(kind: str) -> None:
+    ratios = [w2 / floor for w2, floor in (w2_over_floor(kind, STEPS, seed) for seed in (0, 1))]
+    assert sum(ratios) / len(ratios) < 1.5, ratios
 
 
 # ------------------------------------------------------------------------------------------- the conventions
