@@ -1,4 +1,5 @@
-"""RectifiedFlowModule and the flow solvers against the closed form of SPEC §5 and explicit formulas."""
+"""RectifiedFlowModule and the flow solvers against the closed form of the 1-RF between two Gaussians and explicit
+formulas."""
 
 from __future__ import annotations
 
