@@ -70,8 +70,7 @@ class SampleValidationMixin:
 
     def validation_reference(self) -> Tensor | None:
         """``trainer.datamodule.val_reference()`` as fp32 on CPU ``[n_ref, *data_shape]``, or ``None``."""
-        trainer = self._trainer  # type: ignore[attr-defined]
-        fn = getattr(getattr(trainer, "datamodule", None), "val_reference", None) if trainer is not None else None
+        fn = getattr(self.trainer.datamodule, "val_reference", None)  # type: ignore[attr-defined]
         return fn().float().cpu() if callable(fn) else None
 
     def log_sample_picture(
