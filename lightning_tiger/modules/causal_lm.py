@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_tiger.validation import check_int, check_real
+from lightning_tiger.modules.defaults import configure_default_optimization, save_config_hyperparameters
+from lightning_tiger.validation import check_int
 
 __all__ = ["CausalLMModule"]
 
@@ -43,7 +44,7 @@ _EVAL_KEYS = (
 class CausalLMModule(L.LightningModule):
     """Next-token language model around :class:`~lightning_tiger.nn.TransformerLM` (or any LM ``nn.Module``).
 
-    Batches are ``LongTensor [batch, T + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``. One validation pass
+    Batches are ``LongTensor [batch, seq + 1]``: inputs ``[:, :-1]``, targets ``[:, 1:]``. One validation pass
     evaluates every length the datamodule offers (one dataloader per length, see the module docstring).
 
     Training positions (Su, "Transformer升级之路：8"): ``"contiguous"`` (``0 … L−1``); ``"random_int"``: per
@@ -63,60 +64,45 @@ class CausalLMModule(L.LightningModule):
     NTK-RoPE is evaluated by Su), and ``logn_base = "auto"`` means ``L_train``; ``L_train`` is
     ``train_len`` or the datamodule's ``seq_len``.
 
-    Optimizer: by default Tiger (Su 2023, "Tiger:一个“抠”到极致的优化器"; bojone/tiger) on
-    :func:`~lightning_tiger.optim.tiger_param_groups` with
-    ``lr``, ``beta``, ``weight_decay``, and a per-step piecewise-linear schedule: linear warm-up from 0 to
-    ``lr`` over ``warmup_steps``, then linear decay to ``min_lr_ratio · lr`` at ``total_steps`` (default
-    ``trainer.max_steps``), constant after (the schedule format of bojone/tiger's ``piecewise_linear``). ``optimizer`` /
-    ``lr_scheduler`` callables (LightningCLI's ``OptimizerCallable`` / ``LRSchedulerCallable``) replace them;
-    the optimizer callable receives the same parameter groups (they suit any ``torch.optim`` optimizer).
+    Optimizer and schedule (the convention of all the library's modules, :mod:`lightning_tiger.modules.defaults`):
+    ``optimizer`` / ``lr_scheduler`` callables (LightningCLI's ``OptimizerCallable`` / ``LRSchedulerCallable``);
+    the optimizer callable receives :func:`~lightning_tiger.modules.defaults.default_param_groups` (they suit
+    any ``torch.optim`` optimizer). By default Tiger (Su 2023, "Tiger:一个“抠”到极致的优化器"; bojone/tiger), relative
+    lr 5e-3, β 0.965, weight decay 0.01, with a per-step piecewise-linear schedule (the format of bojone/tiger's
+    ``piecewise_linear``): linear warm-up from 0 over ``warmup_steps``, then linear decay to 10 % of the peak at
+    the run's last step (``trainer.estimated_stepping_batches``; constant after the warm-up when unknown).
 
     Args:
         model: ``TransformerLM`` keyword arguments (a dict, YAML-friendly; ``vocab_size`` defaults to 256,
-            the byte vocabulary) or a ready ``nn.Module`` with ``forward(tokens [B, T], positions=None) ->
-            logits [B, T, V]``.
-        lr: Tiger's relative learning rate α (default 2e-3; the typical peak range of Su's Tiger post is 1e-3 … 2e-3).
-        beta: Tiger's β (0.965, the language-model default of Su's Tiger post / bojone/tiger).
-        weight_decay: λ (0.01).
-        warmup_steps: linear warm-up steps (100).
-        min_lr_ratio: final learning rate as a fraction of ``lr`` (0.1).
-        total_steps: schedule length; ``None`` uses ``trainer.max_steps`` (1000 when that is unset).
+            the byte vocabulary) or a ready ``nn.Module`` with ``forward(tokens [batch, seq], positions=None) ->
+            logits [batch, seq, vocab]``.
         train_positions: ``"contiguous"``, ``"random_int"`` or ``"random_float"``.
         max_position: the ``L`` of random positions (see above).
         position_seed: seed of the random training positions.
         eval_options: evaluation-time attention options (see above) or ``None``.
         metric_last_n: score only the last ``n`` tokens of each evaluation window (``None``: all tokens).
         train_len: the training length ``L_train`` for the ``"auto"`` options (default: datamodule's).
-        optimizer: optional optimizer factory ``params -> Optimizer``.
-        lr_scheduler: optional scheduler factory ``optimizer -> LRScheduler`` (stepped every step).
+        optimizer: ``params -> Optimizer`` (e.g. ``functools.partial(Tiger, lr=2e-2)``); ``None``: the default Tiger.
+        lr_scheduler: ``optimizer -> LRScheduler``, stepped every optimizer step; ``None``: the default schedule.
+        warmup_steps: warm-up of the default schedule (``None``: 5 % of the run + 1 step).
     """
 
     def __init__(
         self,
         model: dict[str, Any] | nn.Module | None = None,
-        lr: float = 2e-3,
-        beta: float = 0.965,
-        weight_decay: float = 0.01,
-        warmup_steps: int = 100,
-        min_lr_ratio: float = 0.1,
-        total_steps: int | None = None,
         train_positions: Literal["contiguous", "random_int", "random_float"] = "contiguous",
         max_position: int | None = None,
         position_seed: int = 0,
         eval_options: dict[str, Any] | None = None,
         metric_last_n: int | None = None,
         train_len: int | None = None,
-        optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer] | None = None,
-        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int | None = None,
     ) -> None:
         super().__init__()
         # Checked without rebinding: save_hyperparameters() records the arguments as given.
-        check_real("lr", lr, low=0.0, low_open=True)
-        check_real("beta", beta, low=0.0, high=1.0, high_open=True)
-        check_real("weight_decay", weight_decay, low=0.0)
-        check_int("warmup_steps", warmup_steps, low=0)
-        check_real("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
-        check_int("total_steps", total_steps, low=1, allow_none=True)
+        check_int("warmup_steps", warmup_steps, low=0, allow_none=True)
         if train_positions not in _TRAIN_POSITIONS:
             raise ValueError(f"train_positions must be one of {_TRAIN_POSITIONS}, got {train_positions!r}")
         check_int("max_position", max_position, low=1, allow_none=True)
@@ -133,22 +119,23 @@ class CausalLMModule(L.LightningModule):
             model = {}
         if isinstance(model, nn.Module):
             self.model = model
-            self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
         elif isinstance(model, dict):
             from lightning_tiger.nn import TransformerLM
 
             config = dict(model)
             config.setdefault("vocab_size", 256)
             self.model = TransformerLM(**config)
-            self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         else:
             raise TypeError(
                 f"model must be a dict of TransformerLM arguments or an nn.Module, got {type(model).__name__}"
             )
+        # A module object and Python callables are left out (unpicklable or weights_only-unsafe); configs are kept.
+        save_config_hyperparameters(self, objects=("model", "optimizer", "lr_scheduler"))
         if eval_options and not hasattr(self.model, "set_attention_options"):
             raise TypeError("eval_options needs a model with set_attention_options (e.g. TransformerLM)")
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
+        self.warmup_steps = warmup_steps
         self.eval_options = dict(eval_options or {})
         self._saved_options: list[dict[str, Any]] | None = None
         self._applied_for_length: int | None = None
@@ -221,7 +208,7 @@ class CausalLMModule(L.LightningModule):
         if isinstance(batch, (list, tuple)):
             batch = batch[0]
         if not isinstance(batch, Tensor) or batch.dim() != 2 or batch.shape[1] < 2:
-            raise ValueError("batches must be LongTensor [batch, T + 1] with T >= 1")
+            raise ValueError("batches must be LongTensor [batch, seq + 1] with seq >= 1")
         return batch[:, :-1], batch[:, 1:]
 
     # ------------------------------------------------------------------ evaluation-time options
@@ -333,33 +320,7 @@ class CausalLMModule(L.LightningModule):
         self._evaluate(batch, dataloader_idx, "test")
 
     # ------------------------------------------------------------------ optimization
-    def _total_steps(self) -> int:
-        if self.hparams.total_steps is not None:
-            return int(self.hparams.total_steps)
-        trainer = self._trainer
-        max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
-        return int(max_steps) if max_steps and max_steps > 0 else 1000
-
     def configure_optimizers(self) -> Any:
-        """Tiger on ``tiger_param_groups`` + piecewise-linear warm-up/decay, stepped every optimizer step."""
-        from lightning_tiger.optim import Tiger, tiger_param_groups
-
-        groups = tiger_param_groups(self.model, weight_decay=float(self.hparams.weight_decay))
-        if self.optimizer_factory is not None:
-            optimizer = self.optimizer_factory(groups)
-        else:
-            optimizer = Tiger(
-                groups, lr=self.hparams.lr, beta=self.hparams.beta, weight_decay=self.hparams.weight_decay
-            )
-        if self.lr_scheduler_factory is not None:
-            scheduler = self.lr_scheduler_factory(optimizer)
-        else:
-            from lightning_tiger.optim import PiecewiseLinearLR
-
-            total = self._total_steps()
-            warmup = min(int(self.hparams.warmup_steps), total)
-            schedule = {warmup: 1.0}
-            if total > warmup:
-                schedule[total] = float(self.hparams.min_lr_ratio)
-            scheduler = PiecewiseLinearLR(optimizer, schedule, from_zero=True)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """``optimizer`` / ``lr_scheduler`` from init, or the defaults (Tiger, warm-up + decay over the run)."""
+        return configure_default_optimization(self, self.optimizer_factory, self.lr_scheduler_factory,
+                                              self.warmup_steps)

@@ -1,14 +1,16 @@
-"""Rectified flow (Liu, Gong, Liu, ICLR 2023; SPEC §5) as a LightningModule: 1-RF, reflow (k-RF), distillation.
+"""Rectified flow (Liu, Gong, Liu, ICLR 2023, "Flow Straight and Fast") as a LightningModule: 1-RF, reflow
+(k-RF), distillation.
 
 Convention: the paper's. Source (Gaussian noise by default) at t = 0, data at t = 1,
 ``X_t = t·X_1 + (1−t)·X_0``, regression target ``X_1 − X_0``, sampling integrates ``dZ = v(Z, t)dt`` forward
 from Z_0. The notes (seed post "生成扩散模型漫谈(十七)") put data at t = 0 and sample from t = 1 down; convert
-with t ↦ 1 − t, v ↦ −v (:func:`~lightning_tiger.modules.flow_solvers.flip_time_convention`, also available as
+with t ↦ 1 − t, v ↦ −v (:func:`~lightning_tiger.generative.flow.flip_time_convention`, also available as
 :meth:`RectifiedFlowModule.notes_velocity`).
 
 Three modes share one module so that every stage of the workflow is one config:
 
-- ``mode="flow"`` (1-RF): batches are data ``x1 [b, *shape]``; X_0 comes from ``source`` (independent coupling).
+- ``mode="flow"`` (1-RF): batches are data ``x1 [batch, *data_shape]``; X_0 comes from ``source``
+  (independent coupling).
 - ``mode="reflow"`` (k-RF): batches are pairs ``(z0, z1)`` produced by a trained flow
   (:class:`~lightning_tiger.data.reflow.ReflowPairsDataModule`); same loss on the coupled pairs.
 - ``mode="distill"``: batches are pairs; the one-step generator ``T(z0) = z0 + v(z0, 0)`` is fitted to z1
@@ -16,32 +18,46 @@ Three modes share one module so that every stage of the workflow is one config:
   digits). Sampling with ``steps=1`` is exactly T.
 
 Stages chain through checkpoints: ``init_from`` warm-starts the network from the previous stage (the paper
-initialises 2-RF and the distilled model from the previous flow). Validation logs (with the EMA weights when
-Lightning's ``EMAWeightAveraging`` is used, since it swaps them in for the whole validation epoch and this
-module samples inside ``validation_step``): ``val/loss``, ``val/w2@N`` for each N in ``val_steps`` (exact W2 on
-``num_val_samples`` samples from fixed noise against the data module's ``val_reference()``),
-``val/straightness`` and ``val/transport_cost`` at the largest N (Euler, from the same noise; with the Euler
-``val_solver`` the W2 integration is reused, so a validation costs ``sum(val_steps)`` network calls),
-``hp_metric`` (W2 at the largest N; at 1 step in distill mode), and a picture (2-D: scatter with trajectories;
-images: a grid) to TensorBoard.
+initialises 2-RF and the distilled model from the previous flow).
+
+Defaults that work with a bare ``Trainer(max_steps=N)``: Tiger with a warm-up + decay schedule derived from the
+run's length, and EMA weights (``EMAWeightAveraging`` added through ``configure_callbacks``, decay from the run's
+length) for validation and for the weights left in the module after ``fit``
+(:mod:`lightning_tiger.modules.defaults`).
+
+Validation (:class:`~lightning_tiger.modules.sample_validation.SampleValidationMixin`: samples drawn with the EMA
+weights) logs ``val/loss``, ``val/w2@N`` for each N in ``val_steps`` (exact W2 on ``num_val_samples`` samples
+from fixed noise against the data module's ``val_reference()``), ``val/straightness`` and
+``val/transport_cost`` at the largest N (Euler, from the same noise; with the Euler ``val_solver`` the W2
+integration is reused, so a validation costs ``sum(val_steps)`` network calls), ``hp_metric`` (W2 at the
+largest N; at 1 step in distill mode), and a picture (2-D: scatter with trajectories; images: a grid) to
+TensorBoard.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_tiger.data.reflow import generate_reflow_pairs
 from lightning_tiger.generative.flow import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
 from lightning_tiger.generative.nets import default_net, instantiate
+from lightning_tiger.modules.defaults import (
+    check_ema_decay,
+    configure_default_optimization,
+    default_ema_callbacks,
+    init_kwargs_from_hparams,
+    save_config_hyperparameters,
+)
+from lightning_tiger.modules.sample_validation import SampleValidationMixin, sobol_normal
 from lightning_tiger.validation import check_int, check_int_sequence, check_real
 
 __all__ = ["RectifiedFlowModule", "load_rectified_flow"]
@@ -49,12 +65,16 @@ __all__ = ["RectifiedFlowModule", "load_rectified_flow"]
 _MODES = ("flow", "reflow", "distill")
 _TIME_SAMPLING = ("uniform", "logit_normal")
 _VAL_NOISE = ("iid", "sobol")
+#: Optimizer arguments of checkpoints written before ``optimizer`` / ``lr_scheduler`` replaced them; ignored when
+#: such a checkpoint is loaded for sampling.
+LEGACY_OPTIMIZER_HPARAMS = ("lr", "weight_decay", "lr_schedule")
 
 
-class RectifiedFlowModule(pl.LightningModule):
-    """Velocity matching for any ``net(x [b, *shape], t [b]) -> [b, *shape]``; reflow and distillation modes.
+class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
+    """Velocity matching for any ``net(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]``; reflow and
+    distillation modes.
 
-    Loss (SPEC §5): ``E_t E||(X_1 − X_0) − v(X_t, t)||²`` (mean over elements), t ~ U[t_eps, 1] as in the
+    Loss (Liu et al. 2023, eq. 1): ``E_t E||(X_1 − X_0) − v(X_t, t)||²`` (mean over elements), t ~ U[t_eps, 1] as in the
     official code (``time_sampling="uniform"``) or logit-normal (Esser et al. 2024, SD3; mean 0, std 1, mapped
     to [t_eps, 1]).
 
@@ -68,24 +88,26 @@ class RectifiedFlowModule(pl.LightningModule):
         mode: ``"flow"`` | ``"reflow"`` | ``"distill"`` (see the module docstring).
         t_eps: smallest training time (default 1e-3, official code), in [0, 1).
         time_sampling: ``"uniform"`` (default) | ``"logit_normal"``.
-        lr: learning rate of the default optimizer (Tiger, relative lr, default 2e-3); the CLI's
-            ``--optimizer`` overrides :meth:`configure_optimizers`.
-        weight_decay: of the default optimizer (default 0.01).
-        lr_schedule: knots of :class:`~lightning_tiger.optim.PiecewiseLinearLR` for the default optimizer,
-            stepped every optimizer step (e.g. ``{100: 1.0, 3000: 0.1}``: warm up, then decay); ``None``
-            (default): constant lr.
-        num_val_samples: samples drawn for validation metrics (default 1000; SPEC §6 floor 0.035 at 1000).
+        optimizer: ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``; in Python e.g.
+            ``functools.partial(torch.optim.AdamW, lr=1e-3)``), given the parameter groups of
+            :func:`~lightning_tiger.modules.defaults.default_param_groups`. Default ``None``: Tiger, relative
+            lr 5e-3, weight decay 0.01.
+        lr_scheduler: ``optimizer -> LRScheduler`` (``LRSchedulerCallable``), stepped every optimizer step.
+            Default ``None``: linear warm-up over 5 % of the run, then linear decay to 10 % at its end
+            (:func:`~lightning_tiger.modules.defaults.warmup_decay_knots` of ``trainer.estimated_stepping_batches``;
+            warm-up then constant when the length is unknown).
+        warmup_steps: warm-up of the default schedule (``None``: 5 % of the run + 1 step).
+        ema_decay: ``"auto"`` (default): add ``EMAWeightAveraging`` with a decay from the run's length
+            (:func:`~lightning_tiger.modules.defaults.auto_ema_decay`: 0.9933 at 1500 steps, 0.99875 at 8000) unless
+            the Trainer already has a weight-averaging callback; a float in (0, 1): that decay; ``None``: no EMA.
+        num_val_samples: samples drawn for validation metrics (default 1000; 0 disables them).
         val_steps: Euler step counts at which W2 is logged (default (1, 2, 4, 8, 100)).
         val_solver: ``"euler"`` (default) | ``"heun"`` | ``"adaptive"`` for validation sampling.
         val_seed: seed of the fixed validation noise (default 0), so curves are comparable across runs.
-        val_noise: how the fixed validation noise is drawn from the Gaussian source: ``"iid"`` (default,
-            ``torch.randn``) or ``"sobol"``, quasi-Monte Carlo: the first ``num_val_samples`` points of a
-            scrambled Sobol sequence (Sobol 1967; Owen 1995 scrambling, ``torch.quasirandom.SobolEngine``)
-            mapped through the standard normal inverse CDF. Evenly spread noise gives evenly spread samples, so
-            W2 against the reference measures the model rather than the draw: on moons (whose reference,
-            ``make_moons``, puts points on an even grid of angles) i.i.d. draws of the *true* distribution
-            score W2 ≈ 0.08 ± 0.02 at 1000 points, and one trained flow scored 0.075–0.136 over four i.i.d.
-            validation seeds but 0.055–0.062 with Sobol noise. A data-to-data source always uses its pool.
+        val_noise: the fixed validation noise of the Gaussian source: ``"iid"`` (default, ``torch.randn``) or
+            ``"sobol"`` (:func:`~lightning_tiger.modules.sample_validation.sobol_normal`; on moons one trained
+            flow scored W2 0.075–0.136 over four i.i.d. seeds, 0.055–0.062 with Sobol noise). A data-to-data
+            source always uses its pool.
         init_from: checkpoint to warm-start the network from (its ``state_dict``: EMA weights when the
             checkpoint was written with ``EMAWeightAveraging``). Typical: the previous stage's checkpoint.
         num_plot_trajectories: paths drawn in the validation picture (default 64; 0 disables the picture).
@@ -99,9 +121,10 @@ class RectifiedFlowModule(pl.LightningModule):
         mode: str = "flow",
         t_eps: float = 1e-3,
         time_sampling: str = "uniform",
-        lr: float = 2e-3,
-        weight_decay: float = 0.01,
-        lr_schedule: dict[int, float] | list[tuple[int, float]] | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int | None = None,
+        ema_decay: float | str | None = "auto",
         num_val_samples: int = 1000,
         val_steps: Sequence[int] = (1, 2, 4, 8, 100),
         val_solver: str = "euler",
@@ -116,8 +139,11 @@ class RectifiedFlowModule(pl.LightningModule):
         if time_sampling not in _TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {_TIME_SAMPLING}, got {time_sampling!r}")
         check_real("t_eps", t_eps, low=0.0, high=1.0, high_open=True)
-        check_real("lr", lr, low=0.0, low_open=True)
-        check_int("num_val_samples", num_val_samples, low=2)
+        check_int("warmup_steps", warmup_steps, low=0, allow_none=True)
+        check_ema_decay(ema_decay)
+        check_int("num_val_samples", num_val_samples, low=0)
+        if num_val_samples == 1:
+            raise ValueError("num_val_samples must be 0 (no sample metrics) or >= 2, got 1")
         val_steps = check_int_sequence("val_steps", val_steps, low=1)
         if val_noise not in _VAL_NOISE:
             raise ValueError(f"val_noise must be one of {_VAL_NOISE}, got {val_noise!r}")
@@ -128,20 +154,18 @@ class RectifiedFlowModule(pl.LightningModule):
             raise ValueError(f"data_shape must be a non-empty list of positive integers, got {data_shape!r}")
         if not (isinstance(source, str) and source == "gaussian") and not isinstance(source, pl.LightningDataModule):
             raise ValueError(f"source must be 'gaussian' or a LightningDataModule, got {source!r}")
-        # Under LightningCLI the hparams are the config, so net is a class_path spec that load_rectified_flow
-        # rebuilds. A module object from plain Python is left out: pickled modules make checkpoints unloadable
-        # with weights_only=True (Lightning's default on resume); load_rectified_flow(net=...) supplies it.
-        # Source is replaced by its sample pool saved in the checkpoint.
-        from_config = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=["source"] if from_config or net is None else ["source", "net"])
+        # Source is replaced by its sample pool saved in the checkpoint; net and the optimizer callables are kept
+        # when they are config (LightningCLI), left out when they are Python objects (load_rectified_flow(net=...)).
+        save_config_hyperparameters(self, objects=("net", "optimizer", "lr_scheduler"), ignore=("source",))
         self.net = net if net is not None else default_net(data_shape)
         self.data_shape = data_shape
         self.mode = mode
         self.t_eps = float(t_eps)
         self.time_sampling = time_sampling
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
-        self.lr_schedule = lr_schedule
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.warmup_steps = warmup_steps
+        self.ema_decay = ema_decay
         self.num_val_samples = num_val_samples
         self.val_steps = tuple(sorted(set(val_steps)))
         self.val_solver = val_solver
@@ -155,7 +179,7 @@ class RectifiedFlowModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Velocity ``v(x [b, *shape], t [b]) -> [b, *shape]`` (t in fp32, whatever the autocast dtype)."""
+        """Velocity ``v(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]`` (t in fp32 under autocast)."""
         return self.net(x, t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
 
     def notes_velocity(self) -> Velocity:
@@ -165,11 +189,7 @@ class RectifiedFlowModule(pl.LightningModule):
     def validation_noise(self, n: int) -> Tensor:
         """The fixed source draws ``[n, *data_shape]`` (CPU) validation samples from (``val_noise``, ``val_seed``)."""
         if self.val_noise == "sobol" and self.source_pool is None:
-            dim = math.prod(self.data_shape)
-            u = torch.quasirandom.SobolEngine(dim, scramble=True, seed=self.val_seed).draw(n, dtype=torch.float64)
-            # Scrambled points lie in (0, 1) almost surely; the clamp only guards ndtri against an exact 0 or 1.
-            u = u.clamp(1e-12, 1.0 - 1e-12)
-            return torch.special.ndtri(u).to(torch.float32).reshape(n, *self.data_shape)
+            return sobol_normal(n, self.data_shape, self.val_seed)
         return self.sample_source(n, torch.Generator().manual_seed(self.val_seed))
 
     def sample_source(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -215,7 +235,8 @@ class RectifiedFlowModule(pl.LightningModule):
 
     @torch.no_grad()
     def flow_metrics(self, z0: Tensor, steps: int = 100) -> dict[str, Tensor]:
-        """Straightness S and transport cost ``E||Z_1 − Z_0||²`` of this flow from ``z0`` (Euler, SPEC §5)."""
+        """Straightness S and transport cost ``E||Z_1 − Z_0||²`` of this flow from ``z0`` (Euler; Liu et al.
+        2023's straightness S(Z))."""
         z0 = z0.to(self.device, self._param_dtype())
         return _flow_metrics_of(integrate(self.forward, z0, steps, "euler"), z0)
 
@@ -245,11 +266,9 @@ class RectifiedFlowModule(pl.LightningModule):
         progress: bool = True,
         **solver_kwargs: Any,
     ) -> tuple[Tensor, Tensor]:
-        """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` from this flow, in batches (for reflow / distillation).
-
-        :func:`~lightning_tiger.data.reflow.generate_reflow_pairs` with this module as the teacher (same
-        arguments); returns ``(z0, z1)`` on CPU, each ``[n, *data_shape]``.
-        """
+        """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` ``[n, *data_shape]`` (CPU) from this flow, for reflow or
+        distillation: :func:`~lightning_tiger.data.reflow.generate_reflow_pairs` (arguments documented there; ``path``
+        writes ``.pt`` shards that :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule` reads back)."""
         return generate_reflow_pairs(self, n, steps, batch_size, path, solver=solver, generator=generator,
                                      progress=progress, **solver_kwargs)
 
@@ -288,14 +307,13 @@ class RectifiedFlowModule(pl.LightningModule):
             self.source_pool = checkpoint["rf_source_pool"]
 
     def configure_optimizers(self) -> Any:
-        """Tiger on :func:`~lightning_tiger.optim.tiger_param_groups` (lr, weight_decay, lr_schedule from init)."""
-        from lightning_tiger.optim import PiecewiseLinearLR, Tiger, tiger_param_groups
+        """``optimizer`` / ``lr_scheduler`` from init, or the defaults (Tiger, warm-up + decay over the run)."""
+        return configure_default_optimization(self, self.optimizer_factory, self.lr_scheduler_factory,
+                                              self.warmup_steps)
 
-        optimizer = Tiger(tiger_param_groups(self, weight_decay=self.weight_decay), lr=self.lr)
-        if self.lr_schedule is None:
-            return optimizer
-        scheduler = PiecewiseLinearLR(optimizer, self.lr_schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_callbacks(self) -> list[Callback]:
+        """``EMAWeightAveraging`` per ``ema_decay``, unless the Trainer already averages weights."""
+        return default_ema_callbacks(self.trainer, self.ema_decay)
 
     def _param_dtype(self) -> torch.dtype:
         p = next(self.net.parameters(), None)
@@ -333,77 +351,43 @@ class RectifiedFlowModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        # Seeded per batch: the validation loss is a deterministic function of the weights.
-        gen = torch.Generator().manual_seed(self.val_seed + 1000 + batch_idx)
-        loss = self.compute_loss(batch, gen)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        if batch_idx == 0:
-            self._log_sample_metrics()
-        return loss
+    # ------------------------------------------------------------------ validation (SampleValidationMixin)
+    def validation_loss(self, batch: Any, batch_idx: int) -> Tensor:
+        """:meth:`compute_loss` with time and source draws seeded by ``(val_seed, batch_idx)``."""
+        return self.compute_loss(batch, torch.Generator().manual_seed(self.val_seed + 1000 + batch_idx))
 
-    # ------------------------------------------------------------------ validation sampling
-    def _reference(self) -> Tensor | None:
-        dm = getattr(self.trainer, "datamodule", None)
-        fn = getattr(dm, "val_reference", None)
-        return fn() if callable(fn) else None
-
-    def _log_sample_metrics(self) -> None:
+    def validate_samples(self, reference: Tensor | None) -> None:
+        """W2 at each of ``val_steps`` (1 step in distill mode), straightness, transport cost and a picture."""
         from lightning_tiger.metrics.functional import wasserstein2
 
-        ref = self._reference()
-        n = self.num_val_samples if ref is None else min(self.num_val_samples, len(ref))
+        n = self.num_val_samples if reference is None else min(self.num_val_samples, len(reference))
         z0 = self.validation_noise(n)
         steps_list = (1,) if self.mode == "distill" else self.val_steps
-        main_value = None
-        last = None
-        metrics = None
+        largest = max(steps_list)
+        metrics, sol, w2 = None, None, None
         for k in steps_list:
-            want_traj = k == max(steps_list) and self.num_plot_trajectories > 0
+            want_traj = k == largest and self.num_plot_trajectories > 0
             sol = self._solve(z0, k, self.val_solver, return_trajectory=want_traj)
-            if k == max(steps_list) and self.val_solver == "euler":
-                # Straightness and transport cost are defined on Euler paths (SPEC §5): reuse this integration
-                # rather than integrating the same noise again (that doubled the cost of a validation).
+            if k == largest and self.val_solver == "euler":
+                # Straightness and transport cost are measured on Euler paths: reuse this integration rather
+                # than integrating the same noise again (that doubled the cost of a validation).
                 metrics = _flow_metrics_of(sol, z0.to(sol.z1))
-            if ref is not None:
-                w2 = wasserstein2(sol.z1.float().cpu(), ref[:n].float().cpu())
-                self.log(f"val/w2@{k}", w2, sync_dist=False)
-                main_value = w2
-            last = (k, sol.z1, sol.trajectory)
+            if reference is not None:
+                w2 = wasserstein2(sol.z1.float().cpu(), reference[:n])
+                self.log(f"val/w2@{k}", w2)
         if metrics is None:
-            metrics = self.flow_metrics(z0, steps=max(steps_list))
+            metrics = self.flow_metrics(z0, steps=largest)
         self.log("val/straightness", metrics["straightness"].float())
         self.log("val/transport_cost", metrics["transport_cost"].float())
-        if main_value is not None:
-            self.log("hp_metric", main_value)
-        if last is not None and self.num_plot_trajectories > 0 and not self.trainer.sanity_checking:
-            self._log_picture(*last, ref)
-
-    def _log_picture(self, steps: int, z1: Tensor, traj: Tensor | None, ref: Tensor | None) -> None:
-        from lightning_tiger import _plotting
-
-        if self.logger is None or self.trainer.global_rank != 0:
-            return
-        if self.data_shape == (2,):
-            trajectories = None
-            if traj is not None:
-                # Thin the time axis to <= 101 points and keep the first paths only: the picture stays light.
-                stride = max(1, math.ceil((traj.shape[0] - 1) / 100))
-                trajectories = traj[::stride, : self.num_plot_trajectories].float().cpu()
-            fig = _plotting.scatter_figure(
-                z1.float().cpu(),
-                None if ref is None else ref.float().cpu(),
-                trajectories=trajectories,
-                title=f"{self.mode}: {steps} {self.val_solver} step(s), step {self.global_step}",
-            )
-            _plotting.log_figure(self.logger, "val/samples", fig, self.global_step)
-        elif len(self.data_shape) == 3:
-            grid = _plotting.image_grid(z1[:64].float().cpu(), nrow=8)
-            _plotting.log_image(self.logger, "val/samples", grid, self.global_step)
+        if w2 is not None:
+            self.log("hp_metric", w2)
+        if sol is not None and self.num_plot_trajectories > 0:
+            title = f"{self.mode}: {largest} {self.val_solver} step(s), step {self.global_step}"
+            self.log_sample_picture(sol.z1, reference, title, sol.trajectory, max_paths=self.num_plot_trajectories)
 
 
 def _flow_metrics_of(sol: FlowSolution, z0: Tensor) -> dict[str, Tensor]:
-    """``{"straightness", "transport_cost"}`` of an Euler solution from ``z0 [n, *shape]`` (float64 scalars)."""
+    """``{"straightness", "transport_cost"}`` of an Euler solution from ``z0 [n, *data_shape]`` (float64 scalars)."""
     cost = (sol.z1 - z0).reshape(len(z0), -1).pow(2).sum(1).mean()
     return {"straightness": sol.straightness, "transport_cost": cost.double()}
 
@@ -420,7 +404,9 @@ def load_rectified_flow(
     The network is rebuilt from the saved hyperparameters (``class_path`` config from the CLI, the pickled
     module from plain Python, or the default net), then its weights come from the checkpoint's
     ``state_dict`` — the EMA weights when the run used ``EMAWeightAveraging`` (Lightning stores the average
-    there and the raw weights under ``current_model_state``). Uses ``torch.load(weights_only=False)``:
+    there and the raw weights under ``current_model_state``). Training settings are dropped (the ``optimizer`` /
+    ``lr_scheduler`` configs, and ``lr`` / ``weight_decay`` / ``lr_schedule`` of checkpoints written before
+    those replaced them), so older checkpoints load too. Uses ``torch.load(weights_only=False)``:
     load only checkpoints you trust.
 
     Args:
@@ -432,16 +418,14 @@ def load_rectified_flow(
             else the default net for the data shape.
     """
     ckpt = torch.load(os.fspath(checkpoint_path), map_location=map_location, weights_only=False)
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    for key in list(hp):
-        if key.startswith("_"):  # LightningCLI bookkeeping such as _instantiator / _class_path
-            hp.pop(key)
-    spec = hp.pop("net", None)
-    net = net if net is not None else instantiate(spec)
+    # Dropped: warm start and source (the weights and pool below replace them), and training settings: the
+    # optimizer callables, and the optimizer arguments of checkpoints written before those replaced them.
+    drop = ("net", "init_from", "source", "optimizer", "lr_scheduler", *LEGACY_OPTIMIZER_HPARAMS)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    hp = init_kwargs_from_hparams(RectifiedFlowModule, hparams, drop, where=os.fspath(checkpoint_path))
+    net = net if net is not None else instantiate(hparams.get("net"))
     if net is not None and not isinstance(net, nn.Module):
         raise ValueError(f"cannot rebuild the network from the checkpoint's hyperparameters: {net!r}")
-    hp.pop("init_from", None)  # the weights below replace any warm start
-    hp.pop("source", None)
     model = RectifiedFlowModule(net=copy.deepcopy(net) if net is not None else None, **hp)
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -1,10 +1,11 @@
-"""Denoising score matching with score SDEs (Song et al. 2021) as a LightningModule (SPEC §4).
+"""Denoising score matching with score SDEs (Song et al. 2021, "Score-Based Generative Modeling through
+Stochastic Differential Equations") as a LightningModule.
 
 Training minimises the weighted denoising (conditional) score-matching loss
 
     L(θ) = E_{t ~ U[t_eps, 1]} E_{x_0, ε} λ(t) ||s_θ(α_t x_0 + σ_t ε, t) + ε/σ_t||²
 
-(SPEC §4.1: equal to the marginal score-matching loss up to a θ-independent constant C_t), per sample summed
+(Vincent 2011: equal to the marginal score-matching loss up to a θ-independent constant C_t), per sample summed
 over data dimensions and averaged over the batch (score_sde_pytorch ``reduce_mean=False``).
 
 Parameterisation (``parameterization``):
@@ -16,7 +17,7 @@ Parameterisation (``parameterization``):
   the loss is computed as λ/σ²·||σ·net + ε||² to avoid dividing ε by a tiny σ.
 
 Precision: t, α_t, σ_t, the noisy input, the loss arithmetic and every sampler state are fp32 with autocast
-disabled (SPEC §4.2); only the network runs in the trainer's precision (its output is cast back to fp32).
+disabled; only the network runs in the trainer's precision (its output is cast back to fp32).
 """
 
 from __future__ import annotations
@@ -27,28 +28,39 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_tiger.generative import samplers
 from lightning_tiger.generative.nets import default_net
 from lightning_tiger.generative.sde import SDE, VESDE, make_sde
 from lightning_tiger.generative.tensors import batch_broadcast, randn
+from lightning_tiger.modules.defaults import (
+    check_ema_decay,
+    configure_default_optimization,
+    default_ema_callbacks,
+    save_config_hyperparameters,
+)
+from lightning_tiger.modules.sample_validation import SampleValidationMixin
 from lightning_tiger.validation import check_int, check_real
 
 WEIGHTINGS: tuple[str, ...] = ("sigma2", "likelihood", "none")
 PARAMETERIZATIONS: tuple[str, ...] = ("noise", "score")
 
 
-class ScoreMatchingModule(pl.LightningModule):
+class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
     """Score-based diffusion (VP / sub-VP / VE SDE) trained by denoising score matching.
 
-    Subclassing: override :meth:`loss_weight` (λ(t)), pass any :class:`~lightning_tiger.modules.sde.SDE`
+    Subclassing: override :meth:`loss_weight` (λ(t)), pass any :class:`~lightning_tiger.generative.sde.SDE`
     instance as ``sde`` (or override :meth:`configure_sde`), or pass/override the network; no copy of the
     training or sampling code is needed.
 
-    EMA: add ``lightning.pytorch.callbacks.EMAWeightAveraging``. It swaps the averaged weights in at
-    ``on_validation_epoch_start`` and back in the *callbacks'* ``on_validation_epoch_end``, which runs before the
-    module's, so this module samples inside ``validation_step`` (first batch), where the EMA weights are in.
+    Defaults that work with a bare ``Trainer(max_steps=N)``: Tiger with a warm-up + decay schedule derived from the
+    run's length, and EMA weights (``EMAWeightAveraging`` added through ``configure_callbacks`` with a decay from
+    the run's length, :mod:`lightning_tiger.modules.defaults`) for validation and for the weights left in the
+    module after ``fit``. Score models need the average: trained without it at a constant learning rate on a 2-D
+    law, samples *worsened* with more steps.
 
     Validation (each epoch, not during the sanity check): the DSM loss with seeded t/ε (``val/loss``), then
     ``num_val_samples`` samples from seeded noise (the same every time, so curves are comparable) compared with
@@ -59,17 +71,27 @@ class ScoreMatchingModule(pl.LightningModule):
     or image grid goes to TensorBoard.
 
     Args:
-        net: ``net(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]``; default :func:`default_net`.
-        sde: ``"vp"`` (default), ``"subvp"``, ``"ve"`` or an SDE instance. Defaults SPEC §4.2.
+        net: ``net(x [batch, *data_shape], t [batch]) -> [batch, *data_shape]``; default
+            :func:`~lightning_tiger.generative.nets.default_net`.
+        sde: ``"vp"`` (default), ``"subvp"``, ``"ve"`` or an SDE instance (score_sde_pytorch's defaults).
         weighting: λ(t): ``"sigma2"`` (σ_t², default), ``"likelihood"`` (g(t)², Song et al. 2021b) or
             ``"none"`` (1).
         parameterization: ``"noise"`` (default) or ``"score"`` (module docstring).
-        t_eps: training times t ~ U[t_eps, 1], default 1e-5 (SPEC §4.2).
+        t_eps: training times t ~ U[t_eps, 1], default 1e-5 (score_sde_pytorch).
         sde_kwargs: keyword arguments of the SDE class (e.g. ``{"sigma_max": 4.0}``).
-        lr: learning rate of the default optimizer (Tiger's relative lr), default 2e-3.
-        weight_decay: of the default optimizer, default 0.01.
+        optimizer: ``params -> Optimizer`` (LightningCLI's ``OptimizerCallable``; in Python e.g.
+            ``functools.partial(torch.optim.AdamW, lr=1e-3)``), given the parameter groups of
+            :func:`~lightning_tiger.modules.defaults.default_param_groups`. Default ``None``: Tiger, relative
+            lr 5e-3, weight decay 0.01.
+        lr_scheduler: ``optimizer -> LRScheduler`` (``LRSchedulerCallable``), stepped every optimizer step.
+            Default ``None``: linear warm-up over 5 % of the run, then linear decay to 10 % at its end
+            (:func:`~lightning_tiger.modules.defaults.warmup_decay_knots`).
+        warmup_steps: warm-up of the default schedule (``None``: 5 % of the run + 1 step).
+        ema_decay: ``"auto"`` (default): add ``EMAWeightAveraging`` with a decay from the run's length
+            (:func:`~lightning_tiger.modules.defaults.auto_ema_decay`) unless the Trainer already has a
+            weight-averaging callback; a float in (0, 1): that decay; ``None``: no EMA.
         sampler: default sampler of :meth:`sample` and validation (one of
-            :data:`~lightning_tiger.modules.score_samplers.SAMPLERS`), default ``"pc"``.
+            :data:`~lightning_tiger.generative.samplers.SAMPLERS`), default ``"pc"``.
         sample_steps: default steps (per noise level for annealed Langevin), default 200.
         sample_t_end: where the reverse process stops, default 1e-3.
         snr: PC corrector signal-to-noise ratio, default 0.16.
@@ -87,8 +109,10 @@ class ScoreMatchingModule(pl.LightningModule):
         parameterization: str = "noise",
         t_eps: float = 1e-5,
         sde_kwargs: dict[str, Any] | None = None,
-        lr: float = 2e-3,
-        weight_decay: float = 0.01,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int | None = None,
+        ema_decay: float | str | None = "auto",
         sampler: str = "pc",
         sample_steps: int = 200,
         sample_t_end: float = 1e-3,
@@ -110,14 +134,18 @@ class ScoreMatchingModule(pl.LightningModule):
         check_int("sample_steps", sample_steps, low=1)
         check_real("sample_t_end", sample_t_end, low=0.0, high=1.0, high_open=True)
         check_int("num_val_samples", num_val_samples, low=0)
-        check_real("lr", lr, low=0.0, low_open=True)
-        self.save_hyperparameters(ignore=["net", "sde"] if isinstance(sde, SDE) else ["net"])
+        check_int("warmup_steps", warmup_steps, low=0, allow_none=True)
+        check_ema_decay(ema_decay)
+        save_config_hyperparameters(self, objects=("net", "optimizer", "lr_scheduler"),
+                                    ignore=("sde",) if isinstance(sde, SDE) else ())
         self.sde = self.configure_sde(sde, sde_kwargs)
         self.weighting = weighting
         self.parameterization = parameterization
         self.t_eps = float(t_eps)
-        self.lr = lr
-        self.weight_decay = weight_decay
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.warmup_steps = warmup_steps
+        self.ema_decay = ema_decay
         self.sampler = sampler
         self.sample_steps = sample_steps
         self.sample_t_end = float(sample_t_end)
@@ -205,12 +233,13 @@ class ScoreMatchingModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        """Tiger over :func:`tiger_param_groups` (``lr``, ``weight_decay``); LightningCLI's ``--optimizer``
-        replaces this."""
-        from lightning_tiger.optim.param_groups import tiger_param_groups
-        from lightning_tiger.optim.tiger import Tiger
+        """``optimizer`` / ``lr_scheduler`` from init, or the defaults (Tiger, warm-up + decay over the run)."""
+        return configure_default_optimization(self, self.optimizer_factory, self.lr_scheduler_factory,
+                                              self.warmup_steps)
 
-        return Tiger(tiger_param_groups(self, weight_decay=self.weight_decay), lr=self.lr)
+    def configure_callbacks(self) -> list[Callback]:
+        """``EMAWeightAveraging`` per ``ema_decay``, unless the Trainer already averages weights."""
+        return default_ema_callbacks(self.trainer, self.ema_decay)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -282,34 +311,26 @@ class ScoreMatchingModule(pl.LightningModule):
             self.last_nfe = out.nfe
         return (out.x, out.trajectory) if return_trajectory else out.x
 
-    # ------------------------------------------------------------------ validation
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x0 = self._batch_data(batch)
+    # ------------------------------------------------------------------ validation (SampleValidationMixin)
+    def validation_loss(self, batch: Any, batch_idx: int) -> Tensor:
+        """Mean DSM loss with t and ε seeded by ``(val_seed, batch_idx)``."""
         gen = torch.Generator(device="cpu").manual_seed(self.val_seed + batch_idx)
-        loss = self.dsm_loss(x0, generator=gen).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        if batch_idx == 0 and self.num_val_samples > 0 and not self.trainer.sanity_checking:
-            self._validate_samples()
+        return self.dsm_loss(self._batch_data(batch), generator=gen).mean()
 
-    def _validate_samples(self) -> None:
-        from lightning_tiger import _plotting
+    def validate_samples(self, reference: Tensor | None) -> None:
+        """W2, MMD², Fréchet distance (images), analytic-toy metrics and a picture of seeded samples."""
         from lightning_tiger.metrics import functional as F
 
-        dm = getattr(self.trainer, "datamodule", None)
-        ref_fn = getattr(dm, "val_reference", None)
-        ref = ref_fn().float() if callable(ref_fn) else None
-        n = self.num_val_samples if ref is None else min(self.num_val_samples, ref.shape[0])
+        n = self.num_val_samples if reference is None else min(self.num_val_samples, reference.shape[0])
         gen = torch.Generator(device="cpu").manual_seed(self.val_seed)
         samples = self.sample(n, generator=gen, progress=False)
         assert isinstance(samples, Tensor)
         samples = samples.float().cpu()
-        step = self.global_step
         log_kw = {"on_step": False, "on_epoch": True, "batch_size": n}
         finite = bool(torch.isfinite(samples).all())
         self.log("val/samples_finite", float(finite), **log_kw)
-        if ref is not None and finite:
-            ref = ref[:n].cpu()
-            flat_s, flat_r = samples.reshape(n, -1), ref.reshape(n, -1)
+        if reference is not None and finite:
+            flat_s, flat_r = samples.reshape(n, -1), reference[:n].reshape(n, -1)
             self.log("val/w2", F.wasserstein2(flat_s, flat_r).float(), prog_bar=True, **log_kw)
             self.log("val/mmd2", F.mmd2_unbiased(flat_s, flat_r).float(), **log_kw)
             if samples.ndim == 4:
@@ -318,12 +339,8 @@ class ScoreMatchingModule(pl.LightningModule):
                     noise = torch.rand(flat_r.shape, generator=torch.Generator().manual_seed(self.val_seed)) * 2 - 1
                     self._fd_noise = float(F.frechet_distance(noise, flat_r))
                 self.log("val/fd_noise", self._fd_noise, **log_kw)
-        if samples.ndim == 2 and samples.shape[1] == 2:
-            fig = _plotting.scatter_figure(samples, ref, title=f"{self.sampler}, step {step}")
-            _plotting.log_figure(self.loggers, "val/samples", fig, step)
-        elif samples.ndim == 4:
-            _plotting.log_image(self.loggers, "val/samples", _plotting.image_grid(samples[:64]), step)
-        mixture = getattr(dm, "analytic_distribution", lambda: None)()
+        self.log_sample_picture(samples, reference, f"{self.sampler}, step {self.global_step}")
+        mixture = getattr(self.trainer.datamodule, "analytic_distribution", lambda: None)()
         if mixture is not None:
             self._log_analytic(mixture, log_kw)
 

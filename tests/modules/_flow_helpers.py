@@ -9,11 +9,12 @@ from scipy.stats import norm
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-M, S = 3.0, 0.5  # SPEC §5: π_0 = N(0, 1), π_1 = N(3, 0.5²)
+M, S = 3.0, 0.5  # π_0 = N(0, 1), π_1 = N(3, 0.5²): the 1-RF of two Gaussians has a closed form
 
 
 def exact_v(x: Tensor, t: Tensor) -> Tensor:
-    """SPEC §5 written out: v(x,t) = m + c(t)(x − t m), c(t) = (t s² − (1−t)) / (t² s² + (1−t)²)."""
+    """The 1-RF velocity of N(0, 1) -> N(m, s²), E[X_1 − X_0 | X_t = x] (Liu et al. 2023), written out:
+    v(x,t) = m + c(t)(x − t m), c(t) = (t s² − (1−t)) / (t² s² + (1−t)²)."""
     t = t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
     c = (t * S**2 - (1 - t)) / (t**2 * S**2 + (1 - t) ** 2)
     return M + c * (x - t * M)

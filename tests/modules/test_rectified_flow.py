@@ -1,6 +1,9 @@
-"""RectifiedFlowModule and the flow solvers against the closed form of SPEC §5 and explicit formulas."""
+"""RectifiedFlowModule and the flow solvers against the closed form of the 1-RF between two Gaussians and explicit
+formulas."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_tiger.generative.flow import flip_time_convention, gaussian_1rf_velocity, integrate
 from lightning_tiger.modules.rectified_flow import RectifiedFlowModule, load_rectified_flow
 from lightning_tiger.nn.time_mlp import TimeMLP
+from lightning_tiger.optim import PiecewiseLinearLR, Tiger
 
 from ._flow_helpers import (
     ExactVelocity,
@@ -192,7 +196,7 @@ def test_fit_logs_w2_with_ema_weights_and_checkpoint_roundtrip(tmp_path) -> None
     # samples equal the noise whatever the raw weights learn. The logged W2 must be that of the noise itself.
     torch.manual_seed(0)
     model = RectifiedFlowModule(net=TimeMLP(1, 32, 1), data_shape=(1,), num_val_samples=256, val_steps=(1, 4),
-                                lr=1e-2)
+                                optimizer=partial(Tiger, lr=1e-2))
     dm = Gaussian1DDataModule(n=2048, num_val=256)
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = Trainer(max_steps=6, accelerator="cpu", default_root_dir=tmp_path, logger=logger,
@@ -241,9 +245,9 @@ def test_data_shape_mismatch_is_explained(tmp_path) -> None:  # type: ignore[no-
 @pytest.mark.slow
 def test_trained_small_model_approaches_the_closed_form(tmp_path) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
-    model = RectifiedFlowModule(net=TimeMLP(1, 64, 2), data_shape=(1,), lr=5e-3, val_steps=(1, 100),
-                                lr_schedule={60: 1.0, 1200: 0.05},
-                                num_val_samples=512)
+    model = RectifiedFlowModule(net=TimeMLP(1, 64, 2), data_shape=(1,), optimizer=partial(Tiger, lr=5e-3),
+                                lr_scheduler=partial(PiecewiseLinearLR, schedule={60: 1.0, 1200: 0.05}),
+                                val_steps=(1, 100), num_val_samples=512)
     dm = Gaussian1DDataModule(n=8192, num_val=512)
     trainer = Trainer(max_steps=1200, accelerator="cpu", default_root_dir=tmp_path, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

@@ -4,6 +4,7 @@ EMA (validation samples use the averaged weights), TensorBoard pictures, digits 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import lightning as L
 import pytest
@@ -18,6 +19,7 @@ from lightning_tiger.generative.sde import VESDE, VPSDE
 from lightning_tiger.modules.score_matching import ScoreMatchingModule
 from lightning_tiger.nn.small_unet import SmallUNet
 from lightning_tiger.nn.time_mlp import TimeMLP
+from lightning_tiger.optim import Tiger
 
 
 class _Affine(nn.Module):
@@ -124,7 +126,7 @@ def test_fit_with_ema_samples_with_averaged_weights_and_logs(tmp_path) -> None:
     torch.manual_seed(0)
     dm = ToyDataModule("gmm", num_train=256, num_val=64, batch_size=64)
     module = _Recording(net=TimeMLP(hidden_dim=32, depth=1, time_dim=8), sampler="ode_euler", sample_steps=4,
-                        num_val_samples=64, lr=0.05)
+                        num_val_samples=64, optimizer=partial(Tiger, lr=0.05))
     logger = TensorBoardLogger(tmp_path, name="tb")
     trainer = L.Trainer(max_steps=4, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
                         logger=logger, default_root_dir=tmp_path, val_check_interval=4, num_sanity_val_steps=0,
@@ -171,7 +173,8 @@ def test_moons_tiger_reaches_w2_target(tmp_path) -> None:
     torch.manual_seed(0)
     dm = ToyDataModule("moons", batch_size=256)
     module = ScoreMatchingModule(net=TimeMLP(data_dim=2, hidden_dim=128, depth=3, time_dim=32), sampler="pc",
-                                 sample_steps=200, num_val_samples=0, lr=2e-3)
+                                 sample_steps=200, num_val_samples=0, optimizer=partial(Tiger, lr=2e-3),
+                                 lr_scheduler=partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
     trainer = L.Trainer(max_steps=5000, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                         callbacks=[EMAWeightAveraging(decay=0.999)], default_root_dir=tmp_path)
