@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -25,13 +26,15 @@ from lightning_tiger.data.toy2d import ToyDataModule
 from lightning_tiger.metrics.functional import wasserstein2
 from lightning_tiger.modules.score_matching import ScoreMatchingModule
 from lightning_tiger.nn.time_mlp import TimeMLP
+from lightning_tiger.optim import Tiger
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def make_module() -> ScoreMatchingModule:
     return ScoreMatchingModule(net=TimeMLP(data_dim=2, hidden_dim=128, depth=3, time_dim=32), num_val_samples=0,
-                               lr=2e-3)
+                               optimizer=partial(Tiger, lr=2e-3),
+                               lr_scheduler=partial(torch.optim.lr_scheduler.ConstantLR, factor=1.0))
 
 
 def train(steps: int, dm: ToyDataModule) -> tuple[ScoreMatchingModule, float]:

@@ -487,7 +487,7 @@ def _meta(cfg: dict[str, Any], steps: int, args: argparse.Namespace, command: st
         "corpus": f"{source}{f', training text capped at {cap:,} characters' if cap else ''}",
         "model": f"pre-norm decoder, {depth} layers, d = {dim}, {heads} heads, SwiGLU, byte vocabulary",
         "params": params,
-        "lr": model_cfg.get("lr"),
+        "lr": (model_cfg.get("optimizer") or {}).get("init_args", {}).get("lr"),
         "warmup_steps": model_cfg.get("warmup_steps"),
         "steps": steps,
         "seeds": args.seeds,

@@ -116,15 +116,33 @@ def check_dead_model_arguments(config: dict[str, Any], sources: Sources) -> None
         effective = opt_args.get(name, None if default is inspect.Parameter.empty else default)
         if model_args[name] == effective:
             continue
-        message = (
+        _report_dead(
             f"{where}: model.init_args.{name}={model_args[name]!r} has no effect: the optimizer {opt_name} "
             f"(--optimizer, from {opt_from}) replaces {model_name}.configure_optimizers and runs with "
             f"{name}={effective!r}. Set --optimizer.{name}={model_args[name]!r} instead, or leave out the "
-            f"optimizer config to use the module's own optimizer."
+            f"optimizer config to use the module's own optimizer.",
+            name, where, index, opt_index,
         )
-        if where == COMMAND_LINE:
-            raise ConfigError(message, key=f"model.init_args.{name}", files=[where])
-        if opt_index is not None and opt_index > index:  # an optimizer config composed after a task file
-            log.info("lightning-tiger: %s", message)
+    # The library's modules read their own optimizer / lr_scheduler callables and the default schedule's
+    # warmup_steps in configure_optimizers, which --optimizer replaces.
+    for name in sorted(model_params & {"optimizer", "lr_scheduler", "warmup_steps"}):
+        index = who_set_index(f"model.init_args.{name}", sources)
+        if index is None or model_args.get(name) is None:
             continue
-        warnings.warn(message, ConfigConflictWarning, stacklevel=2)
+        where = sources[index][0]
+        _report_dead(
+            f"{where}: model.init_args.{name} has no effect: the optimizer {opt_name} (--optimizer, from "
+            f"{opt_from}) replaces {model_name}.configure_optimizers, which is what reads it; leave out the "
+            f"optimizer config to use the module's own.",
+            name, where, index, opt_index,
+        )
+
+
+def _report_dead(message: str, name: str, where: str, index: int, opt_index: int | None) -> None:
+    """Refuse a dead setting typed on the command line, log one composed before the optimizer config, else warn."""
+    if where == COMMAND_LINE:
+        raise ConfigError(message, key=f"model.init_args.{name}", files=[where])
+    if opt_index is not None and opt_index > index:  # an optimizer config composed after a task file
+        log.info("lightning-tiger: %s", message)
+        return
+    warnings.warn(message, ConfigConflictWarning, stacklevel=3)

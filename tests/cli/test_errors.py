@@ -95,6 +95,19 @@ def test_dead_model_lr_on_the_command_line_is_refused(tmp_path: Path, capsys: py
     assert "runs with lr=0.01" in err and "--optimizer.lr=0.5" in err, err
 
 
+def test_dead_module_optimizer_settings_on_the_command_line_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The library's modules read their own optimizer / lr_scheduler / warmup_steps in configure_optimizers, which
+    `--optimizer` replaces: typing one next to an optimizer config would silently do nothing."""
+    flow = str(ROOT / "examples" / "configs" / "flow" / "moons.yaml")
+    trainer = str(ROOT / "examples" / "configs" / "trainer" / "cpu-quick.yaml")
+    err = _error(capsys, tmp_path, "--config", flow, "--config", str(OPTIM / "tiger.yaml"), "--config", trainer,
+                 "--model.init_args.warmup_steps=5")
+    assert "<command line>: model.init_args.warmup_steps has no effect: the optimizer Tiger" in err, err
+    assert "replaces RectifiedFlowModule.configure_optimizers" in err, err
+
+
 def test_dead_model_lr_from_a_file_warns_and_the_optimizer_lr_runs(tmp_path: Path) -> None:
     config = _write(tmp_path, "tiny.yaml", TINY.replace("init_args: {hidden: 8}", "init_args: {hidden: 8, lr: 0.5}"))
     with pytest.warns(ConfigConflictWarning, match=rf"{config}: model.init_args.lr=0.5 has no effect"):

@@ -43,7 +43,7 @@ class Flow(RectifiedFlowModule):
         # net=None: the default network, built from data_shape. A Python-built ``net`` is pickled into hparams,
         # and Lightning's default ``weights_only`` resume then refuses the checkpoint (see
         # test_checkpoint_compat.py::test_rectified_flow_with_custom_net_resumes).
-        super().__init__(lr=0.01)
+        super().__init__(ema_decay=None)
         self.step_sleep = step_sleep
         self.seen: list[torch.Tensor] = []
         self._hook: Any = None
@@ -65,7 +65,7 @@ class Flow(RectifiedFlowModule):
     def configure_optimizers(self) -> Any:
         from lightning_tiger.optim import PiecewiseLinearLR, Tiger, tiger_param_groups
 
-        opt = Tiger(tiger_param_groups(self.net, weight_decay=0.01), lr=self.lr)
+        opt = Tiger(tiger_param_groups(self.net, weight_decay=0.01), lr=0.01)
         sched = PiecewiseLinearLR(opt, {10: 1.0, 40: 0.1})
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -471,20 +471,17 @@ def test_transformer_lm_tokens(tokens: str) -> None:
 
 
 CLM_ARGS: dict[str, st.SearchStrategy] = {
-    "lr": any_float, "beta": any_float, "weight_decay": any_float, "warmup_steps": any_int, "min_lr_ratio": any_float,
-    "total_steps": st.one_of(any_int, st.none()), "train_positions": st.sampled_from(["contiguous", "random_int",
-                                                                                     "random_float", "shuffled"]),
+    "warmup_steps": st.one_of(any_int, st.none()), "train_positions": st.sampled_from(["contiguous", "random_int",
+                                                                                       "random_float", "shuffled"]),
     "max_position": st.one_of(any_int, st.none()), "metric_last_n": st.one_of(any_int, st.none()),
     "train_len": st.one_of(any_int, st.none()), "model": st.sampled_from([None, {"vocab_size": 11, "dim": 16},
                                                                           {"vocab_size": 11, "bogus": 1}, "gpt"]),
 }
-#: CausalLMModule's documented ranges (its docstring and error messages): lr > 0, beta in [0, 1), weight_decay >= 0,
-#: warmup_steps an int >= 0, min_lr_ratio in [0, 1], total_steps / max_position / metric_last_n / train_len None
-#: or an int >= 1, model a TransformerLM kwargs dict, an nn.Module or None.
+#: CausalLMModule's documented ranges (its docstring and error messages): warmup_steps None or an int >= 0,
+#: max_position / metric_last_n / train_len None or an int >= 1, model a TransformerLM kwargs dict, an nn.Module or
+#: None. (The optimizer's own hyperparameters are checked by the optimizer: see the OPT_* cases.)
 CLM_VALID: dict[str, Any] = {
-    "lr": lambda v: is_real(v, 0, low_open=True), "beta": OPT_VALID["Tiger"]["beta"], "weight_decay": _NONNEG,
-    "warmup_steps": lambda v: is_int(v, 0), "min_lr_ratio": lambda v: is_real(v, 0, 1),
-    "total_steps": _opt_int(1), "train_positions": _one_of("contiguous", "random_int", "random_float"),
+    "warmup_steps": _opt_int(0), "train_positions": _one_of("contiguous", "random_int", "random_float"),
     "max_position": _opt_int(1), "metric_last_n": _opt_int(1), "train_len": _opt_int(1),
     "model": lambda v: v is None or v == {"vocab_size": 11, "dim": 16},
 }
@@ -675,22 +672,30 @@ def test_small_unet(in_channels: Any, base_channels: Any, time_dim: Any) -> None
                      [k for k, ok in checks.items() if not ok], valid=all(checks.values()))
 
 
+EMA_DECAYS = st.one_of(any_float, st.sampled_from(["auto", None, "x"]))
+
+
+def _ema_ok(v: Any) -> bool:
+    return v is None or v == "auto" or is_real(v, 0, 1, low_open=True, high_open=True)
+
+
 DIFF_ARGS: dict[str, dict[str, st.SearchStrategy]] = {
     "ScoreMatchingModule": {"sde": st.sampled_from(["vp", "subvp", "ve", "VP", "bogus", None]),
                             "weighting": st.sampled_from(["sigma2", "likelihood", "none", "bogus", None]),
-                            "lr": any_float, "t_eps": any_float, "sample_steps": any_int},
-    "RectifiedFlowModule": {"lr": any_float, "t_eps": any_float,
+                            "ema_decay": EMA_DECAYS, "t_eps": any_float, "sample_steps": any_int},
+    "RectifiedFlowModule": {"ema_decay": EMA_DECAYS, "t_eps": any_float,
                             "val_solver": st.sampled_from(["euler", "heun", "adaptive", "x"]),
                             "val_steps": st.sampled_from([(1, 2), (0,), (-1,), "x", ()])},
 }
-#: documented ranges (module docstrings and the ranges their errors state): lr > 0; ScoreMatchingModule t_eps in
+#: documented ranges (module docstrings and the ranges their errors state): ema_decay "auto", None or in (0, 1);
+#: ScoreMatchingModule t_eps in
 #: (0, 1), RectifiedFlowModule t_eps in [0, 1); val_steps a non-empty list of ints >= 1.
 DIFF_VALID: dict[str, dict[str, Any]] = {
     "ScoreMatchingModule": {"sde": lambda v: isinstance(v, str) and v.lower() in ("vp", "subvp", "ve"),
                             "weighting": _one_of("sigma2", "likelihood", "none"),
-                            "lr": CLM_VALID["lr"], "t_eps": lambda v: is_real(v, 0, 1, low_open=True, high_open=True),
+                            "ema_decay": _ema_ok, "t_eps": lambda v: is_real(v, 0, 1, low_open=True, high_open=True),
                             "sample_steps": lambda v: is_int(v, 1)},
-    "RectifiedFlowModule": {"lr": CLM_VALID["lr"], "t_eps": lambda v: is_real(v, 0, 1, high_open=True),
+    "RectifiedFlowModule": {"ema_decay": _ema_ok, "t_eps": lambda v: is_real(v, 0, 1, high_open=True),
                             "val_solver": _one_of("euler", "heun", "adaptive"),
                             "val_steps": lambda v: isinstance(v, tuple) and len(v) > 0
                             and all(is_int(k, 1) for k in v)},

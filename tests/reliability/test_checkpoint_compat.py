@@ -4,6 +4,7 @@ default ``weights_only``), and a checkpoint that is intact is never reported as 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_tiger.data import sample_toy
+from lightning_tiger.optim import Tiger
 from lightning_tiger.plugins import CorruptCheckpointError, VerifiedCheckpointIO
 from tests.reliability._faults import loader
 
@@ -45,7 +47,8 @@ def test_diffusion_module_with_custom_net_resumes(name: str, tmp_path: Path) -> 
     from lightning_tiger.nn import TimeMLP
 
     def build() -> Any:
-        return getattr(mods, name)(net=TimeMLP(data_dim=2, hidden_dim=16, depth=1, time_dim=8), lr=0.01)
+        return getattr(mods, name)(net=TimeMLP(data_dim=2, hidden_dim=16, depth=1, time_dim=8),
+                                     optimizer=partial(Tiger, lr=0.01))
 
     _fit(build(), tmp_path, 2)
     _fit(build(), tmp_path, 4, ckpt_path=str(tmp_path / "step=2.ckpt"))

@@ -17,6 +17,7 @@ non-finite gradient on one rank only is vetoed on every rank (ranks stay bit-ide
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tiger.data import ResumableBatchSampler, sample_toy
 from lightning_tiger.modules import CausalLMModule, RectifiedFlowModule, ScoreMatchingModule
 from lightning_tiger.nn import TimeMLP
+from lightning_tiger.optim import Tiger
 from tests.cli.tiny import TinyRegression
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -113,12 +115,13 @@ class DDPScoreMatching(ScoreMatchingModule):
 
 def _make_lm() -> L.LightningModule:
     return DDPLM(model={"vocab_size": 17, "dim": 16, "depth": 1, "num_heads": 2}, warmup_steps=0,
-                 total_steps=STEPS, lr=0.01)
+                 optimizer=partial(Tiger, lr=0.01))
 
 
 def _make_flow(name: str) -> L.LightningModule:
     cls = DDPRectifiedFlow if name == "RectifiedFlowModule" else DDPScoreMatching
-    return cls(net=TimeMLP(data_dim=2, hidden_dim=32, depth=2, time_dim=16), lr=0.01)
+    return cls(net=TimeMLP(data_dim=2, hidden_dim=32, depth=2, time_dim=16), optimizer=partial(Tiger, lr=0.01),
+               ema_decay=None)
 
 
 def _fit(module: L.LightningModule, out: Path, devices: int, callbacks: list | None = None) -> None:

@@ -10,6 +10,7 @@ documented semantics ("a vetoed step changes nothing"), not the guard itself.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_tiger.optim import Tiger
 from tests.cli.tiny import TinyRegression
 from tests.reliability._faults import (
     PRECISIONS,
@@ -270,7 +272,7 @@ def _lm_build(kind: str) -> Any:
 
     def build() -> L.LightningModule:
         m = faulty(CausalLMModule)(model={"vocab_size": 17, "dim": 16, "depth": 1, "num_heads": 2},
-                                   warmup_steps=2, total_steps=N_STEPS, lr=0.01)
+                                   warmup_steps=2, optimizer=partial(Tiger, lr=0.01))
         return m.set_fault(kind, BAD)
 
     return build
@@ -301,7 +303,7 @@ def _diffusion_build(name: str, kind: str) -> Any:
 
         cls = faulty(getattr(mods, name))
         net = TimeMLP(data_dim=2, hidden_dim=32, depth=2, time_dim=16)
-        return cls(net=net, lr=0.01).set_fault(kind, BAD)
+        return cls(net=net, optimizer=partial(Tiger, lr=0.01), ema_decay=None).set_fault(kind, BAD)
 
     return build
 
