@@ -153,9 +153,9 @@ def main() -> None:
            "train_steps_per_s_bare": plain, "threads": torch.get_num_threads(), "quick": args.quick, "rows": rows}
     with open(os.path.join(RESULTS, "diffusion.json"), "w") as f:
         json.dump(out, f, indent=1)
-    from lightning_tiger import _plotting
+    from lightning_tiger import plotting
 
-    fig = _plotting._figure((5.5, 4.0))
+    fig = plotting.new_figure((5.5, 4.0))
     ax = fig.add_subplot(1, 1, 1)
     for sampler in ("em", "pc", "ode_euler", "ode_heun"):
         pts = [(r["nfe"], r["w2"]) for r in rows if r["sampler"] == sampler]
@@ -167,7 +167,7 @@ def main() -> None:
     ax.set_xlabel("score evaluations (NFE)")
     ax.set_ylabel("W2 vs held-out (n=1000)")
     ax.legend(fontsize=7)
-    _plotting.save_figure(fig, os.path.join(RESULTS, "diffusion.png"))
+    plotting.save_figure(fig, os.path.join(RESULTS, "diffusion.png"))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_tiger import _plotting
+from lightning_tiger import plotting
 from lightning_tiger.data.reflow import ReflowPairsDataModule
 from lightning_tiger.data.toy2d import ToyDataModule, sample_toy
 from lightning_tiger.metrics.functional import wasserstein2
@@ -127,12 +127,12 @@ def evaluate(args: argparse.Namespace, wall: dict[str, float]) -> dict[str, obje
         shown = 1 if name == "distill" else 100
         z1, traj = model.sample(0, steps=shown, z0=z0, return_trajectory=True)
         title = f"{name}: {shown} Euler step(s), W2 = {row[shown]:.3f}"
-        _plotting.save_figure(_plotting.scatter_figure(z1, ref, trajectories=traj, title=title),
+        plotting.save_figure(plotting.scatter_figure(z1, ref, trajectories=traj, title=title),
                               figures / f"moons_{name}.png")
         if name != "distill":
             z1_one = model.sample(0, steps=1, z0=z0)
-            fig = _plotting.scatter_figure(z1_one, ref, title=f"{name}: 1 Euler step, W2 = {row[1]:.3f}")
-            _plotting.save_figure(fig, figures / f"moons_{name}_1step.png")
+            fig = plotting.scatter_figure(z1_one, ref, title=f"{name}: 1 Euler step, W2 = {row[1]:.3f}")
+            plotting.save_figure(fig, figures / f"moons_{name}_1step.png")
     w2 = results["w2"]
     checks = {}
     if "1rf" in w2:  # type: ignore[operator]

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 
-from lightning_tiger import _plotting
+from lightning_tiger import plotting
 from lightning_tiger.data.digits import DigitsDataModule
 from lightning_tiger.data.toy2d import ToyDataModule
 from lightning_tiger.metrics.functional import frechet_distance, wasserstein2
@@ -98,11 +98,11 @@ def main() -> None:
         results["samplers"][sampler] = entry
         print(sampler, entry, flush=True)
         if sampler in ("ode_heun", "pc") and args.task == "moons":
-            fig = _plotting.scatter_figure(x, ref, title=f"VP score model, {sampler} {steps} steps, "
+            fig = plotting.scatter_figure(x, ref, title=f"VP score model, {sampler} {steps} steps, "
                                                          f"W2 = {entry['w2']:.3f}")
-            _plotting.save_figure(fig, os.path.join(args.out, f"moons_{sampler}.png"))
+            plotting.save_figure(fig, os.path.join(args.out, f"moons_{sampler}.png"))
         if sampler == "ode_heun" and args.task == "digits":
-            _plotting.save_image(_plotting.image_grid(x[:64]),
+            plotting.save_image(plotting.image_grid(x[:64]),
                                  os.path.join(args.out, f"digits_ode_heun_{args.optimizer}.png"))
     if args.task == "digits":
         noise = torch.rand(ref.shape, generator=torch.Generator().manual_seed(2)) * 2 - 1

@@ -30,6 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_tiger.modules.defaults import configure_default_optimization, save_config_hyperparameters
+from lightning_tiger.nn import TransformerLM, random_positions
 from lightning_tiger.validation import check_int
 
 __all__ = ["CausalLMModule"]
@@ -120,7 +121,6 @@ class CausalLMModule(L.LightningModule):
         if isinstance(model, nn.Module):
             self.model = model
         elif isinstance(model, dict):
-            from lightning_tiger.nn import TransformerLM
 
             config = dict(model)
             config.setdefault("vocab_size", 256)
@@ -193,7 +193,6 @@ class CausalLMModule(L.LightningModule):
         kind = self.hparams.train_positions
         if kind == "contiguous":
             return None
-        from lightning_tiger.nn import random_positions
 
         # (seed, optimizer step, batch index): reproducible on resume, distinct across accumulated micro-batches
         entropy = [int(self.hparams.position_seed), int(self.global_step), int(batch_idx)]

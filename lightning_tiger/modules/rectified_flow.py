@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from lightning_tiger.data.reflow import generate_reflow_pairs
 from lightning_tiger.generative.flow import SOLVERS, FlowSolution, Velocity, flip_time_convention, integrate
 from lightning_tiger.generative.nets import default_net, instantiate
+from lightning_tiger.metrics.functional import wasserstein2
 from lightning_tiger.modules.defaults import (
     check_ema_decay,
     configure_default_optimization,
@@ -358,7 +359,6 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
 
     def validate_samples(self, reference: Tensor | None) -> None:
         """W2 at each of ``val_steps`` (1 step in distill mode), straightness, transport cost and a picture."""
-        from lightning_tiger.metrics.functional import wasserstein2
 
         n = self.num_val_samples if reference is None else min(self.num_val_samples, len(reference))
         z0 = self.validation_noise(n)

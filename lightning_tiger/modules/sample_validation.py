@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tiger import _plotting
+from lightning_tiger import plotting
 
 __all__ = ["SampleValidationMixin", "sobol_normal"]
 
@@ -101,9 +101,9 @@ class SampleValidationMixin:
                 stride = max(1, math.ceil((trajectories.shape[0] - 1) / 100))
                 paths = trajectories[::stride, :max_paths].detach().float().cpu()
             ref = None if reference is None else reference.float().cpu()
-            fig = _plotting.scatter_figure(samples, ref, trajectories=paths, title=title)
-            _plotting.log_figure(self.loggers, "val/samples", fig, step)  # type: ignore[attr-defined]
+            fig = plotting.scatter_figure(samples, ref, trajectories=paths, title=title)
+            plotting.log_figure(self.loggers, "val/samples", fig, step)  # type: ignore[attr-defined]
         elif samples.ndim == 4:
             with torch.no_grad():
-                grid = _plotting.image_grid(samples[:64], nrow=8)
-            _plotting.log_image(self.loggers, "val/samples", grid, step)  # type: ignore[attr-defined]
+                grid = plotting.image_grid(samples[:64], nrow=8)
+            plotting.log_image(self.loggers, "val/samples", grid, step)  # type: ignore[attr-defined]

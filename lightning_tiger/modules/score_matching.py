@@ -36,6 +36,8 @@ from lightning_tiger.generative import samplers
 from lightning_tiger.generative.nets import default_net
 from lightning_tiger.generative.sde import SDE, VESDE, make_sde
 from lightning_tiger.generative.tensors import batch_broadcast, randn
+from lightning_tiger.metrics.functional import frechet_distance, mmd2_unbiased, wasserstein2
+from lightning_tiger.metrics.score_matching import excess_score_loss, kfl_w2_bound
 from lightning_tiger.modules.defaults import (
     check_ema_decay,
     configure_default_optimization,
@@ -319,8 +321,6 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
 
     def validate_samples(self, reference: Tensor | None) -> None:
         """W2, MMD², Fréchet distance (images), analytic-toy metrics and a picture of seeded samples."""
-        from lightning_tiger.metrics import functional as F
-
         n = self.num_val_samples if reference is None else min(self.num_val_samples, reference.shape[0])
         gen = torch.Generator(device="cpu").manual_seed(self.val_seed)
         samples = self.sample(n, generator=gen, progress=False)
@@ -331,13 +331,13 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
         self.log("val/samples_finite", float(finite), **log_kw)
         if reference is not None and finite:
             flat_s, flat_r = samples.reshape(n, -1), reference[:n].reshape(n, -1)
-            self.log("val/w2", F.wasserstein2(flat_s, flat_r).float(), prog_bar=True, **log_kw)
-            self.log("val/mmd2", F.mmd2_unbiased(flat_s, flat_r).float(), **log_kw)
+            self.log("val/w2", wasserstein2(flat_s, flat_r).float(), prog_bar=True, **log_kw)
+            self.log("val/mmd2", mmd2_unbiased(flat_s, flat_r).float(), **log_kw)
             if samples.ndim == 4:
-                self.log("val/fd", F.frechet_distance(flat_s, flat_r).float(), prog_bar=True, **log_kw)
+                self.log("val/fd", frechet_distance(flat_s, flat_r).float(), prog_bar=True, **log_kw)
                 if self._fd_noise is None:
                     noise = torch.rand(flat_r.shape, generator=torch.Generator().manual_seed(self.val_seed)) * 2 - 1
-                    self._fd_noise = float(F.frechet_distance(noise, flat_r))
+                    self._fd_noise = float(frechet_distance(noise, flat_r))
                 self.log("val/fd_noise", self._fd_noise, **log_kw)
         self.log_sample_picture(samples, reference, f"{self.sampler}, step {self.global_step}")
         mixture = getattr(self.trainer.datamodule, "analytic_distribution", lambda: None)()
@@ -345,7 +345,6 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
             self._log_analytic(mixture, log_kw)
 
     def _log_analytic(self, mixture: Any, log_kw: dict[str, Any]) -> None:
-        from lightning_tiger.metrics.score_matching import excess_score_loss, kfl_w2_bound
 
         gen = torch.Generator().manual_seed(self.val_seed)
         device = self.device

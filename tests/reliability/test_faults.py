@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_tiger.optim import Tiger
+from lightning_tiger.optim import PiecewiseLinearLR, Tiger
 from tests.cli.tiny import TinyRegression
 from tests.reliability._faults import (
     PRECISIONS,
@@ -267,12 +267,17 @@ def test_tiger_alone_shrinks_the_offending_tensor(exact: bool, fault_tally: Any)
 
 
 # ------------------------------------------------------------------------------------------------- LM
+# The modules' default schedule follows the Trainer's run length, which the Trainer-free reference does not have:
+# both runs get the same fixed warm-up + decay instead (the default's shape, N_STEPS long).
+FIXED_SCHEDULE = partial(PiecewiseLinearLR, schedule=[(0, 0.0), (2, 1.0), (N_STEPS, 0.1)])
+
+
 def _lm_build(kind: str) -> Any:
     from lightning_tiger.modules import CausalLMModule
 
     def build() -> L.LightningModule:
         m = faulty(CausalLMModule)(model={"vocab_size": 17, "dim": 16, "depth": 1, "num_heads": 2},
-                                   warmup_steps=2, optimizer=partial(Tiger, lr=0.01))
+                                   optimizer=partial(Tiger, lr=0.01), lr_scheduler=FIXED_SCHEDULE)
         return m.set_fault(kind, BAD)
 
     return build
@@ -303,7 +308,8 @@ def _diffusion_build(name: str, kind: str) -> Any:
 
         cls = faulty(getattr(mods, name))
         net = TimeMLP(data_dim=2, hidden_dim=32, depth=2, time_dim=16)
-        return cls(net=net, optimizer=partial(Tiger, lr=0.01), ema_decay=None).set_fault(kind, BAD)
+        return cls(net=net, optimizer=partial(Tiger, lr=0.01), lr_scheduler=FIXED_SCHEDULE,
+                   ema_decay=None).set_fault(kind, BAD)
 
     return build
 

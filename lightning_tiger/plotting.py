@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_tiger.validation import check_int
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
+def new_figure(figsize: tuple[float, float]) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -56,7 +56,7 @@ def scatter_figure(samples: Tensor, reference: Tensor | None = None, trajectorie
         raise ValueError(f"reference must have shape [m, 2], got {tuple(reference.shape)}")
     if trajectories is not None and (trajectories.ndim != 3 or trajectories.shape[2] != 2):
         raise ValueError(f"trajectories must have shape [steps, n, 2], got {tuple(trajectories.shape)}")
-    fig = _figure(figsize)
+    fig = new_figure(figsize)
     ax = fig.add_subplot(1, 1, 1)
     if reference is not None:
         ref = _np(reference)
