@@ -33,9 +33,10 @@ Why the two halves of one hash may serve two roundings: stochastic rounding need
 on ``[0, 2**16)`` and the draws of one element's θ and m to be independent. lowbias32 is a bijection of the 32-bit
 words and ``key + i * 0x9E3779B1`` visits ``2**32`` distinct words as ``i`` runs, so ``bits_i`` behaves as a
 uniform 32-bit word; the high and low halves of a uniform word are independent uniform 16-bit values (each of the
-``2**32`` pairs occurs once). What remains is the hash's quality: lowbias32 was selected for avalanche (each input
-bit flips each output bit with probability ~1/2; measured bias 0.17 of its author's scale, close to the best known
-two-round hash), which is what makes consecutive counters look like independent uniform words, halves included.
+``2**32`` pairs occurs once). What remains is the hash's quality across elements: lowbias32 was selected for
+avalanche (each input bit flips each output bit, low ones included, with probability close to 1/2; its author
+measured a bias of about 0.17 on his scale, among the lowest of the two-multiply hashes he reports), which is
+what makes consecutive counters look like independent uniform words, halves included.
 ``tests/optim/test_stochastic_rounding.py`` checks the joint frequencies of the two rounding decisions.
 
 Roundings of a momentum alone (the folds of Tiger's fold-in-backward mode after the first of a step, the average
