@@ -167,7 +167,8 @@ def tiger_step_(
         shrink_ratio: s of the non-finite rule.
         keys: per tensor, the stochastic-rounding key of this call (int64 0-dim tensor,
             :func:`~lightning_tiger.optim.stochastic_rounding.step_key`) or None (round to nearest). Used for a
-            bf16/fp16 θ, and ``key ^ MOMENTUM_SALT`` for a bf16/fp16 momentum when ``momentum_sr``.
+            bf16/fp16 θ, and for a bf16/fp16 momentum when ``momentum_sr`` (the momentum's rule:
+            :func:`~lightning_tiger.optim.stochastic_rounding.momentum_round`).
         momentum_sr: stochastically round low-precision momenta too (when a key is given).
         kahan: per tensor, a compensation buffer of θ's dtype (replaces stochastic rounding for θ) or None.
         foreach: ``torch._foreach_*`` kernels over chunks of tensors of one device/dtype (``chunk_bytes``).
@@ -204,7 +205,7 @@ def _tiger_one(p: Tensor, g: Tensor, m: Tensor, mode: int, lr: float, wd: float,
     m32 = upcast(m)
     new_m = m32.mul(b1)
     new_m.add_(g.to(new_m.dtype), alpha=b2)
-    store_(m, torch.where(bad, m32, new_m), momentum_key(key, momentum_sr))
+    store_(m, torch.where(bad, m32, new_m), momentum_key(key, momentum_sr), momentum=True)
     theta = upcast(p)
     moved = _moved(theta, m, effective_lr(theta, mode, lr, floor), wd) if update else None
     store_(p, _select_theta(theta, bad, shrunk(theta, center, s), moved, None), key, comp, theta)
@@ -221,7 +222,7 @@ def _tiger_chunk(ps: list[Tensor], gs: list[Tensor], ms: list[Tensor], modes: li
     new_m = torch._foreach_mul(m32, b1)
     torch._foreach_add_(new_m, [g.to(cdt) for g in gs], alpha=b2)
     for m, old, new, bad, key in zip(ms, m32, new_m, bads, keys):
-        store_(m, torch.where(bad, old, new), momentum_key(key, momentum_sr))
+        store_(m, torch.where(bad, old, new), momentum_key(key, momentum_sr), momentum=True)
     thetas = [upcast(p) for p in ps]
     moved: list[Tensor | None] = [None] * len(ps)
     if update:
@@ -272,14 +273,14 @@ def tiger_fold_(grad: Tensor, mom: Tensor, b1: float | Tensor, b2: float, key: T
     """m ← b1·m + b2·g for one tensor unless ``grad`` is non-finite (then m is kept), without host sync.
 
     The fold of one backward pass (fold-in-backward mode). ``b1`` may be a 0-dim tensor (chosen on the device),
-    ``key`` the stochastic-rounding key of a low-precision momentum (None: round to nearest). Returns the
-    non-finite flag (0-dim bool tensor).
+    ``key`` the stochastic-rounding key of a low-precision momentum (``momentum_round``'s key; None: round to
+    nearest). Returns the non-finite flag (0-dim bool tensor).
     """
     bad = is_nonfinite(grad)
     m32 = upcast(mom)
     new_m = m32.mul(b1.to(m32.dtype) if isinstance(b1, Tensor) else b1)
     new_m.add_(grad.to(new_m.dtype), alpha=b2)
-    store_(mom, torch.where(bad, m32, new_m), key)
+    store_(mom, torch.where(bad, m32, new_m), key, momentum=True)
     return bad
 
 
@@ -351,7 +352,7 @@ def lion_step_(
             new.sub_(c.sign_().mul_(lr))
             store_(p, new, key, comp, theta)
             new_m = mom.mul(beta2).add_(g32, alpha=1.0 - beta2)
-            store_(m, new_m, momentum_key(key, momentum_sr))
+            store_(m, new_m, momentum_key(key, momentum_sr), momentum=True)
         return
     for idx in _group_by_dtype(range(n), params, grads, moms).values():
         for chunk in _chunks(idx, params, chunk_bytes or FOREACH_CHUNK_BYTES):
@@ -373,4 +374,4 @@ def lion_step_(
             new_m = torch._foreach_mul(m32, beta2)
             torch._foreach_add_(new_m, gs, alpha=1.0 - beta2)
             for j, i in enumerate(chunk):
-                store_(ms[j], new_m[j], momentum_key(keys[i], momentum_sr))
+                store_(ms[j], new_m[j], momentum_key(keys[i], momentum_sr), momentum=True)

@@ -46,13 +46,14 @@ Design (measured by ``benchmarks/optimizer_step.py``):
 - **Stochastic rounding** (``sr_keys``; Gupta et al., 2015, "Deep Learning with Limited Numerical Precision",
   eq. 2): every write of a bf16/fp16 θ_i (update and non-finite shrink) rounds the fp32 result up or down at
   random with the probability that makes it unbiased, so an update below half an ulp of θ (Tiger's relative
-  step of ~1e-3 against bf16's 2⁻⁹) still moves θ on average; with ``momentum_sr`` a bf16/fp16 momentum too,
-  with key ``sr_keys[i] ^ MOMENTUM_SALT``. The bits are the counter-based ones of
-  :mod:`lightning_tiger.optim.stochastic_rounding`, indexed by the element's flat index within its tensor:
-  results are bit-identical to ``stochastic_round(fp32 result, dtype, key)`` (tested), hence to the
-  pure-PyTorch paths, and independent of the thread count, the schedule and the block size. Cost: one
-  32-bit hash per rounded element (two for bf16 θ with a bf16 momentum), vectorized;
-  ``benchmarks/optimizer_step.py`` measures it against round to nearest.
+  step of ~1e-3 against bf16's 2⁻⁹) still moves θ on average; with ``momentum_sr`` a bf16/fp16 momentum too
+  (bf16: the low 16 bits of θ's hash under the same key; fp16: key ``sr_keys[i] ^ MOMENTUM_SALT``). The bits
+  are the counter-based ones of :mod:`lightning_tiger.optim.stochastic_rounding`, indexed by the element's
+  flat index within its tensor: results are bit-identical to ``stochastic_round(fp32 result, dtype, key)``
+  (``momentum_round`` for m; tested), hence to the pure-PyTorch paths, and independent of the thread count,
+  the schedule and the block size. Cost: one 32-bit hash per element (shared by a bf16 θ and its bf16
+  momentum; a second one only for an fp16 momentum), vectorized; ``benchmarks/optimizer_step.py`` measures it
+  against round to nearest.
 - **Non-finite rollback with stochastic rounding.** The one-pass path keeps its rollback: the round trip of an
   unwritten element draws exactly the bits the pass would have drawn (they depend on the index only), so the
   result stays reproducible and thread-count independent; the inverse is rounded to nearest. As the
@@ -272,8 +273,9 @@ def tiger_step_(
             ``stochastic_rounding.step_key(stream, step)``); None rounds to nearest everywhere. Applies to every
             write of a bf16/fp16 θ_i (update and non-finite shrink), bit-identical to
             ``stochastic_round(fp32 result, dtype, key)`` (module docstring, "Stochastic rounding").
-        momentum_sr: with ``sr_keys``, also round a bf16/fp16 m_i stochastically, with key ``sr_keys[i] ^
-            MOMENTUM_SALT``; False rounds it to nearest.
+        momentum_sr: with ``sr_keys``, also round a bf16/fp16 m_i stochastically, bit-identical to
+            ``momentum_round(fp32 result, dtype, sr_keys[i])`` (bf16: the low half of θ's bits; fp16: key
+            ``sr_keys[i] ^ MOMENTUM_SALT``); False rounds it to nearest.
 
     Returns:
         Per tensor, whether its gradient held a NaN or ±inf (then m_i was kept, bit for bit with ``exact``, to

@@ -18,6 +18,7 @@ from lightning_tiger.optim.stochastic_rounding import (
     MASK32,
     MOMENTUM_SALT,
     hash32,
+    momentum_round,
     step_key,
     stochastic_round,
     stream_of,
@@ -82,12 +83,14 @@ def kahan_store_(dst: Tensor, value: Tensor, old: Tensor, comp: Tensor) -> None:
 
 
 def store_(dst: Tensor, value: Tensor, key: Tensor | None = None, comp: Tensor | None = None,
-           old: Tensor | None = None) -> None:
+           old: Tensor | None = None, *, momentum: bool = False) -> None:
     """Write ``value`` (the compute-dtype result) into ``dst``'s storage dtype, rounding once.
 
     Exact when the dtypes agree; else Kahan-compensated when ``comp`` is given (``old``: ``dst`` before, in the
     compute dtype), else stochastically rounded with ``key`` when given and ``dst`` is bf16/fp16
-    (:func:`~lightning_tiger.optim.stochastic_rounding.stochastic_round`), else rounded to nearest.
+    (:func:`~lightning_tiger.optim.stochastic_rounding.stochastic_round`; with ``momentum``, ``key`` is the
+    parameter's step key and the momentum's rule applies:
+    :func:`~lightning_tiger.optim.stochastic_rounding.momentum_round`), else rounded to nearest.
     """
     if value.dtype == dst.dtype:
         if value is not dst:
@@ -95,14 +98,15 @@ def store_(dst: Tensor, value: Tensor, key: Tensor | None = None, comp: Tensor |
     elif comp is not None:
         kahan_store_(dst, value, dst.to(value.dtype) if old is None else old, comp)
     elif key is not None and dst.dtype in LOW_PRECISION and value.dtype == torch.float32:
-        dst.copy_(stochastic_round(value, dst.dtype, key))
+        dst.copy_((momentum_round if momentum else stochastic_round)(value, dst.dtype, key))
     else:
         dst.copy_(value)
 
 
 def momentum_key(key: Tensor | None, momentum_sr: bool) -> Tensor | None:
-    """The key of a low-precision momentum write (``key ^ MOMENTUM_SALT``), None when it rounds to nearest."""
-    return key ^ MOMENTUM_SALT if key is not None and momentum_sr else None
+    """The key of a low-precision momentum write (the parameter's ``key``, for ``store_(..., momentum=True)``),
+    None when it rounds to nearest."""
+    return key if momentum_sr else None
 
 
 def sr_key_needed(stochastic_rounding: bool, compensation: str | None, momentum_sr: bool, p: Tensor,
@@ -167,10 +171,11 @@ def sr_advance(states: Sequence[dict[str, Any] | None]) -> None:
 
 def sr_fold_key(state: dict[str, Any], n: int) -> Tensor:
     """Key of the ``n``-th fold (0, 1, ...) of a low-precision momentum within one ``step()`` call (Tiger's
-    fold-in-backward mode): ``step_key(...) ^ MOMENTUM_SALT`` for the first, re-hashed with ``n`` after it, so
-    several backward passes per step (Lightning's ``accumulate_grad_batches``) draw independent bits."""
-    base = step_key(state["sr_stream"], state["sr_step"]) ^ MOMENTUM_SALT
-    return base if n == 0 else hash32((base + n) & MASK32)
+    fold-in-backward mode), for ``store_(..., momentum=True)``: the step key itself for the first (so a single
+    fold rounds as the standard path's momentum write), ``hash32((step_key(...) ^ MOMENTUM_SALT) + n)`` after it,
+    so several backward passes per step (Lightning's ``accumulate_grad_batches``) draw independent bits."""
+    key = step_key(state["sr_stream"], state["sr_step"])
+    return key if n == 0 else hash32(((key ^ MOMENTUM_SALT) + n) & MASK32)
 
 
 def kahan_buffer(state: dict[str, Any], p: Tensor, compensation: str | None) -> Tensor | None:

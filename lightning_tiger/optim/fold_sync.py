@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_tiger.optim.stochastic_rounding import MASK32, MOMENTUM_SALT, hash32, step_key, stochastic_round
+from lightning_tiger.optim.stochastic_rounding import MASK32, MOMENTUM_SALT, hash32, momentum_round, step_key
 
 __all__ = ["SYNC_SALT", "FoldSync", "FoldWindow", "WindowFlags", "momentum_sync_key"]
 
@@ -66,7 +66,8 @@ def momentum_sync_key(stream: Tensor, step: Tensor) -> Tensor:
 
     ``hash32(step_key(stream, step) ^ MOMENTUM_SALT ^ SYNC_SALT)``: a function of optimizer state that is
     identical on every rank (same seed, same parameter index, same step count), so every rank rounds the same
-    float32 average to the same bf16/fp16 value.
+    float32 average to the same bf16/fp16 value (with the momentum's rule,
+    :func:`~lightning_tiger.optim.stochastic_rounding.momentum_round`).
 
     Args:
         stream: int64 0-dim tensor, the tensor's ``sr_stream``.
@@ -207,7 +208,7 @@ class FoldSync:
             for i, view in zip(bucket, views):
                 m, key = moms[i], keys[i]
                 if key is not None and m.dtype in (torch.bfloat16, torch.float16) and view.dtype == torch.float32:
-                    m.copy_(stochastic_round(view, m.dtype, key))
+                    m.copy_(momentum_round(view, m.dtype, key))
                 else:
                     m.copy_(view)
 

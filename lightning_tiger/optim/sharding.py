@@ -207,17 +207,18 @@ def _check_grad(p: Tensor, g: Tensor, what: str) -> None:
         )
 
 
-def shard_key(key: Tensor | None, offset: int | None, p_low: bool, m_low: bool, momentum_sr: bool) -> Tensor | None:
+def shard_key(key: Tensor | None, offset: int | None, p_low: bool, m_salted: bool, momentum_sr: bool) -> Tensor | None:
     """The key that makes a shard draw the rounding bits of its *global* element indices.
 
     The bits of flat index ``i`` are ``hash32(key + i·G)`` (``stochastic_rounding.py``), so a shard starting at
-    global index ``o`` uses ``key + o·G``. The momentum's key is ``key ^ MOMENTUM_SALT``: when only the momentum is
-    rounded stochastically the shift is applied to it instead. Both low precision: θ's bits are exact.
+    global index ``o`` uses ``key + o·G``. θ and a bf16 momentum read the same bits (high and low halves), so one
+    shift serves both. An fp16 momentum (``m_salted``) hashes with ``key ^ MOMENTUM_SALT``: when only it rounds
+    stochastically (fp32 θ) the shift is applied to the salted key instead; with an fp16 θ too, θ's bits are exact.
     """
     if key is None or not offset:
         return key
     shift = (offset * _GOLDEN) & MASK32
-    if p_low or not (m_low and momentum_sr):
+    if p_low or not (m_salted and momentum_sr):
         return (key + shift) & MASK32
     return (((key ^ MOMENTUM_SALT) + shift) & MASK32) ^ MOMENTUM_SALT
 
@@ -387,7 +388,7 @@ def _key_for(i: int, params: Sequence[Tensor], moms: Sequence[Tensor], keys: Seq
              layouts: dict[int, _Layout], momentum_sr: bool) -> Tensor | None:
     if i not in layouts:
         return keys[i]
-    return shard_key(keys[i], layouts[i].flat_offset, is_low_precision(params[i]), is_low_precision(moms[i]),
+    return shard_key(keys[i], layouts[i].flat_offset, is_low_precision(params[i]), moms[i].dtype == torch.float16,
                      momentum_sr)
 
 

@@ -18,12 +18,30 @@ Definitions (all arithmetic modulo 2**32):
   ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``. It is a bijection.
 - ``stream_of(seed, index) = hash32(fold(seed) + index * 0x9E3779B1)`` names the stream of the ``index``-th
   parameter of an optimizer, ``fold(seed) = hash32(seed mod 2**32) ^ (seed >> 32 mod 2**32)``.
-- ``step_key(stream, t) = hash32(stream + t * 0x632BE5AB)`` is the key of step ``t``; the momentum of the same
-  tensor uses ``step_key(...) ^ MOMENTUM_SALT``.
+- ``step_key(stream, t) = hash32(stream + t * 0x632BE5AB)`` is the key of step ``t`` of a tensor.
 - ``bits_i = hash32(key + i * 0x9E3779B1)`` for the flat (row-major) index ``i``; distinct for ``i < 2**32``.
-- bf16: ``bits(x) + (bits_i >> 16)`` with the low 16 bits then cleared (finite ``x``; NaN/inf pass through).
+- bf16 parameter (``bits="high"``): ``bits(x) + (bits_i >> 16)`` with the low 16 bits then cleared (finite ``x``;
+  NaN/inf pass through).
+- bf16 momentum (``bits="low"``): the same with ``bits_i & 0xFFFF``, under the *same* key as the parameter, so a
+  bf16 θ and its bf16 momentum share one hash per element (θ takes the high half, m the low half); an fp32 θ's
+  bf16 momentum uses the same key and the low half too.
 - fp16: ``u = (bits_i >> 8) * 2**-24``; round up iff ``u < (x - lo) / (hi - lo)``; magnitudes beyond fp16's
-  largest finite value round to nearest (that is, to inf).
+  largest finite value round to nearest (that is, to inf). An fp16 momentum uses the key
+  ``step_key(...) ^ MOMENTUM_SALT`` (a second hash): its 24 bits would overlap θ's.
+
+Why the two halves of one hash may serve two roundings: stochastic rounding needs each 16-bit draw to be uniform
+on ``[0, 2**16)`` and the draws of one element's θ and m to be independent. lowbias32 is a bijection of the 32-bit
+words and ``key + i * 0x9E3779B1`` visits ``2**32`` distinct words as ``i`` runs, so ``bits_i`` behaves as a
+uniform 32-bit word; the high and low halves of a uniform word are independent uniform 16-bit values (each of the
+``2**32`` pairs occurs once). What remains is the hash's quality across elements: lowbias32 was selected for
+avalanche (each input bit flips each output bit, low ones included, with probability close to 1/2; its author
+measured a bias of about 0.17 on his scale, among the lowest of the two-multiply hashes he reports), which is
+what makes consecutive counters look like independent uniform words, halves included.
+``tests/optim/test_stochastic_rounding.py`` checks the joint frequencies of the two rounding decisions.
+
+Roundings of a momentum alone (the folds of Tiger's fold-in-backward mode after the first of a step, the average
+of the tight-fisted synchronisation) use keys of their own derived from the step key (``_rounding.sr_fold_key``,
+``fold_sync.momentum_sync_key``) with the same momentum rule.
 """
 
 from __future__ import annotations
@@ -34,6 +52,7 @@ from torch import Tensor
 __all__ = [
     "MOMENTUM_SALT",
     "hash32",
+    "momentum_round",
     "random_bits",
     "step_key",
     "stochastic_round",
@@ -105,7 +124,8 @@ def random_bits(key: Tensor | int, numel: int, offset: int = 0, device: torch.de
     return hash32((_mulmod32(idx, _GOLDEN) + key) & MASK32)
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: int = 0) -> Tensor:
+def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: int = 0, *,
+                     bits: str = "high") -> Tensor:
     """Round ``x`` (float32, any shape) to ``dtype`` with the counter-based rounding defined in the module doc.
 
     Args:
@@ -113,21 +133,30 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: i
         dtype: ``torch.bfloat16`` or ``torch.float16`` (``torch.float32`` returns ``x`` unchanged).
         key: the step key, a Python int or an int64 0-d tensor.
         offset: flat index of ``x``'s first element within the whole tensor.
+        bits: which random bits bf16 rounding adds: ``"high"`` (``bits_i >> 16``, a parameter; default) or
+            ``"low"`` (``bits_i & 0xFFFF``, a bf16 momentum sharing its parameter's hash). fp16 accepts only
+            ``"high"`` (it reads 24 bits, ``bits_i >> 8``).
 
     Returns:
         A tensor of ``dtype`` and ``x``'s shape whose expectation over keys is ``x`` (for finite ``x`` in range).
 
     Raises:
-        ValueError: if ``x`` is not float32 or ``dtype`` is not one of the three floating types above.
+        ValueError: if ``x`` is not float32, ``dtype`` is not one of the three floating types above, or ``bits``
+            is not ``"high"``/``"low"`` (``"low"`` with fp16).
     """
     if x.dtype != torch.float32:
         raise ValueError(f"x must be float32, got {x.dtype}")
+    if bits not in ("high", "low"):
+        raise ValueError(f"bits must be 'high' or 'low', got {bits!r}")
     if dtype == torch.float32:
         return x
-    bits = random_bits(key, x.numel(), offset, x.device).view(x.shape)
+    if bits == "low" and dtype != torch.bfloat16:
+        raise ValueError(f"bits='low' is defined for torch.bfloat16 only, got dtype {dtype}")
+    rand = random_bits(key, x.numel(), offset, x.device).view(x.shape)
     if dtype == torch.bfloat16:
+        add = rand & 0xFFFF if bits == "low" else rand >> 16
         raw = x.view(torch.int32)
-        rounded = ((raw + (bits >> 16).to(torch.int32)) & -65536).view(torch.float32)
+        rounded = ((raw + add.to(torch.int32)) & -65536).view(torch.float32)
         return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
     if dtype == torch.float16:
         near = x.to(torch.float16)
@@ -138,10 +167,28 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: i
         hi = torch.where(up, near, other)
         lo32, hi32 = lo.float(), hi.float()
         p = (x - lo32) / (hi32 - lo32)
-        u = (bits >> 8).to(torch.float32) * (2.0**-24)
+        u = (rand >> 8).to(torch.float32) * (2.0**-24)
         out = torch.where(u < p, hi, lo)
         # beyond fp16's largest finite value: round to nearest (the neighbour past it is ±inf, and on the
         # negative side (x - lo) / (hi - lo) = inf/inf would be NaN and pick -inf)
         keep = (near32 == x) | ~torch.isfinite(near32) | ~torch.isfinite(x) | (x.abs() > 65504.0)
         return torch.where(keep, near, out)
     raise ValueError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
+
+
+def momentum_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: int = 0) -> Tensor:
+    """Round a momentum ``x`` (float32) to ``dtype`` stochastically, under its parameter's step key ``key``.
+
+    bf16: the low half of the parameter's bits (``stochastic_round(..., bits="low")`` with ``key``); fp16:
+    ``key ^ MOMENTUM_SALT`` (its own hash); float32: ``x`` unchanged. See the module docstring.
+
+    Args:
+        x, dtype, offset: as for :func:`stochastic_round`.
+        key: the parameter's step key (unsalted), a Python int or an int64 0-d tensor.
+
+    Returns:
+        A tensor of ``dtype`` and ``x``'s shape.
+    """
+    if dtype == torch.float16:
+        return stochastic_round(x, dtype, key ^ MOMENTUM_SALT, offset)
+    return stochastic_round(x, dtype, key, offset, bits="low")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lightning_tiger.optim import _fused
-from lightning_tiger.optim.stochastic_rounding import MOMENTUM_SALT, stochastic_round
+from lightning_tiger.optim.stochastic_rounding import MOMENTUM_SALT, momentum_round, stochastic_round
 
 pytestmark = pytest.mark.skipif(not _fused.fused_available(), reason="fused kernels could not be built here")
 
@@ -33,11 +33,18 @@ def _f(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=F32)
 
 
-def _round(x: torch.Tensor, dtype: torch.dtype, key: int | None) -> torch.Tensor:
-    """fp32 -> dtype: stochastic with ``key`` (None: round to nearest even, torch's cast)."""
+def _round(x: torch.Tensor, dtype: torch.dtype, key: int | None, momentum: bool = False) -> torch.Tensor:
+    """fp32 -> dtype: stochastic with ``key`` (None: round to nearest even, torch's cast); ``momentum``: the
+    momentum's rule (bf16: low half of θ's bits under θ's key; fp16: ``key ^ MOMENTUM_SALT``)."""
     if dtype == F32:
         return x
-    return x.to(dtype) if key is None else stochastic_round(x, dtype, key)
+    if key is None:
+        return x.to(dtype)
+    if not momentum:
+        return stochastic_round(x, dtype, key)
+    if dtype == BF16:
+        return stochastic_round(x, dtype, key, bits="low")
+    return stochastic_round(x, dtype, key ^ MOMENTUM_SALT)
 
 
 def ref_tiger(params, grads, moms, *, modes, lrs, wds, centers, b1, b2, update, shrink, keys, momentum_sr):
@@ -45,7 +52,7 @@ def ref_tiger(params, grads, moms, *, modes, lrs, wds, centers, b1, b2, update, 
     out_p, out_m, flags = [], [], []
     for i, (p, g, m) in enumerate(zip(params, grads, moms)):
         kp = None if keys is None else keys[i]
-        km = None if keys is None or not momentum_sr else keys[i] ^ MOMENTUM_SALT
+        km = None if keys is None or not momentum_sr else keys[i]
         th, gf, mf = p.float(), g.float(), m.float()
         bad = not bool(torch.isfinite(gf).all())
         flags.append(bad)
@@ -54,7 +61,7 @@ def ref_tiger(params, grads, moms, *, modes, lrs, wds, centers, b1, b2, update, 
             out_p.append(_round((th - c) * _f(shrink) + c, p.dtype, kp))
             out_m.append(m.clone())
             continue
-        mn = _round(_f(b1) * mf + _f(b2) * gf, m.dtype, km)
+        mn = _round(_f(b1) * mf + _f(b2) * gf, m.dtype, km, momentum=True)
         out_m.append(mn)
         if not update:
             out_p.append(p.clone())
@@ -71,11 +78,11 @@ def ref_lion(params, grads, moms, *, lr, beta1, beta2, wd, keys, momentum_sr):
     b1, c1, b2, c2 = _f(beta1), _f(1.0 - beta1), _f(beta2), _f(1.0 - beta2)
     for i, (p, g, m) in enumerate(zip(params, grads, moms)):
         kp = None if keys is None else keys[i]
-        km = None if keys is None or not momentum_sr else keys[i] ^ MOMENTUM_SALT
+        km = None if keys is None or not momentum_sr else keys[i]
         th, gf, mf = p.float(), g.float(), m.float()
         c = b1 * mf + c1 * gf
         out_p.append(_round(th * _f(1.0 - lr * wd) - _f(lr) * torch.sign(c), p.dtype, kp))
-        out_m.append(_round(b2 * mf + c2 * gf, m.dtype, km))
+        out_m.append(_round(b2 * mf + c2 * gf, m.dtype, km, momentum=True))
     return out_p, out_m
 
 
@@ -247,7 +254,7 @@ def test_rounding_of_arbitrary_values_matches_stochastic_round(mdtype) -> None:
     for key in (0, 1, 0xFFFFFFFF, 123456789):
         p, m = torch.zeros_like(g), torch.zeros(g.shape, dtype=mdtype)
         _fused.lion_step_([p], [g], [m], lr=0.0, beta1=0.9, beta2=0.0, weight_decay=0.0, sr_keys=[key])
-        want = stochastic_round(_f(0.0) * torch.zeros_like(g) + _f(1.0) * g, mdtype, key ^ MOMENTUM_SALT)
+        want = momentum_round(_f(0.0) * torch.zeros_like(g) + _f(1.0) * g, mdtype, key)
         nan = torch.isnan(want)
         assert torch.equal(torch.isnan(m), nan)
         assert torch.equal(m[~nan].view(torch.int16), want[~nan].view(torch.int16))

@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tiger.optim import Lion, Tiger, tiger_param_groups
-from lightning_tiger.optim.stochastic_rounding import MOMENTUM_SALT, step_key, stochastic_round, stream_of
+from lightning_tiger.optim.stochastic_rounding import (
+    MOMENTUM_SALT,
+    random_bits,
+    step_key,
+    stochastic_round,
+    stream_of,
+)
 from tests.optim.reference import Mixed
 
 PY_PATHS = [pytest.param(dict(fused=False, foreach=False), id="single"),
@@ -112,16 +118,20 @@ def test_tiger_mean_over_steps_follows_the_fp32_trajectory(path: dict) -> None:
 
 
 @pytest.mark.parametrize("path", PY_PATHS)
-def test_bf16_momentum_uses_its_salted_key(path: dict) -> None:
-    # fp32 θ with bf16 momentum: the momentum is rounded stochastically with key ^ MOMENTUM_SALT
+def test_bf16_momentum_uses_the_low_half_of_the_parameter_bits(path: dict) -> None:
+    # fp32 θ with bf16 momentum: the momentum is rounded stochastically with the parameter's key (unsalted) and the
+    # low 16 bits of hash32(key + i·G): bits(m) + (bits_i & 0xFFFF), low 16 bits cleared (module docstring)
     p = nn.Parameter(torch.randn(300))
     opt = Tiger([{"params": [p], "kind": "bias"}], momentum_dtype=torch.bfloat16, seed=5, beta=0.9, **path)
     g = torch.randn(300)
     p.grad = g.clone()
     opt.step()
     new_m = torch.zeros(300).mul(0.9).add_(g, alpha=0.1)  # b1·m + b2·g in fp32, m = 0
-    key = step_key(stream_of(5, 0), 0) ^ MOMENTUM_SALT
-    assert torch.equal(opt.state[p]["momentum"], stochastic_round(new_m, torch.bfloat16, key))
+    key = step_key(stream_of(5, 0), 0)
+    low = random_bits(key, 300) & 0xFFFF
+    want = ((new_m.view(torch.int32) + low.to(torch.int32)) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(opt.state[p]["momentum"], want)
+    assert not torch.equal(want, stochastic_round(new_m, torch.bfloat16, key ^ MOMENTUM_SALT))  # the old rule
     assert opt.state[p]["sr_step"].item() == 1
     # momentum_sr=False rounds the momentum to nearest
     q = nn.Parameter(p.detach().clone())

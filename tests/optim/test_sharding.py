@@ -75,21 +75,29 @@ def test_shard_range_is_torch_chunk(size: int, parts: int) -> None:
 
 
 @pytest.mark.parametrize(("p_dtype", "m_dtype"), [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16),
                                                   (torch.float16, torch.float16)])
 def test_shard_key_draws_the_bits_of_the_global_indices(p_dtype: torch.dtype, m_dtype: torch.dtype) -> None:
     """A shard starting at global flat index o, rounded with shard_key, equals the same elements of the whole tensor
-    rounded with the step's key: for θ when θ is low precision, else for the momentum (key ^ MOMENTUM_SALT)."""
+    rounded with the step's key: θ when θ is low precision, and the momentum (bf16: the low half of θ's bits under
+    the same key; fp16: key ^ MOMENTUM_SALT) except an fp16 one beside an fp16 θ (θ's bits win)."""
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     key, offset = torch.tensor(123456789), 377
-    local = sharding.shard_key(key, offset, p_dtype != torch.float32, m_dtype != torch.float32, momentum_sr=True)
-    if p_dtype != torch.float32:
+    p_low, m_salted = p_dtype != torch.float32, m_dtype == torch.float16
+    local = sharding.shard_key(key, offset, p_low, m_salted, momentum_sr=True)
+    if p_low:
         whole, piece = stochastic_round(x, p_dtype, key), stochastic_round(x[offset:], p_dtype, local)
-    else:
+        assert torch.equal(piece, whole[offset:])
+        assert not torch.equal(stochastic_round(x[offset:], p_dtype, key), whole[offset:])  # unshifted key: no
+    if m_dtype == torch.bfloat16:
+        whole = stochastic_round(x, m_dtype, key, bits="low")
+        assert torch.equal(stochastic_round(x[offset:], m_dtype, local, bits="low"), whole[offset:])
+        assert not torch.equal(stochastic_round(x[offset:], m_dtype, key, bits="low"), whole[offset:])
+    if m_salted and not p_low:
         whole = stochastic_round(x, m_dtype, key ^ MOMENTUM_SALT)
         piece = stochastic_round(x[offset:], m_dtype, local ^ MOMENTUM_SALT)
-    assert torch.equal(piece, whole[offset:])
-    assert not torch.equal(stochastic_round(x[offset:], p_dtype if p_dtype != torch.float32 else m_dtype, key),
-                           whole[offset:])  # the unshifted key would not
+        assert torch.equal(piece, whole[offset:])
+        assert not torch.equal(stochastic_round(x[offset:], m_dtype, key ^ MOMENTUM_SALT), whole[offset:])
 
 
 def test_eta_of_sumsq_is_the_kernels_rate() -> None:

@@ -236,9 +236,11 @@ struct F16 {
 // Counter-based random bits, defined in lightning_tiger/optim/stochastic_rounding.py (bit for bit the same):
 // bits of flat element index j under a key = hash32(key + j * 0x9E3779B1) with the "lowbias32" hash
 // (C. Wellons, "Prospecting for Hash Functions", 2018). They depend on (key, j) only, so results do not depend
-// on the thread count, the schedule or how a tensor is cut into items.
+// on the thread count, the schedule or how a tensor is cut into items. A bf16 theta adds the high 16 bits, a bf16
+// momentum the low 16 bits of the same hash (same key: one hash per element serves both), an fp16 value the
+// top 24 bits; an fp16 momentum hashes with its own key, key ^ kMomentumSalt.
 constexpr uint32_t kGolden = 0x9E3779B1u;
-constexpr uint32_t kMomentumSalt = 0x5BD1E995u;  // MOMENTUM_SALT: key of a low-precision momentum = key ^ salt
+constexpr uint32_t kMomentumSalt = 0x5BD1E995u;  // MOMENTUM_SALT: key of an fp16 momentum = key ^ salt
 
 inline uint32_t hash32(uint32_t x) {
   x ^= x >> 16;
@@ -252,36 +254,39 @@ inline uint32_t hash32(uint32_t x) {
 // The bits of the element whose flat index j gives jg = j * kGolden mod 2^32 (callers step jg by kGolden).
 inline uint32_t sr_bits(uint32_t key, uint32_t jg) { return hash32(key + jg); }
 
-// The top 16 bits of sr_bits(key, jg), all that bf16 rounding uses: hash32's last step (x ^= x >> 16) leaves
-// them unchanged, so it is skipped.
-inline uint32_t sr_bits_hi16(uint32_t key, uint32_t jg) {
-  uint32_t x = key + jg;
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  return x >> 16;
-}
 
 // Stochastic rounding of a float to bf16 (Gupta et al., 2015, eq. 2): add 16 random bits below the kept ones and
 // truncate, i.e. round away from zero with probability (|x| - |lo|)/ulp. ±inf stay (their low bits are 0, the
 // sum does not carry) and finite values may overflow to ±inf, as in stochastic_round(); NaN -> 0x7FC0 as in
 // round to nearest. Branch-free and in 32-bit lanes throughout, so that GCC vectorizes the loops calling it.
-// hi16: the top 16 bits of the element's random bits.
-inline uint16_t bf16_sr(float x, uint32_t hi16) {
+// r16: 16 random bits (a half of the element's random bits).
+inline uint16_t bf16_sr(float x, uint32_t r16) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
   const uint32_t nan = 0u - static_cast<uint32_t>((u & 0x7fffffffu) > 0x7f800000u);
-  return static_cast<uint16_t>((((u + hi16) >> 16) & ~nan) | (0x7fc0u & nan));
+  return static_cast<uint16_t>((((u + r16) >> 16) & ~nan) | (0x7fc0u & nan));
 }
 
-// sr_bits_hi16 on 16 lanes (x = key + jg)
-inline VU sr_bits_hi16_v(VU x) {
+// hash32 on 16 lanes (x = key + jg) without its last step x ^= x >> 16: the "mix" the vector loops compute once
+// per element. The high half of the hash is mix >> 16 (the last step leaves it unchanged), the low half
+// (mix ^ (mix >> 16)) & 0xFFFF.
+inline VU sr_mix_v(VU x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
   x *= 0x846CA68Bu;
-  return x >> 16;
+  return x;
+}
+
+// sr_mix_v of kj when some rounding of the loop is stochastic (else nothing is computed)
+template <bool Need>
+inline VU mix_if(VU kj) {
+  if constexpr (Need) {
+    return sr_mix_v(kj);
+  } else {
+    (void)kj;
+    return VU{};
+  }
 }
 
 // Stochastic rounding of a float to fp16: between the two fp16 neighbours lo <= x <= hi, hi iff
@@ -307,38 +312,40 @@ inline uint16_t f16_sr(float x, uint32_t bits) {
   return static_cast<uint16_t>(keep ? nb : res);
 }
 
-// A storage type with its rounding: SR = stochastic (bf16/fp16 only), else round to nearest even.
-template <class B, bool SR>
+// A storage type with its rounding: SR = stochastic (bf16/fp16 only), else round to nearest even. Low: a bf16
+// momentum, which adds the low half of the element's random bits (its theta adds the high half).
+template <class B, bool SR, bool Low = false>
 struct Sto : B {
   static constexpr bool kSR = SR;
+  static constexpr bool kLow = Low;
   static_assert(!SR || !std::is_same_v<B, F32>, "no stochastic rounding to float32");
-  // x rounded to the storage type; jg = (the element's flat index in its tensor) * kGolden mod 2^32, key: the
-  // tensor's key
-  static inline typename B::S put(float x, uint32_t key, uint32_t jg) {
+  static_assert(!Low || (SR && std::is_same_v<B, BF16>), "the low half serves bf16 stochastic rounding only");
+  // x rounded to the storage type; bits: the element's 32 random bits (sr_bits; ignored unless SR)
+  static inline typename B::S put(float x, uint32_t bits) {
     if constexpr (SR) {
       if constexpr (std::is_same_v<B, BF16>) {
-        return bf16_sr(x, sr_bits_hi16(key, jg));
+        return bf16_sr(x, Low ? bits & 0xFFFFu : bits >> 16);
       } else {
-        return f16_sr(x, sr_bits(key, jg));
+        return f16_sr(x, bits);
       }
     } else {
-      (void)key;
-      (void)jg;
+      (void)bits;
       return B::st(x);
     }
   }
   // put() on 16 lanes (kSimd types), without the store: rounds x, sets `bits` for B::stv/stv2 and returns the
-  // rounded values as floats (what a load of the stored values gives). kj: the lanes' key + jg (see put and
-  // lane_hash_inputs).
-  static inline VF roundv(VF x, VU kj, VU& bits) {
-    (void)kj;
+  // rounded values as floats (what a load of the stored values gives). mix: the lanes' sr_mix_v (ignored unless
+  // SR).
+  static inline VF roundv(VF x, VU mix, VU& bits) {
+    (void)mix;
     if constexpr (std::is_same_v<B, F32>) {
       bits = bitcast<VU>(x);
       return x;
     } else {
       static_assert(std::is_same_v<B, BF16>, "roundv: fp32 and bf16 only");
       if constexpr (SR) {  // bf16_sr on 16 lanes
-        bits = x != x ? VU{} + 0x7fc00000u : bitcast<VU>(x) + sr_bits_hi16_v(kj);
+        const VU r16 = Low ? (mix ^ (mix >> 16)) & 0xFFFFu : mix >> 16;
+        bits = x != x ? VU{} + 0x7fc00000u : bitcast<VU>(x) + r16;
       } else {
         bits = BF16::rn_bits(x);
       }
@@ -346,6 +353,19 @@ struct Sto : B {
     }
   }
 };
+
+// The random bits of one element for theta's (bp) and the momentum's (bm) rounding, jg as in put: one hash under
+// theta's key kp when the momentum takes its low half (bf16), a second one under km only for an fp16 momentum.
+template <class P, class M>
+inline void draw(uint32_t kp, uint32_t km, uint32_t jg, uint32_t& bp, uint32_t& bm) {
+  bp = (P::kSR || M::kLow) ? sr_bits(kp, jg) : 0u;
+  bm = M::kLow ? bp : (M::kSR ? sr_bits(km, jg) : 0u);
+}
+
+// Whether a vector loop over (theta, momentum) types rounds anything stochastically. In the vector loops (fp32 and
+// bf16) every stochastic rounding reads the one hash under theta's key: a bf16 momentum's is the low half.
+template <class P, class M>
+constexpr bool kVecSR = P::kSR || M::kSR;
 
 // Whether a kernel over (param, momentum) types runs on 16-lane vectors (then the scalar code does the tail).
 template <class P, class M>
@@ -380,7 +400,8 @@ inline int64_t vec_loop(int64_t n, Body&& body, Store&& store) {
   return i;
 }
 
-// Per-tensor keys of a call: theta's and the momentum's (only read where the type rounds stochastically).
+// Per-tensor keys of a call: theta's and the momentum's (only read where the type rounds stochastically; equal
+// for a bf16 momentum, which reads the low half of theta's bits).
 struct Keys {
   uint32_t p = 0, m = 0;
 };
@@ -543,18 +564,19 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
   const uint32_t kp = k.p, km = k.m;  // locals, not members of a by-reference capture: keeps it vectorizable
   int64_t i0 = 0;
   if constexpr (kSimdPair<P, M>) {
+    static_assert(!M::kSR || M::kLow, "a vector momentum's stochastic rounding reads theta's hash");
     VF a = loadv<VF>(acc);
-    VU hp = lane_hash_inputs(kp, base), hm = lane_hash_inputs(km, base);
+    VU hp = lane_hash_inputs(kp, base);
     VU tb[2], mb[2];  // rounded theta and m of a pair of vectors
     i0 = vec_loop(
         n,
         [&](int64_t i, int k) {
+          const VU mix = mix_if<kVecSR<P, M>>(hp);  // one hash for theta and m
           const VF mn = b1 * M::ldv(m + i) + b2 * P::ldv(g + i);
-          const VF s = sign_v(M::roundv(mn, hm, mb[k]));  // sign of the momentum as stored
-          const VF v = P::roundv(P::ldv(th + i) * decay - eta * s, hp, tb[k]);
+          const VF s = sign_v(M::roundv(mn, mix, mb[k]));  // sign of the momentum as stored
+          const VF v = P::roundv(P::ldv(th + i) * decay - eta * s, mix, tb[k]);
           if (WantSS) a += v * v;
           hp += kGolden16;
-          hm += kGolden16;
         },
         [&](int64_t i, int pair) {
           if (pair == 2) {
@@ -571,11 +593,13 @@ void tiger_update_run(typename P::S* __restrict th, const typename P::S* __restr
     storev(acc, a);
   }
   for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
+    uint32_t bp, bm;
+    draw<P, M>(kp, km, jg, bp, bm);
     const float mn = b1 * M::ld(m[i]) + b2 * P::ld(g[i]);
-    const typename M::S ms = M::put(mn, km, jg);
+    const typename M::S ms = M::put(mn, bm);
     m[i] = ms;
     const float s = sign_of(M::ld(ms));  // sign of the momentum as stored (identical to mn for fp32 momentum)
-    const typename P::S ts = P::put(P::ld(th[i]) * decay - eta * s, kp, jg);
+    const typename P::S ts = P::put(P::ld(th[i]) * decay - eta * s, bp);
     th[i] = ts;
     if (WantSS) {
       const float v = P::ld(ts);
@@ -597,7 +621,7 @@ void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict
     i0 = vec_loop(
         n,
         [&](int64_t i, int k) {
-          M::roundv(b1 * M::ldv(m + i) + b2 * P::ldv(g + i), hm, mb[k]);
+          M::roundv(b1 * M::ldv(m + i) + b2 * P::ldv(g + i), mix_if<M::kSR>(hm), mb[k]);
           hm += kGolden16;
         },
         [&](int64_t i, int pair) {
@@ -611,7 +635,9 @@ void tiger_fold_run(const typename P::S* __restrict g, typename M::S* __restrict
         });
   }
   for_lanes(i0, n, base,
-            [&](int64_t i, int, uint32_t jg) { m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), km, jg); });
+            [&](int64_t i, int, uint32_t jg) {
+              m[i] = M::put(b1 * M::ld(m[i]) + b2 * P::ld(g[i]), M::kSR ? sr_bits(km, jg) : 0u);
+            });
 }
 
 // The optimistic path checks g piece by piece (kCheckPiece elements: 2 KiB of fp32, still in L1 when the update
@@ -677,8 +703,10 @@ void tiger_rollback(typename P::S* __restrict th, const typename P::S* __restric
     } else {
       if (P::nonfinite(g[i])) continue;
       const uint32_t jg = static_cast<uint32_t>(base + i) * kGolden;
-      ms = M::put(b1 * M::ld(m[i]) + b2 * gi, k.m, jg);
-      if (update) ts = P::put(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)), k.p, jg);
+      uint32_t bp, bm;
+      draw<P, M>(k.p, k.m, jg, bp, bm);
+      ms = M::put(b1 * M::ld(m[i]) + b2 * gi, bm);
+      if (update) ts = P::put(P::ld(th[i]) * decay - eta * sign_of(M::ld(ms)), bp);
     }
     const float mn = M::ld(ms);
     if (update && decay != 0.f) th[i] = P::st((P::ld(ts) + eta * sign_of(mn)) / decay);
@@ -699,7 +727,7 @@ double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, u
     i0 = vec_loop(
         n,
         [&](int64_t i, int k) {
-          const VF v = P::roundv((P::ldv(th + i) - c) * s + c, hp, tb[k]);
+          const VF v = P::roundv((P::ldv(th + i) - c) * s + c, mix_if<P::kSR>(hp), tb[k]);
           if (WantSS) a += v * v;
           hp += kGolden16;
         },
@@ -713,7 +741,7 @@ double tiger_shrink(typename P::S* __restrict th, int64_t n, float c, float s, u
     storev(acc, a);
   }
   for_lanes(i0, n, base, [&](int64_t i, int lane, uint32_t jg) {
-    const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, key, jg);
+    const typename P::S ts = P::put((P::ld(th[i]) - c) * s + c, P::kSR ? sr_bits(key, jg) : 0u);
     th[i] = ts;
     if (WantSS) {
       const float v = P::ld(ts);
@@ -730,18 +758,19 @@ void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g
   const uint32_t kp = k.p, km = k.m;
   int64_t i0 = 0;
   if constexpr (kSimdPair<P, M>) {
-    VU hp = lane_hash_inputs(kp, base), hm = lane_hash_inputs(km, base);
+    static_assert(!M::kSR || M::kLow, "a vector momentum's stochastic rounding reads theta's hash");
+    VU hp = lane_hash_inputs(kp, base);
     VU tb[2], mb[2];
     i0 = vec_loop(
         n,
         [&](int64_t i, int k) {
+          const VU mix = mix_if<kVecSR<P, M>>(hp);  // one hash for theta and m
           const VF mo = M::ldv(m + i);
           const VF gi = P::ldv(g + i);
           const VF c = b1 * mo + c1 * gi;
-          P::roundv(P::ldv(th + i) * decay - lr * sign_v(c), hp, tb[k]);
-          M::roundv(b2 * mo + c2 * gi, hm, mb[k]);
+          P::roundv(P::ldv(th + i) * decay - lr * sign_v(c), mix, tb[k]);
+          M::roundv(b2 * mo + c2 * gi, mix, mb[k]);
           hp += kGolden16;
-          hm += kGolden16;
         },
         [&](int64_t i, int pair) {
           if (pair == 2) {
@@ -760,8 +789,10 @@ void lion_update(typename P::S* __restrict th, const typename P::S* __restrict g
     const float mo = M::ld(m[i]);
     const float gi = P::ld(g[i]);
     const float c = b1 * mo + c1 * gi;
-    th[i] = P::put(P::ld(th[i]) * decay - lr * sign_of(c), kp, jg);
-    m[i] = M::put(b2 * mo + c2 * gi, km, jg);
+    uint32_t bp, bm;
+    draw<P, M>(kp, km, jg, bp, bm);
+    th[i] = P::put(P::ld(th[i]) * decay - lr * sign_of(c), bp);
+    m[i] = M::put(b2 * mo + c2 * gi, bm);
   });
 }
 
@@ -811,7 +842,7 @@ decltype(auto) dispatch(Kind k, bool sr_p, bool sr_m, F&& f) {
   switch (k) {
     case Kind::F32F32: return f.template operator()<P32, P32>();
     case Kind::F32BF16:
-      if (sr_m) return f.template operator()<P32, Sto<BF16, true>>();
+      if (sr_m) return f.template operator()<P32, Sto<BF16, true, true>>();
       return f.template operator()<P32, Sto<BF16, false>>();
     case Kind::F32F16:
       if (sr_m) return f.template operator()<P32, Sto<F16, true>>();
@@ -820,7 +851,7 @@ decltype(auto) dispatch(Kind k, bool sr_p, bool sr_m, F&& f) {
       if (sr_p) return f.template operator()<Sto<BF16, true>, P32>();
       return f.template operator()<Sto<BF16, false>, P32>();
     case Kind::BF16BF16:
-      if (sr_p && sr_m) return f.template operator()<Sto<BF16, true>, Sto<BF16, true>>();
+      if (sr_p && sr_m) return f.template operator()<Sto<BF16, true>, Sto<BF16, true, true>>();
       if (sr_p) return f.template operator()<Sto<BF16, true>, Sto<BF16, false>>();
       return f.template operator()<Sto<BF16, false>, Sto<BF16, false>>();  // (sr_m without sr_p: not offered)
     case Kind::F16F32:
@@ -850,8 +881,10 @@ SRPlan sr_plan(const std::vector<Kind>& kinds, at::IntArrayRef sr_keys, bool mom
     TORCH_CHECK_VALUE(key >= 0 && key <= 0xFFFFFFFFll, "fused Tiger/Lion: sr_keys[", i, "] must be in [0, 2**32), got ",
                       key);
     plan.keys[i].p = static_cast<uint32_t>(key);
-    plan.keys[i].m = static_cast<uint32_t>(key) ^ kMomentumSalt;
     const Kind k = kinds[i];
+    // a bf16 momentum reads the low half of theta's bits (same key), an fp16 one hashes with the salted key
+    const bool m_bf16 = k == Kind::F32BF16 || k == Kind::BF16BF16;
+    plan.keys[i].m = m_bf16 ? static_cast<uint32_t>(key) : static_cast<uint32_t>(key) ^ kMomentumSalt;
     plan.sr_p[i] = k != Kind::F32F32 && k != Kind::F32BF16 && k != Kind::F32F16;
     plan.sr_m[i] = momentum_sr && (k == Kind::F32BF16 || k == Kind::F32F16 || k == Kind::BF16BF16 ||
                                    k == Kind::F16F16);
