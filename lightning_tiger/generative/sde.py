@@ -174,15 +174,18 @@ class VESDE(SDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
         self.sigma_min, self.sigma_max = _checked_bounds("sigma_min", sigma_min, "sigma_max", sigma_max)
-        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
+        # In log space: for a subnormal sigma_min the quotient σ_max/σ_min and the factor (σ_max/σ_min)^t overflow
+        # to inf while σ_min itself rounds to 0 in fp32, and 0·inf = NaN.
+        self._log_sigma_min = math.log(self.sigma_min)
+        self._log_ratio = math.log(self.sigma_max) - self._log_sigma_min
 
     def sigma(self, t: Tensor | float) -> Tensor:
         """σ(t) = σ_min (σ_max/σ_min)^t."""
-        return self.sigma_min * torch.exp(as_time(t) * self._log_ratio)
+        return torch.exp(self._log_sigma_min + as_time(t) * self._log_ratio)
 
     def t_for_sigma(self, sigma: Tensor | float) -> Tensor:
         """Inverse of σ(t): t = log(σ/σ_min) / log(σ_max/σ_min)."""
-        return torch.log(as_time(sigma) / self.sigma_min) / self._log_ratio
+        return (torch.log(as_time(sigma)) - self._log_sigma_min) / self._log_ratio
 
     def drift_coef(self, t: Tensor) -> Tensor:
         return torch.zeros_like(as_time(t))

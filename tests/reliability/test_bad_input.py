@@ -531,6 +531,7 @@ SDE_ARGS = {"VPSDE": ("beta_min", "beta_max"), "SubVPSDE": ("beta_min", "beta_ma
 @example(a=float("nan"), b=1.0, t=[0.5]).via("non-finite lower parameter")
 @example(a=0.1, b=float("nan"), t=[0.5]).via("non-finite upper parameter")
 @example(a=0.1, b=float("inf"), t=[0.5]).via("infinite upper parameter")
+@example(a=5e-324, b=1.0, t=[0.5]).via("subnormal lower parameter: high / low overflows to inf")
 def test_sde_parameters(name: str, a: float, b: float, t: list[float]) -> None:
     cls = _need("lightning_tiger.generative", name)
     kw = dict(zip(SDE_ARGS[name], (a, b)))
