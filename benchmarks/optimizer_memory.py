@@ -1,4 +1,7 @@
-"""Peak memory of whole training steps with gradient accumulation, one process per optimizer (issue #2, SPEC §1.2).
+"""Peak memory of whole training steps with gradient accumulation, one process per optimizer (issue #2).
+
+Tiger's memory claim (Su 2023, kexue.fm/archives/9512): with accumulation folded into the momentum, training holds
+no separate gradient buffer.
 
 Usage: ``python benchmarks/optimizer_memory.py [--quick]``
 

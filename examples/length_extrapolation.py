@@ -1,4 +1,6 @@
-"""Length extrapolation, one command: train every row of SPEC §3.4's table and tabulate accuracy at L … 16L.
+"""Length extrapolation, one command: train every row of Su's table and tabulate accuracy at L … 16L.
+
+Su's table: one setup across "Transformer升级之路" posts kexue.fm/archives/9603, 9675, 9706, 9708 and 9731.
 
 Each row is a config under ``examples/configs/lm/`` (the single source of truth; the same files work with
 ``lightning-tiger fit --config examples/configs/lm/<row>.yaml ...``). For every row and seed the script
@@ -46,7 +48,7 @@ REPO = HERE.parent
 DEFAULT_CONFIG_DIR = HERE / "configs" / "lm"
 DEFAULT_OUT = REPO / "docs" / "results" / "length_extrapolation"
 DEFAULT_WORK = REPO / "runs" / "length_extrapolation"
-# Table order: the SPEC §3.4 rows first, then the other position schemes.
+# Table order: the rows of Su's table first, then the other position schemes.
 ROW_ORDER = [
     "rope", "rope_logn", "rope_pi", "rope_ntk", "rope_window", "rope_window_logn", "rerope_w", "rerope_w_logn",
     "leaky_rerope", "hwfa", "alibi", "kerple_log", "sandwich", "xpos", "rope_random_pos", "nope",
@@ -228,7 +230,7 @@ def _ordered(rows: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(rows: dict[str, Any], seq_len: int, lengths: list[int]) -> str:
-    """SPEC §3.4's layout (train length, 8L repeated, 8L non-repeated) plus every other test length."""
+    """Su's layout (train length, 8L repeated, 8L non-repeated) plus every other test length."""
     test = 8 * seq_len
     others = [t for t in lengths if t not in (seq_len, test)]
     header = ["method", "seeds", f"{seq_len} (train)", f"{test} repeated", f"{test} non-repeated"]
@@ -253,7 +255,7 @@ def markdown_table(rows: dict[str, Any], seq_len: int, lengths: list[int]) -> st
 
 
 def claims(rows: dict[str, Any], seq_len: int) -> list[str]:
-    """Check the notes' qualitative claims (SPEC §3.3-3.4) on the measured numbers."""
+    """Check the notes' qualitative claims (Su, "Transformer升级之路" 7, 8 and 12) on the measured numbers."""
     out = []
     test = str(8 * seq_len)
     train = str(seq_len)
@@ -352,7 +354,7 @@ def write_report(results: list[dict[str, Any]], out: Path, meta: dict[str, Any])
     plot(rows, seq_len, lengths, out / "accuracy_vs_length.png")
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "runs": results}, indent=2))
     text = [
-        "# Length extrapolation: measured table (SPEC §3.4 CPU mirror)",
+        "# Length extrapolation: measured table (CPU mirror of Su's setup)",
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -368,10 +370,10 @@ def write_report(results: list[dict[str, Any]], out: Path, meta: dict[str, Any])
         "",
         table,
         "",
-        "Su's reference (≈100M GAU, L = 512, tested at 4096; SPEC §3.4): RoPE 49.41% → 24.17% (repeated) / "
-        "23.16% (non-repeated); ReRoPE-w256-log n 49.40% → 85.12% / 49.07%; HWFA 48.70% → 80.84% / 48.15%. "
-        "The SPEC's single-seed CPU probe (1500 AdamW "
-        "steps): RoPE 67.15% → 40.10%, RoPE + window 67.15% → 68.69%, ALiBi 65.59% → 67.23% at 8L.",
+        "Su's reference (≈100M GAU, L = 512, tested at 4096; kexue.fm/archives/9603 … 9731): RoPE 49.41% "
+        "→ 24.17% (repeated) / 23.16% (non-repeated); ReRoPE-w256-log n 49.40% → 85.12% / 49.07%; HWFA 48.70% → "
+        "80.84% / 48.15%. An earlier single-seed CPU probe (1500 AdamW steps): RoPE 67.15% → 40.10%, RoPE + "
+        "window 67.15% → 68.69%, ALiBi 65.59% → 67.23% at 8L.",
         "",
         "## Claims",
         "",

@@ -1,12 +1,12 @@
 """Mixed-precision training with corrupted records, with and without NonFiniteGuard.
 
-A small classifier is trained on synthetic data in which one batch in 37 carries a corrupted record (features of
-1e38, e.g. an unparsed sentinel). Under ``bf16-mixed`` nothing protects the run (SPEC §2): the record overflows
-to inf in the first matmul, the loss and every gradient become NaN, AdamW writes NaN into every weight and the
-run is dead from then on, although Lightning keeps "training". With ``NonFiniteGuard`` the bad steps are vetoed
-(no parameter, moment or step-counter change, the LR schedule stays on the real steps) and the run trains on.
-Under ``16-mixed`` a GradScaler already skips such steps (it also halves its scale every time); the guard then
-counts them and, with ``action="shrink"``, applies Tiger's shrink rule, which the scaler would otherwise make
+A small classifier is trained on synthetic data in which one batch in 37 carries a corrupted record (features of 1e38,
+e.g. an unparsed sentinel). Under ``bf16-mixed`` nothing protects the run (Lightning's bf16 precision has no
+GradScaler): the record overflows to inf in the first matmul, the loss and every gradient become NaN, AdamW writes NaN
+into every weight and the run is dead from then on, although Lightning keeps "training". With ``NonFiniteGuard`` the bad
+steps are vetoed (no parameter, moment or step-counter change, the LR schedule stays on the real steps) and the run
+trains on. Under ``16-mixed`` a GradScaler already skips such steps (it also halves its scale every time); the guard
+then counts them and, with ``action="shrink"``, applies Tiger's shrink rule, which the scaler would otherwise make
 unreachable.
 
 Everything is logged to TensorBoard (``tensorboard --logdir <logdir>``): ``train/loss``, ``nonfinite/skipped``,
@@ -95,7 +95,7 @@ def run(name: str, precision: str, optimizer: str, guard: NonFiniteGuard | None,
     model = Classifier(optimizer, lr=lr, total_steps=steps)
     plugins, prec = None, precision
     if precision == "16-mixed":
-        # On CPU precision="16-mixed" silently becomes bf16: pass a real GradScaler (SPEC §2).
+        # On CPU precision="16-mixed" silently becomes bf16: pass a real GradScaler.
         plugins, prec = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))], None
     dead = FirstNonFiniteParams()
     callbacks: list[L.Callback] = [OptimizerMonitor(log_every_n_steps=10), dead]

@@ -3,7 +3,7 @@
 Layers, lowest first (a file may import its own subpackage and any lower layer, nothing at or above its own
 layer elsewhere):
 
-0. ``_lazy``, ``validation`` (helpers that import no lightning_tiger code)
+0. ``validation`` (helpers that import no lightning_tiger code)
 1. ``optim``, ``plotting`` (TensorBoard figure helpers; they use ``validation``)
 2. ``nn``
 3. ``generative`` (the math the LightningModules, data modules and metrics share; may use ``nn``)
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1] / "lightning_tiger"
 PKG = "lightning_tiger"
 
 LAYERS: dict[str, int] = {
-    "_lazy": 0, "validation": 0,
+    "validation": 0,
     "optim": 1, "plotting": 1,
     "nn": 2,
     "generative": 3,

@@ -60,7 +60,7 @@ _KINDS: tuple[tuple[str, type, tuple[Any, ...]], ...] = (
 
 
 def library_classes() -> dict[str, list[type]]:
-    """The library's public classes by kind, read from each subpackage's ``__all__``.
+    """The library's public classes by kind: the classes each subpackage's ``__init__`` re-exports.
 
     Importing them is what lets jsonargparse resolve short names (``--optimizer Tiger``): it looks a short name up
     among the *imported* subclasses of the expected base class.
@@ -72,9 +72,8 @@ def library_classes() -> dict[str, list[type]]:
     for kind, base, packages in _KINDS:
         classes = []
         for package in packages:
-            for name in package.__all__:
-                obj = getattr(package, name)
-                if isinstance(obj, type) and issubclass(obj, base):
+            for name, obj in vars(package).items():
+                if not name.startswith("_") and isinstance(obj, type) and issubclass(obj, base):
                     classes.append(obj)
         found[kind] = classes
     return found

@@ -12,111 +12,37 @@ Layer: imports torch, :mod:`lightning_tiger.validation` and :mod:`lightning_tige
 ``metrics`` and ``modules`` build on it.
 """
 
-from typing import TYPE_CHECKING
-
-from lightning_tiger._lazy import lazy_exports
-
-_EXPORTS = {
-    "SDE": ".sde",
-    "SDE_NAMES": ".sde",
-    "VESDE": ".sde",
-    "VPSDE": ".sde",
-    "SubVPSDE": ".sde",
-    "make_sde": ".sde",
-    "ODESolution": ".ode",
-    "integrate_adaptive": ".ode",
-    "integrate_fixed": ".ode",
-    "SAMPLERS": ".samplers",
-    "SampleResult": ".samplers",
-    "SamplerOptions": ".samplers",
-    "annealed_langevin": ".samplers",
-    "euler_maruyama": ".samplers",
-    "geometric_sigmas": ".samplers",
-    "langevin_corrector": ".samplers",
-    "ode_adaptive": ".samplers",
-    "ode_euler": ".samplers",
-    "ode_heun": ".samplers",
-    "predictor_corrector": ".samplers",
-    "register_sampler": ".samplers",
-    "sample": ".samplers",
-    "SOLVERS": ".flow",
-    "FlowSolution": ".flow",
-    "Velocity": ".flow",
-    "flip_time_convention": ".flow",
-    "gaussian_1rf_velocity": ".flow",
-    "integrate": ".flow",
-    "straightness": ".flow",
-    "GaussianMixture": ".gaussian_mixture",
-    "default_net": ".nets",
-    "instantiate": ".nets",
-    "batch_broadcast": ".tensors",
-    "randn": ".tensors",
-}
-__all__ = [
-    "SAMPLERS",
-    "SDE",
-    "SDE_NAMES",
-    "SOLVERS",
-    "VESDE",
-    "VPSDE",
-    "FlowSolution",
-    "GaussianMixture",
-    "ODESolution",
-    "SampleResult",
-    "SamplerOptions",
-    "SubVPSDE",
-    "Velocity",
-    "annealed_langevin",
-    "batch_broadcast",
-    "default_net",
-    "euler_maruyama",
-    "flip_time_convention",
-    "gaussian_1rf_velocity",
-    "geometric_sigmas",
-    "instantiate",
-    "integrate",
-    "integrate_adaptive",
-    "integrate_fixed",
-    "langevin_corrector",
-    "make_sde",
-    "ode_adaptive",
-    "ode_euler",
-    "ode_heun",
-    "predictor_corrector",
-    "randn",
-    "register_sampler",
-    "sample",
-    "straightness",
-]
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .flow import (
-        SOLVERS,
-        FlowSolution,
-        Velocity,
-        flip_time_convention,
-        gaussian_1rf_velocity,
-        integrate,
-        straightness,
-    )
-    from .gaussian_mixture import GaussianMixture
-    from .nets import default_net, instantiate
-    from .ode import ODESolution, integrate_adaptive, integrate_fixed
-    from .samplers import (
-        SAMPLERS,
-        SampleResult,
-        SamplerOptions,
-        annealed_langevin,
-        euler_maruyama,
-        geometric_sigmas,
-        langevin_corrector,
-        ode_adaptive,
-        ode_euler,
-        ode_heun,
-        predictor_corrector,
-        register_sampler,
-        sample,
-    )
-    from .sde import SDE, SDE_NAMES, VESDE, VPSDE, SubVPSDE, make_sde
-    from .tensors import batch_broadcast, randn
+from .flow import SOLVERS as SOLVERS
+from .flow import FlowSolution as FlowSolution
+from .flow import Velocity as Velocity
+from .flow import flip_time_convention as flip_time_convention
+from .flow import gaussian_1rf_velocity as gaussian_1rf_velocity
+from .flow import integrate as integrate
+from .flow import straightness as straightness
+from .gaussian_mixture import GaussianMixture as GaussianMixture
+from .nets import default_net as default_net
+from .nets import instantiate as instantiate
+from .ode import ODESolution as ODESolution
+from .ode import integrate_adaptive as integrate_adaptive
+from .ode import integrate_fixed as integrate_fixed
+from .samplers import SAMPLERS as SAMPLERS
+from .samplers import SampleResult as SampleResult
+from .samplers import SamplerOptions as SamplerOptions
+from .samplers import annealed_langevin as annealed_langevin
+from .samplers import euler_maruyama as euler_maruyama
+from .samplers import geometric_sigmas as geometric_sigmas
+from .samplers import langevin_corrector as langevin_corrector
+from .samplers import ode_adaptive as ode_adaptive
+from .samplers import ode_euler as ode_euler
+from .samplers import ode_heun as ode_heun
+from .samplers import predictor_corrector as predictor_corrector
+from .samplers import register_sampler as register_sampler
+from .samplers import sample as sample
+from .sde import SDE as SDE
+from .sde import SDE_NAMES as SDE_NAMES
+from .sde import VESDE as VESDE
+from .sde import VPSDE as VPSDE
+from .sde import SubVPSDE as SubVPSDE
+from .sde import make_sde as make_sde
+from .tensors import batch_broadcast as batch_broadcast
+from .tensors import randn as randn

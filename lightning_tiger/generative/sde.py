@@ -25,12 +25,13 @@ from lightning_tiger.generative.tensors import as_time, batch_broadcast, randn
 __all__ = ["SDE", "SDE_NAMES", "VESDE", "VPSDE", "SubVPSDE", "make_sde"]
 
 
-def _check_bounds(low_name: str, low: float, high_name: str, high: float) -> None:
-    """A schedule's (low, high) parameters: 0 < low < high, both finite (``not >`` also refuses NaN)."""
+def _checked_bounds(low_name: str, low: float, high_name: str, high: float) -> tuple[float, float]:
+    """A schedule's (low, high) parameters as floats: 0 < low < high, both finite (``not >`` also refuses NaN)."""
     if not (math.isfinite(low) and low > 0):
         raise ValueError(f"{low_name} must be finite and > 0, got {low}")
     if not (math.isfinite(high) and high > low):
         raise ValueError(f"{high_name} must be > {low_name}={low}, got {high}")
+    return float(low), float(high)
 
 
 class SDE:
@@ -41,6 +42,11 @@ class SDE:
     """
 
     T: float = 1.0
+
+    def __repr__(self) -> str:
+        """The class with its public attributes (the constructor's arguments), e.g. ``VPSDE(beta_min=0.1, ...)``."""
+        args = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
 
     def drift_coef(self, t: Tensor) -> Tensor:
         """f(t) ``[batch]`` such that the drift is f(t)·x."""
@@ -100,12 +106,7 @@ class VPSDE(SDE):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
-        _check_bounds("beta_min", beta_min, "beta_max", beta_max)
-        self.beta_min = float(beta_min)
-        self.beta_max = float(beta_max)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(beta_min={self.beta_min}, beta_max={self.beta_max})"
+        self.beta_min, self.beta_max = _checked_bounds("beta_min", beta_min, "beta_max", beta_max)
 
     def beta(self, t: Tensor) -> Tensor:
         """β(t) ``[batch]``."""
@@ -172,21 +173,19 @@ class VESDE(SDE):
     """
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0) -> None:
-        _check_bounds("sigma_min", sigma_min, "sigma_max", sigma_max)
-        self.sigma_min = float(sigma_min)
-        self.sigma_max = float(sigma_max)
-        self._log_ratio = math.log(self.sigma_max / self.sigma_min)
-
-    def __repr__(self) -> str:
-        return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+        self.sigma_min, self.sigma_max = _checked_bounds("sigma_min", sigma_min, "sigma_max", sigma_max)
+        # In log space: for a subnormal sigma_min the quotient σ_max/σ_min and the factor (σ_max/σ_min)^t overflow
+        # to inf while σ_min itself rounds to 0 in fp32, and 0·inf = NaN.
+        self._log_sigma_min = math.log(self.sigma_min)
+        self._log_ratio = math.log(self.sigma_max) - self._log_sigma_min
 
     def sigma(self, t: Tensor | float) -> Tensor:
         """σ(t) = σ_min (σ_max/σ_min)^t."""
-        return self.sigma_min * torch.exp(as_time(t) * self._log_ratio)
+        return torch.exp(self._log_sigma_min + as_time(t) * self._log_ratio)
 
     def t_for_sigma(self, sigma: Tensor | float) -> Tensor:
         """Inverse of σ(t): t = log(σ/σ_min) / log(σ_max/σ_min)."""
-        return torch.log(as_time(sigma) / self.sigma_min) / self._log_ratio
+        return (torch.log(as_time(sigma)) - self._log_sigma_min) / self._log_ratio
 
     def drift_coef(self, t: Tensor) -> Tensor:
         return torch.zeros_like(as_time(t))

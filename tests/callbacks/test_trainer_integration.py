@@ -194,7 +194,7 @@ def test_fold_in_backward_checkpoint_resume_is_bit_for_bit(tmp_path: Path) -> No
 def test_fold_in_backward_with_ema_weight_averaging(tmp_path: Path) -> None:
     """EMAWeightAveraging sees the same trajectory as in the standard mode (same average, same raw weights, one
     update per optimizer step), its checkpoints hold raw + average weights, and a run resumed from one continues
-    from the raw weights, not the average (SPEC §6)."""
+    from the raw weights, not the average."""
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     def run(name: str, make: Any, epochs: int, ckpt_path: Path | None = None) -> Net:
@@ -279,8 +279,9 @@ def test_monitor_and_guard_with_tiger_in_bf16(tmp_path: Path) -> None:
     assert logged["optim/Tiger/param_rms"] == pytest.approx(param_rms, rel=1e-5)
     assert logged["optim/Tiger/update_rms"] == pytest.approx(update_rms, rel=1e-4)
     assert logged["optim/Tiger/sign_agreement"] == pytest.approx(agree, abs=1e-6)
-    # Effective lr (SPEC §1.2): bias / norm kinds 0.5·lr; matrices lr·RMS(θ); embedding rows lr·RMS(row). Every
-    # RMS here is far above the default floor 0.1/sqrt(fan_in) <= 0.036, so the floor does not enter.
+    # Effective lr (Su 2023, kexue.fm/archives/9512): bias / norm kinds 0.5·lr; matrices lr·RMS(θ); embedding rows
+    # lr·RMS(row). Every RMS here is far above the default floor 0.1/sqrt(fan_in) <= 0.036, so the floor does not
+    # enter.
     kinds = {"emb.weight": "rows", "l1.weight": "rms", "l1.bias": "half", "ln.weight": "half", "ln.bias": "half",
              "head.weight": "rms", "head.bias": "half"}
     assert sorted(before) == sorted(kinds)

@@ -87,7 +87,8 @@ def test_replaces_with_tiger_groups_and_schedule_follows(tmp_path: Path) -> None
     trainer, model = run(tmp_path, [UseOptimizer(Tiger, lr=2e-3, weight_decay=0.05), rec])
     opt = trainer.optimizers[0]
     assert isinstance(opt, Tiger)
-    # Groups by kind (hand-written reference of SPEC §1.2), split along the user's decay/no-decay groups.
+    # Groups by kind (hand-written from Tiger's table, Su 2023, kexue.fm/archives/9512), split along the user's
+    # decay/no-decay groups.
     kinds = {id(p): (g["kind"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
     expected = {
         model.emb.weight: ("embedding", 0.05), model.l1.weight: ("matrix", 0.05),

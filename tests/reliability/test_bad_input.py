@@ -528,6 +528,7 @@ SDE_ARGS = {"VPSDE": ("beta_min", "beta_max"), "SubVPSDE": ("beta_min", "beta_ma
 @example(a=float("nan"), b=1.0, t=[0.5]).via("non-finite lower parameter")
 @example(a=0.1, b=float("nan"), t=[0.5]).via("non-finite upper parameter")
 @example(a=0.1, b=float("inf"), t=[0.5]).via("infinite upper parameter")
+@example(a=5e-324, b=1.0, t=[0.5]).via("subnormal lower parameter: high / low overflows to inf")
 def test_sde_parameters(name: str, a: float, b: float, t: list[float]) -> None:
     cls = _need("lightning_tiger.generative", name)
     kw = dict(zip(SDE_ARGS[name], (a, b)))
@@ -1004,18 +1005,3 @@ def test_resumable_batch_sampler(num_samples: Any, batch_size: Any, rank: Any, w
     if batches:
         flat = [i for b in batches for i in b]
         assert all(0 <= i < num_samples for i in flat) and len(set(flat)) == len(flat)
-
-
-def test_every_public_name_is_importable() -> None:
-    """Every name in the ``_EXPORTS`` maps resolves (a listed name whose file is missing is an error)."""
-    missing = []
-    for sub in ("optim", "callbacks", "nn", "modules", "data", "metrics", "plugins"):
-        pkg = importlib.import_module(f"lightning_tiger.{sub}")
-        exports = getattr(pkg, "_EXPORTS", {})
-        assert exports, f"lightning_tiger.{sub} has no _EXPORTS map"
-        for name in exports:
-            try:
-                getattr(pkg, name)
-            except Exception as exc:
-                missing.append(f"{sub}.{name}: {type(exc).__name__}: {exc}")
-    assert not missing, missing

@@ -233,7 +233,8 @@ def test_guard_with_accumulation_skips_the_whole_window(tmp_path: Path, fault_ta
 
 @pytest.mark.parametrize("exact", [False, True], ids=["default", "exact_nonfinite"])
 def test_tiger_alone_shrinks_the_offending_tensor(exact: bool, fault_tally: Any) -> None:
-    """Without the guard, Tiger's own per-tensor rule (SPEC §1.2): momentum kept, θ ← θ·s; others update.
+    """Without the guard, Tiger's own per-tensor rule (Su 2023, kexue.fm/archives/9512): momentum kept, θ ← θ·s;
+    others update.
 
     Bit for bit with ``exact_nonfinite=True``; by default the optimistic rule undoes a partly written tensor by
     inverting the update, so the momentum is kept to within float rounding (Tiger's docstring)."""
