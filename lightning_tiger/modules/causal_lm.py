@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_tiger.modules.defaults import configure_default_optimization, save_config_hyperparameters
+from lightning_tiger.modules.defaults import Optimization, save_config_hyperparameters
 from lightning_tiger.nn import TransformerLM, random_positions
 from lightning_tiger.validation import check_int
 
@@ -103,7 +103,7 @@ class CausalLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         # Checked without rebinding: save_hyperparameters() records the arguments as given.
-        check_int("warmup_steps", warmup_steps, low=0, allow_none=True)
+        optimization = Optimization(optimizer, lr_scheduler, warmup_steps)
         if train_positions not in _TRAIN_POSITIONS:
             raise ValueError(f"train_positions must be one of {_TRAIN_POSITIONS}, got {train_positions!r}")
         check_int("max_position", max_position, low=1, allow_none=True)
@@ -133,9 +133,7 @@ class CausalLMModule(L.LightningModule):
         save_config_hyperparameters(self, objects=("model", "optimizer", "lr_scheduler"))
         if eval_options and not hasattr(self.model, "set_attention_options"):
             raise TypeError("eval_options needs a model with set_attention_options (e.g. TransformerLM)")
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.warmup_steps = warmup_steps
+        self.optimization = optimization
         self.eval_options = dict(eval_options or {})
         self._saved_options: list[dict[str, Any]] | None = None
         self._applied_for_length: int | None = None
@@ -321,5 +319,4 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
         """``optimizer`` / ``lr_scheduler`` from init, or the defaults (Tiger, warm-up + decay over the run)."""
-        return configure_default_optimization(self, self.optimizer_factory, self.lr_scheduler_factory,
-                                              self.warmup_steps)
+        return self.optimization.configure_optimizers(self)

@@ -23,6 +23,7 @@ The top-level ``--optimizer`` / ``--lr_scheduler`` of the ``lightning-tiger`` CL
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
@@ -42,6 +43,7 @@ from lightning_tiger.validation import check_int, check_real
 __all__ = [
     "DEFAULT_LR",
     "DEFAULT_WEIGHT_DECAY",
+    "Optimization",
     "auto_ema_decay",
     "check_ema_decay",
     "configure_default_optimization",
@@ -269,3 +271,33 @@ def init_kwargs_from_hparams(cls: type, hparams: dict[str, Any], drop: Sequence[
         raise ValueError(f"{where}: hyperparameters {sorted(unknown)} are not arguments of {cls.__name__}: not a "
                          f"{cls.__name__} checkpoint, or one from an incompatible version")
     return kwargs
+
+
+@dataclasses.dataclass
+class Optimization:
+    """A module's ``optimizer`` / ``lr_scheduler`` / ``warmup_steps`` / ``ema_decay`` arguments, checked once.
+
+    The three LightningModules keep one of these and delegate their ``configure_optimizers`` and
+    ``configure_callbacks`` to it (module docstring).
+
+    Raises:
+        TypeError, ValueError: ``warmup_steps`` is not ``None`` or an int >= 0, or ``ema_decay`` is not
+            ``"auto"``, ``None`` or a float in (0, 1).
+    """
+
+    optimizer: OptimizerFactory | None = None
+    lr_scheduler: SchedulerFactory | None = None
+    warmup_steps: int | None = None
+    ema_decay: float | str | None = None
+
+    def __post_init__(self) -> None:
+        check_int("warmup_steps", self.warmup_steps, low=0, allow_none=True)
+        check_ema_decay(self.ema_decay)
+
+    def configure_optimizers(self, module: pl.LightningModule) -> dict[str, Any]:
+        """:func:`configure_default_optimization` with these settings."""
+        return configure_default_optimization(module, self.optimizer, self.lr_scheduler, self.warmup_steps)
+
+    def configure_callbacks(self, trainer: pl.Trainer) -> list[Callback]:
+        """:func:`default_ema_callbacks` with this ``ema_decay``."""
+        return default_ema_callbacks(trainer, self.ema_decay)

@@ -52,9 +52,7 @@ from lightning_tiger.generative.flow import SOLVERS, FlowSolution, Velocity, fli
 from lightning_tiger.generative.nets import default_net, instantiate
 from lightning_tiger.metrics.functional import wasserstein2
 from lightning_tiger.modules.defaults import (
-    check_ema_decay,
-    configure_default_optimization,
-    default_ema_callbacks,
+    Optimization,
     init_kwargs_from_hparams,
     save_config_hyperparameters,
 )
@@ -140,8 +138,7 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
         if time_sampling not in _TIME_SAMPLING:
             raise ValueError(f"time_sampling must be one of {_TIME_SAMPLING}, got {time_sampling!r}")
         check_real("t_eps", t_eps, low=0.0, high=1.0, high_open=True)
-        check_int("warmup_steps", warmup_steps, low=0, allow_none=True)
-        check_ema_decay(ema_decay)
+        optimization = Optimization(optimizer, lr_scheduler, warmup_steps, ema_decay)
         check_int("num_val_samples", num_val_samples, low=0)
         if num_val_samples == 1:
             raise ValueError("num_val_samples must be 0 (no sample metrics) or >= 2, got 1")
@@ -163,10 +160,7 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
         self.mode = mode
         self.t_eps = float(t_eps)
         self.time_sampling = time_sampling
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.warmup_steps = warmup_steps
-        self.ema_decay = ema_decay
+        self.optimization = optimization
         self.num_val_samples = num_val_samples
         self.val_steps = tuple(sorted(set(val_steps)))
         self.val_solver = val_solver
@@ -254,24 +248,12 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
         finally:
             self.net.train(was_training)
 
-    @torch.no_grad()
-    def generate_pairs(
-        self,
-        n: int,
-        steps: int = 100,
-        batch_size: int = 1000,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        solver: str = "euler",
-        generator: torch.Generator | None = None,
-        progress: bool = True,
-        **solver_kwargs: Any,
-    ) -> tuple[Tensor, Tensor]:
-        """Sample ``n`` coupled pairs ``(Z_0, Z_1)`` ``[n, *data_shape]`` (CPU) from this flow, for reflow or
-        distillation: :func:`~lightning_tiger.data.reflow.generate_reflow_pairs` (arguments documented there; ``path``
-        writes ``.pt`` shards that :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule` reads back)."""
-        return generate_reflow_pairs(self, n, steps, batch_size, path, solver=solver, generator=generator,
-                                     progress=progress, **solver_kwargs)
+    #: ``generate_pairs(n, steps=100, batch_size=1000, path=None, *, solver="euler", generator=None, progress=True,
+    #: **solver_kwargs) -> (z0, z1)``: ``n`` coupled pairs ``[n, *data_shape]`` (CPU) sampled from this flow, for
+    #: reflow or distillation; :func:`~lightning_tiger.data.reflow.generate_reflow_pairs` with this module as the
+    #: teacher (``path`` writes ``.pt`` shards that :class:`~lightning_tiger.data.reflow.ReflowPairsDataModule`
+    #: reads back).
+    generate_pairs = generate_reflow_pairs
 
     def load_net_weights(self, checkpoint_path: str | os.PathLike[str]) -> None:
         """Copy the network weights (and source pool) of a RectifiedFlowModule checkpoint into this module."""
@@ -309,12 +291,11 @@ class RectifiedFlowModule(SampleValidationMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """``optimizer`` / ``lr_scheduler`` from init, or the defaults (Tiger, warm-up + decay over the run)."""
-        return configure_default_optimization(self, self.optimizer_factory, self.lr_scheduler_factory,
-                                              self.warmup_steps)
+        return self.optimization.configure_optimizers(self)
 
     def configure_callbacks(self) -> list[Callback]:
         """``EMAWeightAveraging`` per ``ema_decay``, unless the Trainer already averages weights."""
-        return default_ema_callbacks(self.trainer, self.ema_decay)
+        return self.optimization.configure_callbacks(self.trainer)
 
     def _param_dtype(self) -> torch.dtype:
         p = next(self.net.parameters(), None)

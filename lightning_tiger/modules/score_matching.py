@@ -39,9 +39,7 @@ from lightning_tiger.generative.tensors import batch_broadcast, randn
 from lightning_tiger.metrics.functional import frechet_distance, mmd2_unbiased, wasserstein2
 from lightning_tiger.metrics.score_matching import excess_score_loss, kfl_w2_bound
 from lightning_tiger.modules.defaults import (
-    check_ema_decay,
-    configure_default_optimization,
-    default_ema_callbacks,
+    Optimization,
     save_config_hyperparameters,
 )
 from lightning_tiger.modules.sample_validation import SampleValidationMixin
@@ -136,18 +134,14 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
         check_int("sample_steps", sample_steps, low=1)
         check_real("sample_t_end", sample_t_end, low=0.0, high=1.0, high_open=True)
         check_int("num_val_samples", num_val_samples, low=0)
-        check_int("warmup_steps", warmup_steps, low=0, allow_none=True)
-        check_ema_decay(ema_decay)
+        optimization = Optimization(optimizer, lr_scheduler, warmup_steps, ema_decay)
         save_config_hyperparameters(self, objects=("net", "optimizer", "lr_scheduler"),
                                     ignore=("sde",) if isinstance(sde, SDE) else ())
         self.sde = self.configure_sde(sde, sde_kwargs)
         self.weighting = weighting
         self.parameterization = parameterization
         self.t_eps = float(t_eps)
-        self.optimizer_factory = optimizer
-        self.lr_scheduler_factory = lr_scheduler
-        self.warmup_steps = warmup_steps
-        self.ema_decay = ema_decay
+        self.optimization = optimization
         self.sampler = sampler
         self.sample_steps = sample_steps
         self.sample_t_end = float(sample_t_end)
@@ -236,12 +230,11 @@ class ScoreMatchingModule(SampleValidationMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """``optimizer`` / ``lr_scheduler`` from init, or the defaults (Tiger, warm-up + decay over the run)."""
-        return configure_default_optimization(self, self.optimizer_factory, self.lr_scheduler_factory,
-                                              self.warmup_steps)
+        return self.optimization.configure_optimizers(self)
 
     def configure_callbacks(self) -> list[Callback]:
         """``EMAWeightAveraging`` per ``ema_decay``, unless the Trainer already averages weights."""
-        return default_ema_callbacks(self.trainer, self.ema_decay)
+        return self.optimization.configure_callbacks(self.trainer)
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

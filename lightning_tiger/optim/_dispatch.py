@@ -3,15 +3,33 @@ at a time. All three share one semantics (``_functional.py`` documents it)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_tiger.optim import _fused
 
-__all__ = ["fused_available_for", "fused_usable", "load_fused", "step_path", "use_foreach"]
+__all__ = ["evaluate_closure", "fused_available_for", "fused_for_step", "fused_usable", "load_fused", "step_path",
+           "use_foreach"]
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """Run ``step()``'s closure with grad enabled (``step`` itself runs under ``no_grad``); its loss, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def fused_for_step(fused: bool | None, foreach: bool | None) -> ModuleType | None:
+    """The kernel module a step may use, or None: ``fused=False``, ``foreach=True`` or under ``torch.compile``,
+    which traces the PyTorch paths (the fused op is opaque to it and its flags come back to the host)."""
+    if fused is False or foreach or torch.compiler.is_compiling():
+        return None
+    return load_fused()
 
 
 def load_fused() -> ModuleType:

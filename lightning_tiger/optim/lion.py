@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tiger.optim._dispatch import load_fused, step_path
+from lightning_tiger.optim._dispatch import evaluate_closure, fused_for_step, step_path
 from lightning_tiger.optim._functional import lion_step_
 from lightning_tiger.optim._options import check_paths, check_rounding, lion_hparams, parse_dtype, prepare_fused
 from lightning_tiger.optim._rounding import fused_rounding_kwargs, kahan_buffer, sr_advance, sr_keys_of, sr_state
@@ -115,13 +115,8 @@ class Lion(torch.optim.Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # torch.compile traces the PyTorch paths (the fused op is opaque to it)
-        compiling = torch.compiler.is_compiling()
-        fused_mod = load_fused() if self.fused is not False and not self.foreach and not compiling else None
+        loss = evaluate_closure(closure)
+        fused_mod = fused_for_step(self.fused, self.foreach)
         # Collect and choose every group's path first: a refused step (sparse gradient, fused=True on a tensor the
         # kernels cannot take) raises before any parameter or momentum moves.
         plans = []

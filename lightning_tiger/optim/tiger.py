@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tiger.optim._dispatch import load_fused, step_path
+from lightning_tiger.optim._dispatch import evaluate_closure, fused_for_step, step_path
 from lightning_tiger.optim._functional import tiger_step_
 from lightning_tiger.optim._fused import RMSCache
 from lightning_tiger.optim._options import (
@@ -176,17 +176,12 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if self._hooks.active:
             self._fold_step()
             return loss
         refuse_fsdp1(self.param_groups)  # flat 1-D shards: RMS, kind and non-finite rule would be the piece's
-        # torch.compile traces the PyTorch paths (the fused op is opaque to it and its flags come back to the host)
-        compiling = torch.compiler.is_compiling()
-        fused_mod = load_fused() if self.fused is not False and not self.foreach and not compiling else None
+        fused_mod = fused_for_step(self.fused, self.foreach)
         # Groups that share this micro-step's coefficients are updated by ONE kernel call: one pass of the
         # thread pool over all tensors balances the threads better than one call per group.
         batches: dict[tuple[float, float, bool, float], _Batch] = {}
