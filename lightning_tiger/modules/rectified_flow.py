@@ -32,6 +32,10 @@ from fixed noise against the data module's ``val_reference()``), ``val/straightn
 integration is reused, so a validation costs ``sum(val_steps)`` network calls), ``hp_metric`` (W2 at the
 largest N; at 1 step in distill mode), and a picture (2-D: scatter with trajectories; images: a grid) to
 TensorBoard.
+
+Length: a little over 400 lines on purpose: one LightningModule with three training modes (1-RF, reflow,
+distillation) whose arguments and formulas are documented here, plus :func:`load_rectified_flow`, which
+benchmarks and examples import from this path.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ collectives; bounded by the same timeout). Design notes: ``docs`` page "Fused ke
 
 ``LIGHTNING_TIGER_DISABLE_FUSED=1`` disables the kernels (checked on every call; under ``torch.distributed`` a
 rank with it set makes every rank fall back).
+
+Length: a little over 400 lines on purpose: compiling, loading, the rank agreement and the command-line entry
+point share the build plan; the cache key and the lock live in ``build_cache.py`` and ``build_lock.py``.
 """
 
 from __future__ import annotations

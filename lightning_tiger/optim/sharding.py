@@ -35,6 +35,10 @@ flattened 1-D pieces of parameters (``use_orig_params=True``) or one ``FlatParam
 shape, hence the kind and the floor, is lost, and pieces of several parameters share one shard. Neither Tiger's
 RMS nor its per-tensor non-finite rule can be recovered from the optimizer's side: :func:`refuse_fsdp1` raises for
 Tiger. Lion is elementwise, hence exact on flat shards too.
+
+Length: a little over 400 lines on purpose: the sharded Tiger and Lion steps, the one coalesced reduction they
+share and the placement checks that refuse what cannot be exact belong together; split, each piece would need
+the others' private layout.
 """
 
 from __future__ import annotations
