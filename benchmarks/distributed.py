@@ -147,12 +147,13 @@ def _adamw(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
 
-def _optimizer(name: str, params: Any, fold: bool = False) -> torch.optim.Optimizer:
+def _optimizer(name: str, module: torch.nn.Module, fold: bool = False) -> torch.optim.Optimizer:
     if name == "AdamW":
-        return _adamw(params)
+        return _adamw(module.parameters())
     if name == "Lion":
-        return Lion(params, lr=1e-4, weight_decay=0.1)
-    return Tiger(params, lr=1e-3, fold_in_backward=fold, seed=0)
+        return Lion(module.parameters(), lr=1e-4, weight_decay=0.1)
+    # kinds from the module's layer types (Linear weights: matrices; biases and norms: half rate, no decay)
+    return Tiger.from_module(module, lr=1e-3, fold_in_backward=fold, seed=0)
 
 
 class Row:
@@ -176,7 +177,7 @@ class Row:
             self.ddp.register_comm_hook(None, default_hooks.allreduce_hook)
             self.model = self.ddp
         opt_name = next((o for o in ("AdamW", "Lion") if o in name), "Tiger")
-        self.opt = _optimizer(opt_name, self.module.parameters(), fold=name.startswith("tight-fisted"))
+        self.opt = _optimizer(opt_name, self.module, fold=name.startswith("tight-fisted"))
         if name.startswith("tight-fisted"):
             self.opt.sync_momenta()
         gen = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -289,7 +290,7 @@ def local_compute_ms(width: int, depth: int, rounds: int, steps: int) -> dict[st
     for _ in range(rounds):
         for name in times:
             model = _model(width, depth)
-            opt = Tiger(model.parameters(), lr=1e-3, fold_in_backward=name == "tight-fisted", seed=0)
+            opt = Tiger.from_module(model, lr=1e-3, fold_in_backward=name == "tight-fisted", seed=0)
             gen = torch.Generator().manual_seed(1)
             xs, ys = torch.randn(K, BATCH, width, generator=gen), torch.randn(K, BATCH, width, generator=gen)
             for i in range(steps + 1):
