@@ -57,10 +57,13 @@ class Source:
             self.data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise DocsBuildError(f"{rel}: not valid JSON ({exc})") from None
+        self._paths: dict[int, tuple[str | int, ...]] = {}
 
     def get(self, *path: str | int, default: Any = _MISSING, within: Any = _MISSING) -> Any:
-        """The value at ``path`` (keys and list indices), from the root or from ``within`` (an inner object)."""
+        """The value at ``path`` (keys and list indices), from the root or from ``within`` (an inner object
+        returned by an earlier ``get``, whose path then prefixes ``path`` in error messages)."""
         node = self.data if within is _MISSING else within
+        prefix = () if within is _MISSING else self._paths.get(id(within), ("<inner object>",))
         for i, key in enumerate(path):
             found = _MISSING
             in_list = isinstance(key, int) and isinstance(node, list) and -len(node) <= key < len(node)
@@ -69,9 +72,11 @@ class Source:
             if found is _MISSING:
                 if default is not _MISSING:
                     return default
-                where = ".".join(str(k) for k in path[: i + 1])
+                where = ".".join(str(k) for k in (*prefix, *path[: i + 1]))
                 raise DocsBuildError(f"{self.rel}: missing key {where!r}")
             node = found
+        if isinstance(node, (dict, list)):
+            self._paths[id(node)] = (*prefix, *path)  # objects live as long as self.data: ids stay unique
         return node
 
     def rows(self, *path: str) -> list[dict[str, Any]]:
@@ -558,7 +563,7 @@ def headline() -> str:
          f"{ratio(low.get('target', 'worst'), 3)} fp32", "[low precision](docs/low_precision.md)"],
         [f"RoPE LM trained at {L}, accuracy kept at 8L: plain / inference window / ReRoPE + log n",
          f"{kept('rope')} / {kept('rope_window')} / {kept('rerope_w_logn')}",
-         "[attention](docs/attention.md#length-extrapolation)"],
+         "[attention](docs/attention.md#length-extrapolation-measured)"],
         ["decoder forward + backward vs x-transformers, 8 × 512 tokens (RoPE / ALiBi)",
          " / ".join(ratio(att.number(r, "speed_ratio", "lm[seq=512]")) + " speed" for r in att_512),
          "[attention](docs/attention.md#speed)"],
