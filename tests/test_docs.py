@@ -153,3 +153,80 @@ def test_no_internal_spec_references() -> None:
     """Docs cite papers, posts and equations, not an internal document that does not ship."""
     for path in [*PAGES, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs" / "results").rglob("*.md"))]:
         assert "SPEC" not in path.read_text(), f"{path.relative_to(ROOT)} cites SPEC; cite the primary source"
+
+
+def _key_paths(node: object, prefix: tuple = ()) -> list[tuple]:
+    """Every key of every dict in ``node``, descending into the first two containers of a dict and the first
+    element of a list: the others have the same fields (rows of a table), and the walk stays fast."""
+    out = []
+    if isinstance(node, dict):
+        containers = 0
+        for k, v in node.items():
+            out.append((*prefix, k))
+            if isinstance(v, (dict, list)) and containers < 2:
+                containers += 1
+                out += _key_paths(v, (*prefix, k))
+    elif isinstance(node, list) and node:
+        out += _key_paths(node[0], (*prefix, 0))
+    return out
+
+
+def _files_read(generator: object, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    read: set[str] = set()
+    original_init = build.Source.__init__
+
+    def spy(self: object, rel: str) -> None:
+        read.add(rel)
+        original_init(self, rel)
+
+    with monkeypatch.context() as m:
+        m.setattr(build.Source, "__init__", spy)
+        generator()  # type: ignore[operator]
+    return read
+
+
+def _top_keys_read(generators: object, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    keys: set[str] = set()
+    original_get = build.Source.get
+
+    def spy(self: object, *path: object, **kwargs: object) -> object:
+        if "within" not in kwargs and path:
+            keys.add(path[0])  # type: ignore[arg-type]
+        return original_get(self, *path, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(build.Source, "get", spy)
+        for generator in generators:  # type: ignore[attr-defined]
+            generator()
+    return keys
+
+
+JSONS = sorted(p.relative_to(ROOT).as_posix() for base in ("benchmarks/results", "docs/results")
+               for p in (ROOT / base).rglob("*.json"))
+
+
+@pytest.mark.parametrize("rel", JSONS)
+def test_any_missing_field_is_a_clear_error(rel: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delete each field of the JSON in turn: every generator either still works or raises DocsBuildError naming
+    the file — never a KeyError/TypeError traceback."""
+    root = _fake_root(tmp_path, monkeypatch)
+    original = json.loads((ROOT / rel).read_text())
+    readers = {name: g for name, g in build.GENERATORS.items() if rel in _files_read(g, monkeypatch)}
+    # Top-level keys no generator reads (the per-run log of results.json) are left out: faster, same coverage.
+    original = {k: v for k, v in original.items() if k in _top_keys_read(readers.values(), monkeypatch)}
+    (root / rel).write_text(json.dumps(original))
+    for generator in readers.values():
+        generator()  # the pruned file still builds
+    for path in _key_paths(original):
+        data = json.loads(json.dumps(original))
+        parent = data
+        for key in path[:-1]:
+            parent = parent[key]
+        del parent[path[-1]]
+        (root / rel).write_text(json.dumps(data))
+        for name, generator in readers.items():
+            try:
+                generator()
+            except build.DocsBuildError as exc:
+                assert str(exc).startswith(rel + ":"), (path, name, exc)
+    (root / rel).write_text(json.dumps(original))
