@@ -552,11 +552,12 @@ def headline() -> str:
         raise DocsBuildError(f"{att.rel}: no row with seq 512 in 'lm'")
     rf = Source(f"{RESULTS}/rectified_flow.json")
     rows = [
-        ["Tiger step, 51M fp32 parameters (k = 1 / non-final micro-step)",
+        [f"Tiger step, {step.get('config', 'n_params') / 1e6:.0f}M {step.get('config', 'dtype')} parameters "
+         "(k = 1 / non-final micro-step)",
          f"{step_ratio('ours Tiger (k=1)')} / {step_ratio('ours Tiger non-final (k=4)')} fused AdamW",
          "[optimizers](docs/optimizers.md#step-time)"],
         ["Lion step", f"{step_ratio('ours Lion')} fused AdamW", "[optimizers](docs/optimizers.md#step-time)"],
-        ["peak memory, accumulation k = 4, Tiger with `fold_in_backward=True`",
+        [f"peak memory, accumulation k = {mem.get('k')}, Tiger with `fold_in_backward=True`",
          f"{ratio(mem.number(mem_rows[tight], 'ratio_to_AdamW', 'results[config=' + repr(tight) + ']'))} AdamW",
          "[optimizers](docs/optimizers.md#memory)"],
         ["bf16 parameters + stochastic rounding, final loss (worst row)",
@@ -564,8 +565,9 @@ def headline() -> str:
         [f"RoPE LM trained at {L}, accuracy kept at 8L: plain / inference window / ReRoPE + log n",
          f"{kept('rope')} / {kept('rope_window')} / {kept('rerope_w_logn')}",
          "[attention](docs/attention.md#length-extrapolation-measured)"],
-        ["decoder forward + backward vs x-transformers, 8 × 512 tokens (RoPE / ALiBi)",
-         " / ".join(ratio(att.number(r, "speed_ratio", "lm[seq=512]")) + " speed" for r in att_512),
+        [f"decoder forward + backward vs x-transformers, {att_512[0].get('batch', '?')} × 512 tokens ("
+         + " / ".join(str(r.get("position", "?")) for r in att_512) + ")",
+         " / ".join(ratio(att.number(r, "speed_ratio", "lm[seq=512]")) for r in att_512) + " the speed",
          "[attention](docs/attention.md#speed)"],
         ["rectified flow on moons, exact W2: 1-RF at 100 steps / 2-RF at 1 step / distilled",
          f"{rf.get('w2_table', '1rf', '100'):.3f} / {rf.get('w2_table', '2rf', '1'):.3f} / "
