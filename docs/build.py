@@ -236,11 +236,13 @@ def low_precision() -> str:
         out.append(f"Worst bf16-SR / fp32 ratio {fmt(src.get('worst', within=target), 3)} "
                    f"(target ≤ {src.get('bf16_sr_max_ratio', within=target)}: "
                    f"{'met' if src.get('met', within=target) else '**missed**'}).")
+    command = str(src.get("command"))
     out.append(provenance(
-        src.get("command"), False,
+        command, False,
         f"char-LM rows at {src.get('lm_steps')} steps",
         f"{src.get('threads', default='?')} threads, torch {src.get('torch', default='?')}",
-        "`--tasks` replaces only the named task's rows, so rows of the other task come from an earlier invocation",
+        "`--tasks` replaces only the named tasks' rows, so the other rows come from an earlier invocation "
+        "(same script, default arguments)" if "--tasks" in command else "",
     ))
     return "\n\n".join(out)
 
