@@ -105,7 +105,7 @@ def table(header: list[str], rows: list[list[str]], align: str | None = None) ->
     align = align or "l" * len(header)
     rule = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]  # a '|' in a cell
     return "\n".join(lines)
 
 
@@ -525,6 +525,69 @@ def rectified_flow() -> str:
     return "\n\n".join(out)
 
 
+def pending(rel: str, command: str) -> str | None:
+    """For a benchmark that may not have run in this tree yet: the text to show instead of its table, or None when
+    its JSON exists. (Only for benchmarks added with the change being documented; after the JSON lands, ``--check``
+    fails until ``python docs/build.py`` replaces this text by the table.)"""
+    if (ROOT / rel).is_file():
+        return None
+    return f"Not measured in this tree yet (`{rel}` is absent): run `{command}`, then `python docs/build.py`."
+
+
+def distributed() -> str:
+    rel = f"{RESULTS}/distributed.json"
+    text = pending(rel, "python benchmarks/distributed.py")
+    if text is not None:
+        return text
+    src = Source(rel)
+    rows = []
+    for i, r in enumerate(src.rows("rows")):
+        where = f"rows[{i}]"
+        name, k = f"`{src.field(r, 'row', where)}`", str(src.field(r, "k", where))
+        if "error" in r:
+            rows.append([name, k, f"error: {r['error']}", "", "", "", ""])
+            continue
+        vs_tiger, vs_sync = r.get("time_vs_DDP_Tiger"), r.get("time_vs_sync_every")
+        rows.append([
+            name, k,
+            fmt(src.number(r, "step_ms", where), 0),
+            str(src.field(r, "calls_per_step", where)),
+            fmt(src.number(r, "mb_sent_per_step", where), 1),
+            (f"{ratio(vs_tiger)} / {ratio(r.get('bytes_vs_DDP_Tiger', float('nan')))}" if vs_tiger is not None
+             else ""),
+            (f"{ratio(vs_sync)} / {ratio(r.get('bytes_vs_sync_every', float('nan')))}" if vs_sync is not None
+             else ""),
+        ])
+    out = [quick_note(src) + table(
+        ["row", "k", "ms/step", "collectives/step", "MB sent/rank/step", "time / bytes vs DDP Tiger",
+         "time / bytes vs sync every micro-batch"], rows, "lrrrrrr")]
+    single = src.get("single_process_compute_ms", default=None)
+    if single:
+        out.append("One process, no communication, Tiger k = " + str(src.get("k")) + ": "
+                   + "; ".join(f"{name} {fmt(v, 0)} ms/step" for name, v in single.items()) + ".")
+    mem = []
+    for i, r in enumerate(src.rows("memory")):
+        where = f"memory[{i}]"
+        peaks = src.field(r, "peak_over_baseline_mib", where)
+        parts = src.field(r, "parts_mib", where)
+        mem.append([f"`{src.field(r, 'row', where)}`", " / ".join(f"{p:.0f}" for p in peaks),
+                    fmt(src.number(r, "accounted_mib", where), 0),
+                    ", ".join(f"{k} {v:.0f}" for k, v in parts.items())])
+    out.append("Peak memory per rank:\n\n" + table(["row", "peak MiB per rank", "accounted MiB", "parts (MiB)"],
+                                                   mem, "lrrl"))
+    cmd = "python benchmarks/distributed.py" + (" --quick" if src.get("quick", default=False) else "")
+    cmd += f" --rounds {src.get('rounds')} --steps {src.get('steps_per_round')}"
+    out.append(provenance(
+        cmd, True,
+        f"{src.get('world_size')} gloo ranks, residual MLP of {src.get('n_params') / 1e6:.1f}M fp32 parameters "
+        f"(width {src.get('width')}, depth {src.get('depth')}), {src.get('batch_per_rank')} rows per rank and "
+        "micro-batch",
+        f"bytes: {src.get('bytes', default='?')}",
+        f"memory: {src.get('memory_measure', default='?')}",
+        f"torch {src.get('torch', default='?')}"))
+    return "\n\n".join(out)
+
+
 def headline() -> str:
     """The README's summary: one line per area, each number read from its JSON."""
     step = Source(f"{RESULTS}/optimizer_step.json")
@@ -582,7 +645,7 @@ def headline() -> str:
 GENERATORS: dict[str, Callable[[], str]] = {
     f.__name__: f for f in (optimizer_step, optimizer_memory, low_precision, optimizer_monitor, load_lm, attention,
                             rerope, length_extrapolation, diffusion_examples, diffusion_samplers, rectified_flow,
-                            headline)
+                            distributed, headline)
 }
 
 

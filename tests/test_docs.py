@@ -99,6 +99,35 @@ def test_missing_file_and_unknown_block(tmp_path: Path, monkeypatch: pytest.Monk
     assert "docs/index.md: unknown generated block 'no_such_table'" in capsys.readouterr().err
 
 
+def test_pending_benchmark_fills_in_when_its_json_lands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A benchmark added with this change shows a 'not measured yet' note until its JSON exists; then the page is
+    out of date until rebuilt, and the table comes from the JSON."""
+    root = _fake_root(tmp_path, monkeypatch)
+    rel = "benchmarks/results/distributed.json"
+    if (root / rel).exists():
+        (root / rel).unlink()
+        assert build.main([]) == 0
+    assert "Not measured in this tree yet" in (root / "docs/distributed.md").read_text()
+    row = {"row": "tight-fisted DDP k=4", "k": 4, "step_ms": 4329.9, "calls_per_step": 3, "mb_sent_per_step": 36.04,
+           "time_vs_sync_every": 2.355, "bytes_vs_sync_every": 0.25}
+    mem = {"row": "tight-fisted DDP k=4", "peak_over_baseline_mib": [103.9, 104.2], "accounted_mib": 97.1,
+           "parts_mib": {"params": 36.0, "reduction_bucket": 25.0}}
+    data = {"quick": False, "world_size": 2, "k": 4, "n_params": 9446400, "width": 1024, "depth": 8,
+            "batch_per_rank": 8, "rounds": 5, "steps_per_round": 3, "rows": [row], "memory": [mem]}
+    (root / rel).write_text(json.dumps(data))
+    capsys.readouterr()
+    assert build.main(["--check"]) == 1
+    assert "docs/distributed.md" in capsys.readouterr().err
+    assert build.main([]) == 0
+    page = (root / "docs/distributed.md").read_text()
+    assert "| `tight-fisted DDP k=4` | 4 | 4330 | 3 | 36.0 |  | 2.35× / 0.25× |" in page, page
+    del data["memory"]
+    (root / rel).write_text(json.dumps(data))
+    assert build.main(["--check"]) == 2
+    assert "benchmarks/results/distributed.json: missing key 'memory'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ links
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
