@@ -25,8 +25,17 @@ def _python_blocks() -> list[tuple[int, str]]:
 BLOCKS = _python_blocks()
 
 
+SUBPACKAGES = ("optim", "callbacks", "nn", "modules", "data", "metrics")
+
+
 def test_readme_has_python_blocks() -> None:
     assert len(BLOCKS) >= 5, f"expected the optimizer, callback, attention, diffusion and subclassing blocks: {BLOCKS}"
+
+
+@pytest.mark.parametrize("subpackage", SUBPACKAGES)
+def test_readme_shows_each_subpackage(subpackage: str) -> None:
+    """One short example per subpackage, and it runs (it is one of BLOCKS)."""
+    assert any(f"from lightning_tiger.{subpackage} import" in source for _, source in BLOCKS), subpackage
 
 
 @pytest.mark.parametrize(("line", "source"), BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
