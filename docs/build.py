@@ -616,6 +616,11 @@ def headline() -> str:
     if not att_512:
         raise DocsBuildError(f"{att.rel}: no row with seq 512 in 'lm'")
     rf = Source(f"{RESULTS}/rectified_flow.json")
+    dist = Source(f"{RESULTS}/distributed.json")
+    dist_rows = {r.get("row"): r for r in dist.rows("rows")}
+    tight_ddp = f"tight-fisted DDP k={dist.get('k')}"
+    if tight_ddp not in dist_rows:
+        raise DocsBuildError(f"{dist.rel}: no row {tight_ddp!r} in 'rows'")
     rows = [
         [f"Tiger step, {step.get('config', 'n_params') / 1e6:.0f}M {step.get('config', 'dtype')} parameters "
          "(k = 1 / non-final micro-step)",
@@ -634,6 +639,11 @@ def headline() -> str:
          + " / ".join(str(r.get("position", "?")) for r in att_512) + ")",
          " / ".join(ratio(att.number(r, "speed_ratio", "lm[seq=512]")) for r in att_512) + " the speed",
          "[attention](docs/attention.md#speed)"],
+        [f"tight-fisted DDP, {dist.get('world_size')} ranks, k = {dist.get('k')}: bytes sent per step / peak memory "
+         "per rank",
+         f"{ratio(dist.number(dist_rows[tight_ddp], 'bytes_vs_sync_every', 'rows[row=' + repr(tight_ddp) + ']'))} "
+         f"DDP syncing every micro-batch / {ratio(dist.get('tight_over_standard_peak_memory'))} DDP",
+         "[distributed](docs/distributed.md)"],
         ["rectified flow on moons, exact W2: 1-RF at 100 steps / 2-RF at 1 step / distilled",
          f"{rf.get('w2_table', '1rf', '100'):.3f} / {rf.get('w2_table', '2rf', '1'):.3f} / "
          f"{rf.get('w2_table', 'distill', '1'):.3f}", "[rectified flow](docs/rectified_flow.md)"],
