@@ -104,6 +104,9 @@ def test_pending_benchmark_fills_in_when_its_json_lands(tmp_path: Path, monkeypa
     """A benchmark added with this change shows a 'not measured yet' note until its JSON exists; then the page is
     out of date until rebuilt, and the table comes from the JSON."""
     root = _fake_root(tmp_path, monkeypatch)
+    # The README's summary reads every JSON (its distributed row included) and has no pending form: hold it fixed
+    # here, the pending path under test is the docs page's.
+    monkeypatch.setitem(build.GENERATORS, "headline", lambda: "(summary)")
     rel = "benchmarks/results/distributed.json"
     if (root / rel).exists():
         (root / rel).unlink()
