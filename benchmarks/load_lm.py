@@ -22,6 +22,7 @@ import resource
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from lightning_tiger.callbacks import NonFiniteGuard  # noqa: E402
 from lightning_tiger.modules import CausalLMModule  # noqa: E402
+from lightning_tiger.optim import Tiger  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -112,7 +114,7 @@ def run(steps: int, every: int, guard: bool, fault_every: int, precision: str = 
     vocab = 96
     module = FaultyLM(fault_every=fault_every if guard else 0,
                       model={"vocab_size": vocab, "dim": dim, "depth": depth, "num_heads": 4}, warmup_steps=50,
-                      total_steps=steps, lr=2e-3)
+                      optimizer=partial(Tiger, lr=2e-3))  # the default schedule decays over the Trainer's max_steps
     data = DataLoader(RandomTokens(steps * batch, seq_len, vocab), batch_size=batch, shuffle=False)
     probe = Probe(every, batch * seq_len)
     callbacks: list[L.Callback] = [probe]

@@ -36,7 +36,7 @@ from lightning_tiger.optim import Tiger, _fused
 def run(fused):
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
-    opt = Tiger(model.parameters(), lr=1e-2, fused=fused)
+    opt = Tiger.from_module(model, lr=1e-2, fused=fused)
     for _ in range(3):
         opt.zero_grad()
         model(torch.randn(16, 8)).square().mean().backward()
