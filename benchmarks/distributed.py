@@ -63,6 +63,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from residual_mlp import Residual, rss_bytes
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import fully_shard
@@ -78,22 +79,6 @@ MEMORY_ROWS = ("DDP k=4 no_sync", "tight-fisted DDP k=4")
 _TENSOR_KWARGS = ("tensor", "tensors", "output_tensor", "output", "input_tensor", "input")  # in positional order
 _COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "broadcast", "all_gather", "all_gather_single",
                 "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class Residual(nn.Module):
-    """``x + Linear(relu(x))``: one parameter-dominated residual block."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.lin(nn.functional.relu(x))
 
 
 def _model(width: int, depth: int) -> nn.Sequential:
@@ -243,7 +228,7 @@ def memory_worker(rank: int, port: int, args: dict[str, Any], out: str) -> None:
     _fused.fused_available()
     del warm, warm_opt
     dist.barrier()
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     row = Row(args["row"], args["width"], args["depth"])
     live_grads = 0
 

@@ -47,28 +47,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from residual_mlp import Residual, rss_bytes
 from torch import nn
 
 RESULTS = Path(__file__).parent / "results" / "optimizer_memory.json"
 CONFIGS = ("AdamW", "Lion", "Tiger", "Tiger tight-fisted", "Tiger tight-fisted bf16 m")
 BYTES_PER_PARAM = {"AdamW": 16, "Lion": 12, "Tiger": 12, "Tiger tight-fisted": 8, "Tiger tight-fisted bf16 m": 6}
 K = 4
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class Residual(nn.Module):
-    """``x + Linear(relu(x))``: one parameter-dominated residual block."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.lin(nn.functional.relu(x))
 
 
 def worker(config: str, quick: bool, out: str, steps: int = 2) -> None:  # steps <= 2
@@ -87,7 +72,7 @@ def worker(config: str, quick: bool, out: str, steps: int = 2) -> None:  # steps
     warm(torch.randn(batch, width)).square().mean().backward()
     warm_opt.step()
     del warm, warm_opt
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     torch.manual_seed(0)
     model = nn.Sequential(*(Residual(width) for _ in range(depth)))
     n_params = sum(p.numel() for p in model.parameters())
@@ -107,7 +92,7 @@ def worker(config: str, quick: bool, out: str, steps: int = 2) -> None:  # steps
         opt = Tiger(params, lr=1e-3, fold_in_backward=True, momentum_dtype=torch.bfloat16)
     else:
         raise ValueError(f"config must be one of {CONFIGS}, got {config!r}")
-    after_model = _rss_bytes()
+    after_model = rss_bytes()
     for s in range(steps):
         for j in range(K):
             loss = nn.functional.mse_loss(model(xs[s * K + j]), ys[s * K + j]) / K
