@@ -20,8 +20,9 @@ from torch import Tensor
 from lightning_tiger.optim._functional import tiger_fold_, tiger_fold_update_
 from lightning_tiger.optim._rounding import is_low_precision, sr_advance, sr_fold_key, sr_keys_of
 from lightning_tiger.optim.fold_sync import FoldSync, FoldWindow, momentum_sync_key
+from lightning_tiger.optim.sharding import is_dtensor
 
-__all__ = ["FoldHooks", "TigerFoldMixin", "refuse_distributed"]
+__all__ = ["FoldHooks", "TigerFoldMixin", "refuse_distributed", "refuse_sharded"]
 
 
 def _fold_hook(opt_ref: weakref.ReferenceType[TigerFoldMixin], param: Tensor) -> None:
@@ -56,6 +57,24 @@ def refuse_distributed(sync: FoldSync | None = None) -> None:
             "call opt.sync_momenta() and do not let DistributedDataParallel all-reduce the gradients. Data "
             "parallelism only: under FSDP / ModelParallelStrategy the gradients are sharded and reduce-scattered "
             "by their own hooks, so there is no whole local gradient to fold; use fold_in_backward=False there."
+        )
+
+
+def refuse_sharded(params: list[Tensor], where: str) -> None:
+    """Raise if a parameter is a DTensor: the tight-fisted mode folds whole local gradients (data parallelism).
+
+    Checked when the hooks are registered, so the error comes before any backward: raised from inside a hook, it
+    would leave FSDP2's reduce-scatters of that backward half-issued.
+
+    Raises:
+        RuntimeError: ``params[i]`` is a DTensor (sharded by FSDP2 / ``ModelParallelStrategy`` / tensor parallelism).
+    """
+    sharded = next((i for i, p in enumerate(params) if is_dtensor(p)), None)
+    if sharded is not None:
+        raise RuntimeError(
+            f"{where}: parameter {sharded} is a DTensor (sharded by FSDP / ModelParallelStrategy): the tight-fisted "
+            "mode folds whole local gradients (data parallelism only); use fold_in_backward=False with sharded "
+            "strategies"
         )
 
 
@@ -107,20 +126,11 @@ class TigerFoldMixin:
             the communication).
 
         Raises:
-            RuntimeError: not in tight-fisted mode, or a parameter is a DTensor (sharded by FSDP2 / tensor
-                parallelism: there is no whole local gradient to fold).
+            RuntimeError: not in tight-fisted mode (DTensor parameters are refused earlier, by the constructor).
         """
         if not self._hooks.active:
             raise RuntimeError("Tiger.sync_momenta() is for the tight-fisted mode: construct Tiger with "
                                "fold_in_backward=True")
-        params = [p for g in self.param_groups for p in g["params"]]
-        sharded = next((i for i, p in enumerate(params) if type(p).__name__ == "DTensor"), None)
-        if sharded is not None:
-            raise RuntimeError(
-                f"Tiger.sync_momenta(): parameter {sharded} is a DTensor (sharded by FSDP / ModelParallelStrategy): "
-                "the tight-fisted mode folds whole local gradients (data parallelism only); use "
-                "fold_in_backward=False with sharded strategies"
-            )
         self._hooks.sync = FoldSync(process_group, bucket_cap_mb)
         return self._hooks.sync
 
@@ -148,6 +158,7 @@ class TigerFoldMixin:
                                    torch.tensor(flags.bad, device=p.device), 0]
 
     def _register_hooks(self, group: dict[str, Any]) -> None:
+        refuse_sharded(group["params"], "Tiger(fold_in_backward=True)")
         self._hooks.owner_id = id(self)
         hook = functools.partial(_fold_hook, weakref.ref(self))
         for p in group["params"]:

@@ -96,8 +96,9 @@ class Tiger(TigerKindsMixin, TigerFoldMixin, torch.optim.Optimizer):
             ``compensation="kahan"``.
         RuntimeError: ``fused=True`` where the kernels are unavailable; at ``step()``: FSDP1 flat parameters, an
             embedding whose rows are split across ranks, a ``Partial`` placement (messages name the alternative);
-            ``fold_in_backward=True`` under ``torch.distributed`` with more than one process raises at the first
-            fold or ``step()`` unless :meth:`sync_momenta` was called.
+            ``fold_in_backward=True`` with DTensor (FSDP2) parameters, at construction; ``fold_in_backward=True``
+            under ``torch.distributed`` with more than one process raises at the first fold or ``step()`` unless
+            :meth:`sync_momenta` was called.
     """
 
     def __init__(
