@@ -72,6 +72,9 @@ def load_row_config(path: Path, overrides: list[str]) -> tuple[dict[str, Any], s
     """The row's YAML merged with dotted ``key=value`` overrides, as a plain dict, and the row's label."""
     from omegaconf import OmegaConf
 
+    from lightning_tiger.cli import register_resolvers
+
+    register_resolvers()  # the row files use ${int:${mul:...}} (w = L/2)
     text = path.read_text()
     label_match = re.search(r"^# label: (.+)$", text, re.M)
     label = label_match.group(1).strip() if label_match else path.stem

@@ -36,7 +36,14 @@ What this adds to :class:`lightning.pytorch.cli.LightningCLI`:
 """
 
 from .errors import ConfigConflictWarning, ConfigError, explain_config_error
-from .tiger_cli import TigerCLI, TigerSaveConfigCallback, console_main, library_classes, main
+from .tiger_cli import (
+    TigerCLI,
+    TigerSaveConfigCallback,
+    console_main,
+    library_classes,
+    main,
+    register_resolvers,
+)
 
 __all__ = [
     "ConfigConflictWarning",
@@ -47,4 +54,5 @@ __all__ = [
     "explain_config_error",
     "library_classes",
     "main",
+    "register_resolvers",
 ]

@@ -31,11 +31,15 @@ from .checks import check_dead_model_arguments, check_max_steps_interpolation, c
 from .errors import ConfigError, explain_config_error
 from .sources import class_candidates, config_sources
 
-__all__ = ["TigerCLI", "TigerSaveConfigCallback", "console_main", "library_classes", "main"]
+__all__ = ["TigerCLI", "TigerSaveConfigCallback", "console_main", "library_classes", "main", "register_resolvers"]
 
 log = logging.getLogger(__name__)
 
-def _register_resolvers() -> None:
+def register_resolvers() -> None:
+    """Register the OmegaConf resolvers our configs use (``mul``, ``add``, ``int``); idempotent.
+
+    ``TigerCLI`` calls it; a script that loads our YAML files with OmegaConf itself calls it before resolving.
+    """
     resolvers = {
         "mul": lambda a, b: float(a) * float(b),
         "add": lambda a, b: float(a) + float(b),
@@ -112,7 +116,7 @@ class TigerCLI(LightningCLI):
     """LightningCLI configured for lightning_tiger (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _register_resolvers()
+        register_resolvers()
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
         parser_kwargs.setdefault("parser_mode", "omegaconf+")
