@@ -627,6 +627,10 @@ def headline() -> str:
          f"{step_ratio('ours Tiger (k=1)')} / {step_ratio('ours Tiger non-final (k=4)')} fused AdamW",
          "[optimizers](docs/optimizers.md#step-time)"],
         ["Lion step", f"{step_ratio('ours Lion')} fused AdamW", "[optimizers](docs/optimizers.md#step-time)"],
+        ["Tiger step in low precision: bf16 momentum (fp32 θ) / bf16 θ + m + g, stochastic rounding",
+         f"{step_ratio('ours Tiger, bf16 momentum (fp32 θ)')} / "
+         f"{step_ratio('ours Tiger, bf16 θ+m+g, stochastic rounding')} fused AdamW (fp32)",
+         "[optimizers](docs/optimizers.md#step-time)"],
         [f"peak memory, accumulation k = {mem.get('k')}, Tiger with `fold_in_backward=True`",
          f"{ratio(mem.number(mem_rows[tight], 'ratio_to_AdamW', 'results[config=' + repr(tight) + ']'))} AdamW",
          "[optimizers](docs/optimizers.md#memory)"],

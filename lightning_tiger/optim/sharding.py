@@ -214,7 +214,7 @@ def _check_grad(p: Tensor, g: Tensor, what: str) -> None:
 def shard_key(key: Tensor | None, offset: int | None, p_low: bool, m_salted: bool, momentum_sr: bool) -> Tensor | None:
     """The key that makes a shard draw the rounding bits of its *global* element indices.
 
-    The bits of flat index ``i`` are ``hash32(key + i·G)`` (``stochastic_rounding.py``), so a shard starting at
+    The bits of flat index ``i`` are ``bits32(key + i·G)`` (``stochastic_rounding.py``), so a shard starting at
     global index ``o`` uses ``key + o·G``. θ and a bf16 momentum read the same bits (high and low halves), so one
     shift serves both. An fp16 momentum (``m_salted``) hashes with ``key ^ MOMENTUM_SALT``: when only it rounds
     stochastically (fp32 θ) the shift is applied to the salted key instead; with an fp16 θ too, θ's bits are exact.

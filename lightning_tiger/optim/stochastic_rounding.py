@@ -15,11 +15,14 @@ continues bit for bit.
 Definitions (all arithmetic modulo 2**32):
 
 - ``hash32`` is the "lowbias32" integer hash (C. Wellons, "Prospecting for Hash Functions", 2018):
-  ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``. It is a bijection.
+  ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16``. It is a bijection. It makes
+  the keys (a few per tensor and step).
+- ``bits32`` is its first round with its final shift, ``x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 16``, also a
+  bijection. It makes the per-element bits (one per element and step: the cost that matters).
 - ``stream_of(seed, index) = hash32(fold(seed) + index * 0x9E3779B1)`` names the stream of the ``index``-th
   parameter of an optimizer, ``fold(seed) = hash32(seed mod 2**32) ^ (seed >> 32 mod 2**32)``.
 - ``step_key(stream, t) = hash32(stream + t * 0x632BE5AB)`` is the key of step ``t`` of a tensor.
-- ``bits_i = hash32(key + i * 0x9E3779B1)`` for the flat (row-major) index ``i``; distinct for ``i < 2**32``.
+- ``bits_i = bits32(key + i * 0x9E3779B1)`` for the flat (row-major) index ``i``; distinct for ``i < 2**32``.
 - bf16 parameter (``bits="high"``): ``bits(x) + (bits_i >> 16)`` with the low 16 bits then cleared (finite ``x``;
   NaN/inf pass through).
 - bf16 momentum (``bits="low"``): the same with ``bits_i & 0xFFFF``, under the *same* key as the parameter, so a
@@ -30,14 +33,20 @@ Definitions (all arithmetic modulo 2**32):
   ``step_key(...) ^ MOMENTUM_SALT`` (a second hash): its 24 bits would overlap θ's.
 
 Why the two halves of one hash may serve two roundings: stochastic rounding needs each 16-bit draw to be uniform
-on ``[0, 2**16)`` and the draws of one element's θ and m to be independent. lowbias32 is a bijection of the 32-bit
-words and ``key + i * 0x9E3779B1`` visits ``2**32`` distinct words as ``i`` runs, so ``bits_i`` behaves as a
-uniform 32-bit word; the high and low halves of a uniform word are independent uniform 16-bit values (each of the
-``2**32`` pairs occurs once). What remains is the hash's quality across elements: lowbias32 was selected for
-avalanche (each input bit flips each output bit, low ones included, with probability close to 1/2; its author
-measured a bias of about 0.17 on his scale, among the lowest of the two-multiply hashes he reports), which is
-what makes consecutive counters look like independent uniform words, halves included.
-``tests/optim/test_stochastic_rounding.py`` checks the joint frequencies of the two rounding decisions.
+on ``[0, 2**16)`` and the draws of one element's θ and m to be independent. ``bits32`` is a bijection of the
+32-bit words and ``key + i * 0x9E3779B1`` visits ``2**32`` distinct words as ``i`` runs, so ``bits_i`` behaves as
+a uniform 32-bit word; the high and low halves of a uniform word are independent uniform 16-bit values (each of
+the ``2**32`` pairs occurs once).
+
+Why one round per element is enough: what remains is that the words of neighbouring elements, and of one element
+at consecutive steps, look independent. The per-step randomness is already in the key, a full lowbias32 hash (its
+author measured a bias of about 0.17 on his avalanche scale, among the lowest two-multiply hashes); neighbours
+differ by the golden-ratio increment, which the multiply spreads over the high half and the final shift folds into
+the low half. A rounding decision only asks whether 16 bits (24 for fp16) fall below a threshold, a much weaker
+demand than avalanche. ``tests/optim/test_stochastic_rounding.py`` checks the joint frequencies of θ's and m's
+decisions, of neighbouring elements' and of consecutive steps'. Per element, the second multiply of lowbias32 made
+stochastic rounding cost about 1.17× round-to-nearest on a bf16 Tiger step, one round about 1.08×
+(``benchmarks/optimizer_step.py``, 2 threads): the loop otherwise runs near memory bandwidth.
 
 Roundings of a momentum alone (the folds of Tiger's fold-in-backward mode after the first of a step, the average
 of the tight-fisted synchronisation) use keys of their own derived from the step key (``_rounding.sr_fold_key``,
@@ -51,6 +60,7 @@ from torch import Tensor
 
 __all__ = [
     "MOMENTUM_SALT",
+    "bits32",
     "hash32",
     "momentum_round",
     "random_bits",
@@ -92,6 +102,13 @@ def hash32(x: Tensor | int) -> Tensor | int:
     return x ^ (x >> 16)
 
 
+def bits32(x: Tensor) -> Tensor:
+    """The per-element mixer of ``x mod 2**32`` (one multiply-xorshift round), elementwise for an int64 tensor."""
+    x = x & MASK32
+    x = _mulmod32(x ^ (x >> 16), _M1)
+    return x ^ (x >> 16)
+
+
 def stream_of(seed: int, index: int) -> int:
     """The fixed stream id of the ``index``-th tensor of an optimizer seeded with ``seed`` (a Python int)."""
     folded = hash32(seed & MASK32) ^ ((seed >> 32) & MASK32)
@@ -121,7 +138,7 @@ def random_bits(key: Tensor | int, numel: int, offset: int = 0, device: torch.de
     if device is None:
         device = key.device if isinstance(key, Tensor) else "cpu"
     idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device) & MASK32
-    return hash32((_mulmod32(idx, _GOLDEN) + key) & MASK32)
+    return bits32((_mulmod32(idx, _GOLDEN) + key) & MASK32)
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, key: Tensor | int, offset: int = 0, *,

@@ -120,7 +120,7 @@ def test_tiger_mean_over_steps_follows_the_fp32_trajectory(path: dict) -> None:
 @pytest.mark.parametrize("path", PY_PATHS)
 def test_bf16_momentum_uses_the_low_half_of_the_parameter_bits(path: dict) -> None:
     # fp32 θ with bf16 momentum: the momentum is rounded stochastically with the parameter's key (unsalted) and the
-    # low 16 bits of hash32(key + i·G): bits(m) + (bits_i & 0xFFFF), low 16 bits cleared (module docstring)
+    # low 16 bits of bits32(key + i·G): bits(m) + (bits_i & 0xFFFF), low 16 bits cleared (module docstring)
     p = nn.Parameter(torch.randn(300))
     opt = Tiger([{"params": [p], "kind": "bias"}], momentum_dtype=torch.bfloat16, seed=5, beta=0.9, **path)
     g = torch.randn(300)

@@ -12,7 +12,15 @@ import torch
 
 from lightning_tiger.optim import _fused
 from lightning_tiger.optim._functional import lion_step_
-from lightning_tiger.optim.stochastic_rounding import MOMENTUM_SALT, momentum_round, random_bits, stochastic_round
+from lightning_tiger.optim.stochastic_rounding import (
+    MOMENTUM_SALT,
+    bits32,
+    momentum_round,
+    random_bits,
+    step_key,
+    stochastic_round,
+    stream_of,
+)
 
 BF16 = torch.bfloat16
 N = (1 << 16) + 13  # many elements, and a length that leaves a scalar tail after the kernel's vector loops
@@ -71,6 +79,44 @@ def test_low_half_definition() -> None:
     want = ((x.view(torch.int32) + add) & -65536).view(torch.float32).to(BF16)
     assert torch.equal(stochastic_round(x, BF16, 11, offset=5, bits="low"), want)
     assert torch.equal(momentum_round(x, BF16, 11, offset=5), want)
+
+
+def _bits_reference(key: int, i: int) -> int:
+    """The module docstring's definition in Python ints: one multiply-xorshift round of key + i·0x9E3779B1."""
+    x = (key + i * 0x9E3779B1) & 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_random_bits_follow_the_definition(key: int) -> None:
+    idx = [0, 1, 2, 1000, (1 << 32) - 1, 1 << 32, (1 << 40) + 5]
+    got = [int(random_bits(key, 1, offset=i)[0]) for i in idx]
+    assert got == [_bits_reference(key, i) for i in idx]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_neighbouring_elements_round_independently(key: int) -> None:
+    """Halfway values: the decisions of elements i and i + 1 (and i + 16, one vector apart) are independent."""
+    x = torch.full((N,), HALF)
+    for bits in ("high", "low"):
+        up = stochastic_round(x, BF16, key, bits=bits).float() > HALF
+        for lag in (1, 16):
+            _assert_independent_halves(up[:-lag], up[lag:])
+
+
+@pytest.mark.parametrize("index", [0, 7])
+def test_consecutive_steps_round_independently(index: int) -> None:
+    """Element 3 of a tensor over many steps (the keys of one stream): consecutive halfway decisions are independent
+    fair coins, and so are those of two tensors (two streams) at the same step."""
+    steps = torch.arange(N, dtype=torch.int64)
+    words_a = bits32(step_key(stream_of(0, index), steps) + 3 * 0x9E3779B1)
+    words_b = bits32(step_key(stream_of(0, index + 1), steps) + 3 * 0x9E3779B1)
+    for shift in (16, 0):  # θ's half, m's half: round up iff the 16 bits carry a halfway value up
+        up_a = ((words_a >> shift) & 0xFFFF) >= 0x8000
+        up_b = ((words_b >> shift) & 0xFFFF) >= 0x8000
+        _assert_independent_halves(up_a[:-1], up_a[1:])
+        _assert_independent_halves(up_a, up_b)
 
 
 def test_fp16_momentum_keeps_its_salted_key() -> None:

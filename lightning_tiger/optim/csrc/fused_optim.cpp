@@ -234,25 +234,24 @@ struct F16 {
 
 // ---------------------------------------------------------------------------------------------- stochastic rounding
 // Counter-based random bits, defined in lightning_tiger/optim/stochastic_rounding.py (bit for bit the same):
-// bits of flat element index j under a key = hash32(key + j * 0x9E3779B1) with the "lowbias32" hash
-// (C. Wellons, "Prospecting for Hash Functions", 2018). They depend on (key, j) only, so results do not depend
+// bits of flat element index j under a key = bits32(key + j * 0x9E3779B1), bits32 being one multiply-xorshift
+// round (the first round of the "lowbias32" hash, C. Wellons, "Prospecting for Hash Functions", 2018; the keys
+// themselves are full lowbias32 hashes, computed in Python). They depend on (key, j) only, so results do not depend
 // on the thread count, the schedule or how a tensor is cut into items. A bf16 theta adds the high 16 bits, a bf16
-// momentum the low 16 bits of the same hash (same key: one hash per element serves both), an fp16 value the
+// momentum the low 16 bits of the same word (same key: one hash per element serves both), an fp16 value the
 // top 24 bits; an fp16 momentum hashes with its own key, key ^ kMomentumSalt.
 constexpr uint32_t kGolden = 0x9E3779B1u;
 constexpr uint32_t kMomentumSalt = 0x5BD1E995u;  // MOMENTUM_SALT: key of an fp16 momentum = key ^ salt
 
-inline uint32_t hash32(uint32_t x) {
+inline uint32_t bits32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
   x ^= x >> 16;
   return x;
 }
 
 // The bits of the element whose flat index j gives jg = j * kGolden mod 2^32 (callers step jg by kGolden).
-inline uint32_t sr_bits(uint32_t key, uint32_t jg) { return hash32(key + jg); }
+inline uint32_t sr_bits(uint32_t key, uint32_t jg) { return bits32(key + jg); }
 
 
 // Stochastic rounding of a float to bf16 (Gupta et al., 2015, eq. 2): add 16 random bits below the kept ones and
@@ -267,14 +266,12 @@ inline uint16_t bf16_sr(float x, uint32_t r16) {
   return static_cast<uint16_t>((((u + r16) >> 16) & ~nan) | (0x7fc0u & nan));
 }
 
-// hash32 on 16 lanes (x = key + jg) without its last step x ^= x >> 16: the "mix" the vector loops compute once
-// per element. The high half of the hash is mix >> 16 (the last step leaves it unchanged), the low half
+// bits32 on 16 lanes (x = key + jg) without its last step x ^= x >> 16: the "mix" the vector loops compute once
+// per element. The high half of the bits is mix >> 16 (the last step leaves it unchanged), the low half
 // (mix ^ (mix >> 16)) & 0xFFFF.
 inline VU sr_mix_v(VU x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
   return x;
 }
 
