@@ -400,11 +400,12 @@ def rerope() -> str:
     return "\n\n".join(out)
 
 
-def length_extrapolation() -> str:
-    src = Source("docs/results/length_extrapolation/results.json")
+def _extrapolation_table(path: str, multiples: tuple[int, ...]) -> str:
+    """The table of one ``examples/length_extrapolation.py`` run: accuracy at L, then repeated / non-repeated
+    at each of ``multiples`` × L, and the accuracy kept at the last one."""
+    src = Source(path)
     meta = src.get("meta")
     L = int(src.get("seq_len", within=meta))
-    far = 8 * L
     rows = []
     for name, r in src.get("rows").items():
         where = f"rows.{name}"
@@ -419,18 +420,32 @@ def length_extrapolation() -> str:
             return text, mean
 
         at_l, m_l = cell(str(L))
-        rep, _ = cell(f"{far}_rep")
-        non, m_far = cell(str(far))
+        cells, m_far = [], m_l
+        for k in multiples:
+            rep, _ = cell(f"{k * L}_rep")
+            non, m_far = cell(str(k * L))
+            cells += [rep, non]
         rows.append([f"{src.field(r, 'label', where)} (`{name}`)", str(len(src.field(r, 'seeds', where))),
-                     at_l, rep, non, f"{100 * m_far / m_l:.0f}%"])
-    out = [table(["method", "seeds", f"L = {L} (train)", f"8L = {far} repeated", "8L non-repeated", "kept at 8L"],
-                 rows, "lrrrrr")]
+                     at_l, *cells, f"{100 * m_far / m_l:.0f}%"])
+    head = ["method", "seeds", f"L = {L} (train)"]
+    for k in multiples:
+        head += [f"{k}L = {k * L} repeated", f"{k}L non-repeated"]
+    head.append(f"kept at {multiples[-1]}L")
+    out = [table(head, rows, "lr" + "r" * (len(head) - 2))]
     out.append(provenance(
         src.get("command", within=meta), False,
         f"{src.get('model', within=meta)}, {src.get('params', within=meta):,} parameters, "
         f"{src.get('steps', within=meta)} steps, seeds {src.get('seeds', within=meta)}",
         f"{src.get('machine', within=meta)}, {src.get('wall_minutes', within=meta):.0f} min wall"))
     return "\n\n".join(out)
+
+
+def length_extrapolation() -> str:
+    return _extrapolation_table("docs/results/length_extrapolation/results.json", (8,))
+
+
+def length_extrapolation_copy() -> str:
+    return _extrapolation_table("docs/results/length_extrapolation_copy/results.json", (4, 8))
 
 
 def diffusion_examples() -> str:
@@ -658,8 +673,8 @@ def headline() -> str:
 
 GENERATORS: dict[str, Callable[[], str]] = {
     f.__name__: f for f in (optimizer_step, optimizer_memory, low_precision, optimizer_monitor, load_lm, attention,
-                            rerope, length_extrapolation, diffusion_examples, diffusion_samplers, rectified_flow,
-                            distributed, headline)
+                            rerope, length_extrapolation, length_extrapolation_copy, diffusion_examples,
+                            diffusion_samplers, rectified_flow, distributed, headline)
 }
 
 

@@ -1,5 +1,6 @@
 """Argument checks shared by every layer: a clear ``TypeError``/``ValueError`` that names the parameter and its
-accepted range, instead of a raw ``'<' not supported between 'str' and 'int'`` or a crash deep inside torch.
+accepted range, instead of a raw ``'<' not supported between 'str' and 'int'`` or a crash deep inside torch; and
+:func:`user_stacklevel`, so that a warning points at the user's line.
 
 This module imports nothing from the package, so any layer (``nn``, ``data``, ``metrics``, ``modules``) may use it.
 
@@ -12,10 +13,40 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_bool", "check_int", "check_int_sequence", "check_real"]
+__all__ = ["check_bool", "check_int", "check_int_sequence", "check_real", "user_stacklevel"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel(*skip_modules: str) -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the first frame outside this package (and outside
+    the top-level packages named in ``skip_modules``, e.g. ``"torch"`` for a warning raised under
+    ``optimizer.step()``'s wrappers), counted from the caller of this function.
+
+    Args:
+        skip_modules: names of other top-level packages whose frames are skipped too.
+
+    Returns:
+        An int >= 1 for ``warnings.warn(..., stacklevel=...)`` called right after this function, in its caller.
+    """
+    skipped = tuple(
+        os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+        for m in (sys.modules.get(name) for name in skip_modules) if m is not None and getattr(m, "__file__", None)
+    )
+    frame = sys._getframe(1)  # the caller: stacklevel 1
+    level = 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith(_PACKAGE_DIR) and not path.startswith(skipped):
+            return level
+        frame = frame.f_back
+        level += 1
+    return 1
 
 
 def _range(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:

@@ -27,6 +27,7 @@ from lightning_tiger.optim.settings import (
     effective_lr,
 )
 from lightning_tiger.optim.shrink import shrink_center
+from lightning_tiger.validation import user_stacklevel
 
 __all__ = ["KindGuessWarning", "TigerKindsMixin"]
 
@@ -206,4 +207,4 @@ class TigerKindsMixin:
         warnings.warn(
             f"Tiger: {what}: ndim >= 2 -> 'matrix' (an embedding table then gets one RMS for the whole table), "
             f"else 'bias' (a norm scale then shrinks toward 0, not 1, on a non-finite gradient). {fix}. Warned once "
-            "per optimizer.", KindGuessWarning, stacklevel=4)
+            "per optimizer.", KindGuessWarning, stacklevel=user_stacklevel("torch", "lightning"))

@@ -54,7 +54,9 @@ def test_bare_parameters_warn_once_when_a_custom_norm_scale_is_guessed() -> None
     _grads(model)
     with pytest.warns(KindGuessWarning, match="guessed from ndim") as rec:
         opt.step()
-    assert len([w for w in rec if issubclass(w.category, KindGuessWarning)]) == 1
+    guesses = [w for w in rec if issubclass(w.category, KindGuessWarning)]
+    assert len(guesses) == 1
+    assert guesses[0].filename == __file__  # points at the user's opt.step(), not into the optimizer or torch
     with warnings.catch_warnings():
         warnings.simplefilter("error", KindGuessWarning)  # once per optimizer
         _grads(model)
@@ -76,8 +78,9 @@ def test_from_module_classifies_by_module_type_and_names_unknown_modules() -> No
     assert {g["kind"] for g in opt.param_groups} == {"embedding", "matrix", "bias", "norm_scale", "norm_shift"}
     assert opt.param_settings(model.norm.weight).center == 1.0
     assert opt.param_settings(model.lin.weight).weight_decay == 0.1
-    with pytest.warns(KindGuessWarning, match=r"norm\.scale"):
+    with pytest.warns(KindGuessWarning, match=r"norm\.scale") as rec:
         Tiger.from_module(Net(custom_norm=True))
+    assert {w.filename for w in rec if issubclass(w.category, KindGuessWarning)} == {__file__}
     custom = Net(custom_norm=True)
     with pytest.warns(KindGuessWarning, match=r"norm\.scale"):  # assign_kinds (LightningCLI's route) too
         Tiger(custom.parameters()).assign_kinds(custom)
