@@ -145,6 +145,11 @@ class CharCorpusDataModule(L.LightningDataModule):
         exclude: directory names skipped while walking a directory source.
         batches_per_epoch: training batches per epoch (default 1000).
         eval_tokens_per_batch: evaluation batch size is ``max(1, eval_tokens_per_batch // T)`` windows.
+        repeat_fraction: fraction of training windows that tile a random segment of ``L/8 … L/2`` tokens
+            (everything after its first period copies it; see
+            :class:`~lightning_tiger.data.resumable.RandomWindowLoader`), in [0, 1]. Default 0: natural windows
+            only. A curriculum for small budgets: it teaches a small model to copy, so that the "repeated"
+            windows can test whether copying survives beyond the training length. Evaluation is unaffected.
     """
 
     def __init__(
@@ -163,6 +168,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         exclude: Sequence[str] = _DEFAULT_EXCLUDE,
         batches_per_epoch: int = 1000,
         eval_tokens_per_batch: int = 16384,
+        repeat_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -176,6 +182,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         # A string is refused, not iterated ("64" would be read as (6, 4)), and 8.5 is refused, not truncated.
         eval_lengths = check_int_sequence("eval_lengths", eval_lengths, low=1, distinct=True)
         check_real("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_real("repeat_fraction", repeat_fraction, low=0.0, high=1.0)
         check_int("max_chars", max_chars, low=seq_len + 1, allow_none=True)
         if vocab not in ("bytes", "chars"):
             raise ValueError(f"vocab must be 'bytes' or 'chars', got {vocab!r}")
@@ -193,6 +200,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         self.exclude = tuple(exclude)
         self.batches_per_epoch = batches_per_epoch
         self.eval_tokens_per_batch = eval_tokens_per_batch
+        self.repeat_fraction = float(repeat_fraction)
         self.save_hyperparameters()
 
         self.train_files: list[str] = []
@@ -365,7 +373,8 @@ class CharCorpusDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if self._train_loader is None or self._train_loader.rank != rank:
             self._train_loader = RandomWindowLoader(
-                self.train_data, self.seq_len, self.batch_size, self.batches_per_epoch, self.seed, rank
+                self.train_data, self.seq_len, self.batch_size, self.batches_per_epoch, self.seed, rank,
+                repeat_fraction=self.repeat_fraction,
             )
         return self._train_loader
 

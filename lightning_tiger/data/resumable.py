@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from lightning_tiger.validation import check_int
+from lightning_tiger.validation import check_int, check_real
 
 if TYPE_CHECKING:
     import lightning as L
@@ -204,6 +204,13 @@ class RandomWindowLoader(EpochCursor):
     drawn uniformly from a generator seeded by ``(seed, rank, e, b)``, so the data order depends on nothing
     but those four numbers. Windows are cut by one gather (no per-sample collation).
 
+    With ``repeat_fraction > 0`` each window is, with that probability, replaced by a *tiled* one: a segment
+    ``data[s : s + P]`` repeated to ``seq_len + 1`` tokens, the period ``P`` drawn uniformly from
+    ``[max(1, L // 8), max(1, L // 2)]`` (drawn from the same generator after the starts, so
+    ``repeat_fraction=0`` gives exactly the windows above). Everything after the first period can be predicted
+    by copying from ``P`` tokens back: a curriculum that makes a small model learn to copy (an induction
+    mechanism) in a CPU-sized budget, which natural text alone did not teach it there (``docs/attention.md``).
+
     Its position is saved in Lightning checkpoints and restored (:class:`~lightning_tiger.data.resumable.
     EpochCursor`). Being no ``DataLoader``, it gets no ``DistributedSampler`` under DDP: each rank draws its own
     windows because the rank enters the seed.
@@ -215,19 +222,26 @@ class RandomWindowLoader(EpochCursor):
         batches_per_epoch: length of one epoch.
         seed: data seed.
         rank: process rank (different ranks draw different windows).
+        repeat_fraction: probability that a window is a tiled segment instead, in [0, 1] (default 0).
+
+    Raises:
+        ValueError: ``data`` is not 1-D or shorter than ``seq_len + 1``; ``repeat_fraction`` outside [0, 1].
     """
 
     def __init__(
-        self, data: Tensor, seq_len: int, batch_size: int, batches_per_epoch: int, seed: int, rank: int = 0
+        self, data: Tensor, seq_len: int, batch_size: int, batches_per_epoch: int, seed: int, rank: int = 0,
+        repeat_fraction: float = 0.0,
     ) -> None:
         if data.ndim != 1 or data.numel() < seq_len + 1:
             raise ValueError(
                 f"data must be a 1-D tensor of at least seq_len + 1 = {seq_len + 1} tokens, "
                 f"got shape {tuple(data.shape)}"
             )
+        check_real("repeat_fraction", repeat_fraction, low=0.0, high=1.0)
         super().__init__()
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.batches_per_epoch, self.seed, self.rank = batches_per_epoch, seed, rank
+        self.repeat_fraction = float(repeat_fraction)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -238,8 +252,13 @@ class RandomWindowLoader(EpochCursor):
         generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         high = self.data.numel() - self.seq_len  # exclusive bound: last start leaves seq_len + 1 tokens
         starts = torch.randint(0, high, (self.batch_size,), generator=generator)
-        index_grid = starts[:, None] + torch.arange(self.seq_len + 1)
-        return self.data[index_grid].long()
+        offsets = torch.arange(self.seq_len + 1).expand(self.batch_size, -1)
+        if self.repeat_fraction > 0:
+            tiled = torch.rand(self.batch_size, generator=generator) < self.repeat_fraction
+            low, high_period = max(1, self.seq_len // 8), max(1, self.seq_len // 2)
+            period = torch.randint(low, high_period + 1, (self.batch_size,), generator=generator)
+            offsets = offsets % torch.where(tiled, period, self.seq_len + 1)[:, None]
+        return self.data[starts[:, None] + offsets].long()
 
     def __iter__(self) -> Iterator[Tensor]:
         def generate() -> Iterator[Tensor]:

@@ -129,8 +129,6 @@ def _per(values: Sequence[Any] | None, n: int) -> Sequence[Any]:
 
 
 @torch.no_grad()
-
-
 def tiger_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -267,8 +265,6 @@ def _foreach_moved(thetas: list[Tensor], ms: list[Tensor], modes: list[int], lrs
 
 
 @torch.no_grad()
-
-
 def tiger_fold_(grad: Tensor, mom: Tensor, b1: float | Tensor, b2: float, key: Tensor | None = None) -> Tensor:
     """m ← b1·m + b2·g for one tensor unless ``grad`` is non-finite (then m is kept), without host sync.
 
@@ -285,8 +281,6 @@ def tiger_fold_(grad: Tensor, mom: Tensor, b1: float | Tensor, b2: float, key: T
 
 
 @torch.no_grad()
-
-
 def tiger_fold_update_(
     params: Sequence[Tensor],
     moms: Sequence[Tensor],
@@ -319,8 +313,6 @@ def tiger_fold_update_(
 
 
 @torch.no_grad()
-
-
 def lion_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

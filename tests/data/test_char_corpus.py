@@ -226,6 +226,46 @@ def test_training_loader_is_deterministic_by_seed_epoch_and_index() -> None:
     assert torch.equal(torch.stack(list(d)), epochs_a[0])
 
 
+def _period(row: torch.Tensor) -> int | None:
+    """The smallest P < len(row) with row[j] == row[j - P] for every j >= P (None: not periodic)."""
+    for p in range(1, len(row)):
+        if torch.equal(row[p:], row[:-p]):
+            return p
+    return None
+
+
+def test_repeat_fraction_tiles_a_contiguous_segment_with_a_period_in_range() -> None:
+    data = torch.arange(50_000)  # distinct values: a window is periodic only if it was tiled
+    L = 64
+    natural = RandomWindowLoader(data, seq_len=L, batch_size=400, batches_per_epoch=2, seed=5)
+    tiled = RandomWindowLoader(data, seq_len=L, batch_size=400, batches_per_epoch=2, seed=5, repeat_fraction=1.0)
+    some = RandomWindowLoader(data, seq_len=L, batch_size=400, batches_per_epoch=2, seed=5, repeat_fraction=0.3)
+    nat, til, mix = natural.batch(0, 1), tiled.batch(0, 1), some.batch(0, 1)
+    # the starts are drawn first, from the same generator: every window begins where the natural one does
+    assert torch.equal(til[:, 0], nat[:, 0]) and torch.equal(mix[:, 0], nat[:, 0])
+    periods = [_period(row) for row in til]
+    assert all(p is not None and L // 8 <= p <= L // 2 for p in periods), periods
+    for row, p in zip(til, periods):
+        assert torch.equal(row[:p], torch.arange(int(row[0]), int(row[0]) + p))  # one contiguous segment
+    assert len(set(periods)) > 20  # periods are drawn per window, over the whole range
+    # a window of the mix is either the natural one or periodic; about 30% are periodic (5 standard errors)
+    is_tiled = torch.tensor([not torch.equal(m, n) for m, n in zip(mix, nat)])
+    for row, t in zip(mix, is_tiled):
+        assert (_period(row) is not None) == bool(t)
+    se = (0.3 * 0.7 / len(mix)) ** 0.5
+    assert abs(is_tiled.float().mean().item() - 0.3) < 5 * se
+    assert torch.equal(some.batch(0, 1), mix)  # still a pure function of (seed, rank, epoch, index)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_repeat_fraction_out_of_range_is_refused(bad: float) -> None:
+    with pytest.raises(ValueError, match="repeat_fraction"):
+        RandomWindowLoader(torch.arange(100), seq_len=8, batch_size=2, batches_per_epoch=1, seed=0,
+                           repeat_fraction=bad)
+    with pytest.raises(ValueError, match="repeat_fraction"):
+        CharCorpusDataModule(repeat_fraction=bad)
+
+
 def test_training_loader_state_resumes_mid_epoch_exactly() -> None:
     data = torch.arange(5_000)
     ref = RandomWindowLoader(data, seq_len=8, batch_size=2, batches_per_epoch=4, seed=3)
