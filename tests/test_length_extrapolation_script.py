@@ -14,6 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from lightning_tiger.cli import register_resolvers
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "examples" / "configs" / "lm"
 ROWS = ["rope", "rope_logn", "rope_window", "rope_window_logn", "alibi", "rope_random_pos", "nope", "hwfa",
@@ -45,6 +47,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _resolvers() -> None:
+    register_resolvers()  # the row files compute w = L/2 and HWFA's window L/4 with ${int:${mul:...}}
 
 
 def _script() -> ModuleType:
@@ -82,6 +89,15 @@ def test_row_configs_exist_and_differ_from_the_baseline_only_where_documented() 
         assert opts["model"]["init_args"]["eval_options"]["rerope_window"] == seq_len // 2, row
     leak = OmegaConf.load(CONFIG_DIR / "leaky_rerope.yaml").model.init_args.eval_options.rerope_leak
     assert seq_len // 2 + (16 * seq_len - 1 - seq_len // 2) / leak < seq_len
+    # ... and they follow the training length when it is overridden (the second scale sets seq_len only)
+    script = _script()
+    for L in (128, 512):
+        at = {row: script.load_row_config(CONFIG_DIR / f"{row}.yaml", [f"data.init_args.seq_len={L}"])[0]["model"]
+              ["init_args"] for row in ("rerope_w", "rerope_w_logn", "leaky_rerope", "hwfa", "rope_window")}
+        assert all(at[r]["eval_options"]["rerope_window"] == L // 2 for r in ("rerope_w", "rerope_w_logn",
+                                                                             "leaky_rerope"))
+        assert at["hwfa"]["model"]["window"] == L // 4 and at["hwfa"]["model"]["logn_base"] == L
+        assert at["rope_window"]["eval_options"]["window"] == L
 
 
 def test_rows_that_differ_only_in_eval_options_share_one_training_run() -> None:
