@@ -368,8 +368,10 @@ def write_report(results: list[dict[str, Any]], out: Path, meta: dict[str, Any])
         f"λ = 0.01), {meta['warmup_steps']} warm-up steps then linear decay to 10%; {meta['steps']} steps of "
         f"{meta['batch_size']} × {seq_len} characters; seeds {meta['seeds']}."
         + (f" Copying curriculum: {100 * meta['repeat_fraction']:.0f}% of the training windows tile a random "
-           "segment of L/8 … L/2 characters (`repeat_fraction`); evaluation windows are unchanged."
-           if meta.get("repeat_fraction") else ""),
+           "segment of L/8 … L/2 characters (`repeat_fraction`)"
+           + (f", {100 * meta.get('repeat_noise', 0.0):.0f}% of those a segment of characters drawn independently "
+              "from the training text (`repeat_noise`)" if meta.get("repeat_noise") else "")
+           + "; evaluation windows are unchanged." if meta.get("repeat_fraction") else ""),
         "- Metric: next-character accuracy over every position of each window (Su's definition); mean ± "
         "sample std over seeds. 'kept' = accuracy at 8L / accuracy at L.",
         f"- Machine: {meta['machine']}. Wall time: {meta['wall_minutes']:.1f} min for the runs in this table.",
@@ -493,6 +495,7 @@ def _meta(cfg: dict[str, Any], steps: int, args: argparse.Namespace, command: st
         "num_eval_windows": data_cfg.get("num_eval_windows", 128),
         "batch_size": data_cfg.get("batch_size", 32),
         "repeat_fraction": float(data_cfg.get("repeat_fraction", 0.0)),
+        "repeat_noise": float(data_cfg.get("repeat_noise", 0.0)),
         "corpus": f"{source}{f', training text capped at {cap:,} characters' if cap else ''}",
         "model": f"pre-norm decoder, {depth} layers, d = {dim}, {heads} heads, SwiGLU, byte vocabulary",
         "params": params,

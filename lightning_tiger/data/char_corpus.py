@@ -150,6 +150,8 @@ class CharCorpusDataModule(L.LightningDataModule):
             :class:`~lightning_tiger.data.resumable.RandomWindowLoader`), in [0, 1]. Default 0: natural windows
             only. A curriculum for small budgets: it teaches a small model to copy, so that the "repeated"
             windows can test whether copying survives beyond the training length. Evaluation is unaffected.
+        repeat_noise: fraction of those tiled windows whose segment is characters drawn independently from the
+            training text instead of a span of it, in [0, 1] (default 0): only copying predicts their repeats.
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         batches_per_epoch: int = 1000,
         eval_tokens_per_batch: int = 16384,
         repeat_fraction: float = 0.0,
+        repeat_noise: float = 0.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -183,6 +186,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         eval_lengths = check_int_sequence("eval_lengths", eval_lengths, low=1, distinct=True)
         check_real("val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
         check_real("repeat_fraction", repeat_fraction, low=0.0, high=1.0)
+        check_real("repeat_noise", repeat_noise, low=0.0, high=1.0)
         check_int("max_chars", max_chars, low=seq_len + 1, allow_none=True)
         if vocab not in ("bytes", "chars"):
             raise ValueError(f"vocab must be 'bytes' or 'chars', got {vocab!r}")
@@ -201,6 +205,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         self.batches_per_epoch = batches_per_epoch
         self.eval_tokens_per_batch = eval_tokens_per_batch
         self.repeat_fraction = float(repeat_fraction)
+        self.repeat_noise = float(repeat_noise)
         self.save_hyperparameters()
 
         self.train_files: list[str] = []
@@ -374,7 +379,7 @@ class CharCorpusDataModule(L.LightningDataModule):
         if self._train_loader is None or self._train_loader.rank != rank:
             self._train_loader = RandomWindowLoader(
                 self.train_data, self.seq_len, self.batch_size, self.batches_per_epoch, self.seed, rank,
-                repeat_fraction=self.repeat_fraction,
+                repeat_fraction=self.repeat_fraction, repeat_noise=self.repeat_noise,
             )
         return self._train_loader
 

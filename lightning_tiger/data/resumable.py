@@ -210,6 +210,9 @@ class RandomWindowLoader(EpochCursor):
     ``repeat_fraction=0`` gives exactly the windows above). Everything after the first period can be predicted
     by copying from ``P`` tokens back: a curriculum that makes a small model learn to copy (an induction
     mechanism) in a CPU-sized budget, which natural text alone did not teach it there (``docs/attention.md``).
+    With ``repeat_noise > 0`` a tiled window's segment is, with that probability, ``P`` characters drawn
+    independently from the data (its unigram distribution) instead of a contiguous span: nothing but copying
+    predicts its repeats, the signal that makes the copying circuit form quickly.
 
     Its position is saved in Lightning checkpoints and restored (:class:`~lightning_tiger.data.resumable.
     EpochCursor`). Being no ``DataLoader``, it gets no ``DistributedSampler`` under DDP: each rank draws its own
@@ -223,14 +226,16 @@ class RandomWindowLoader(EpochCursor):
         seed: data seed.
         rank: process rank (different ranks draw different windows).
         repeat_fraction: probability that a window is a tiled segment instead, in [0, 1] (default 0).
+        repeat_noise: probability that a tiled window's segment is i.i.d. characters, in [0, 1] (default 0).
 
     Raises:
-        ValueError: ``data`` is not 1-D or shorter than ``seq_len + 1``; ``repeat_fraction`` outside [0, 1].
+        ValueError: ``data`` is not 1-D or shorter than ``seq_len + 1``; ``repeat_fraction`` or
+            ``repeat_noise`` outside [0, 1].
     """
 
     def __init__(
         self, data: Tensor, seq_len: int, batch_size: int, batches_per_epoch: int, seed: int, rank: int = 0,
-        repeat_fraction: float = 0.0,
+        repeat_fraction: float = 0.0, repeat_noise: float = 0.0,
     ) -> None:
         if data.ndim != 1 or data.numel() < seq_len + 1:
             raise ValueError(
@@ -238,10 +243,11 @@ class RandomWindowLoader(EpochCursor):
                 f"got shape {tuple(data.shape)}"
             )
         check_real("repeat_fraction", repeat_fraction, low=0.0, high=1.0)
+        check_real("repeat_noise", repeat_noise, low=0.0, high=1.0)
         super().__init__()
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.batches_per_epoch, self.seed, self.rank = batches_per_epoch, seed, rank
-        self.repeat_fraction = float(repeat_fraction)
+        self.repeat_fraction, self.repeat_noise = float(repeat_fraction), float(repeat_noise)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -258,6 +264,12 @@ class RandomWindowLoader(EpochCursor):
             low, high_period = max(1, self.seq_len // 8), max(1, self.seq_len // 2)
             period = torch.randint(low, high_period + 1, (self.batch_size,), generator=generator)
             offsets = offsets % torch.where(tiled, period, self.seq_len + 1)[:, None]
+            if self.repeat_noise > 0:
+                noise = tiled & (torch.rand(self.batch_size, generator=generator) < self.repeat_noise)
+                scattered = torch.randint(0, self.data.numel(), (self.batch_size, self.seq_len + 1),
+                                          generator=generator)
+                index = torch.where(noise[:, None], scattered.gather(1, offsets), starts[:, None] + offsets)
+                return self.data[index].long()
         return self.data[starts[:, None] + offsets].long()
 
     def __iter__(self) -> Iterator[Tensor]:

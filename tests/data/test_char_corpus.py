@@ -257,13 +257,31 @@ def test_repeat_fraction_tiles_a_contiguous_segment_with_a_period_in_range() -> 
     assert torch.equal(some.batch(0, 1), mix)  # still a pure function of (seed, rank, epoch, index)
 
 
+def test_repeat_noise_tiles_independent_characters_in_the_asked_share_of_tiled_windows() -> None:
+    data = torch.arange(50_000)
+    L = 64
+    tiled = RandomWindowLoader(data, seq_len=L, batch_size=400, batches_per_epoch=2, seed=5, repeat_fraction=1.0)
+    noisy = RandomWindowLoader(data, seq_len=L, batch_size=400, batches_per_epoch=2, seed=5, repeat_fraction=1.0,
+                               repeat_noise=0.5)
+    til, noi = tiled.batch(1, 0), noisy.batch(1, 0)
+    is_noise = torch.tensor([not torch.equal(a, b) for a, b in zip(noi, til)])
+    for row, ref, noise in zip(noi, til, is_noise):
+        p = _period(row)
+        assert p is not None and L // 8 <= p <= L // 2  # every window is still tiled, period in range
+        if noise:  # the segment is scattered characters of the data, not one contiguous span
+            assert p == _period(ref) and not torch.equal(row[1:p] - row[: p - 1], torch.ones(p - 1, dtype=row.dtype))
+    se = (0.25 / len(noi)) ** 0.5
+    assert abs(is_noise.float().mean().item() - 0.5) < 5 * se
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
 def test_repeat_fraction_out_of_range_is_refused(bad: float) -> None:
-    with pytest.raises(ValueError, match="repeat_fraction"):
-        RandomWindowLoader(torch.arange(100), seq_len=8, batch_size=2, batches_per_epoch=1, seed=0,
-                           repeat_fraction=bad)
-    with pytest.raises(ValueError, match="repeat_fraction"):
-        CharCorpusDataModule(repeat_fraction=bad)
+    for name in ("repeat_fraction", "repeat_noise"):
+        with pytest.raises(ValueError, match=name):
+            RandomWindowLoader(torch.arange(100), seq_len=8, batch_size=2, batches_per_epoch=1, seed=0,
+                               **{name: bad})
+        with pytest.raises(ValueError, match=name):
+            CharCorpusDataModule(**{name: bad})
 
 
 def test_training_loader_state_resumes_mid_epoch_exactly() -> None:
