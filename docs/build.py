@@ -626,6 +626,12 @@ def headline() -> str:
         acc = ext.get("rows", row, "acc")
         return f"{100 * ext.get(str(8 * L), 'mean', within=acc) / ext.get(str(L), 'mean', within=acc):.0f}%"
 
+    copy = Source("docs/results/length_extrapolation_copy/results.json")
+    copy_far = 8 * int(copy.get("meta", "seq_len"))
+
+    def repeated_far(row: str) -> str:
+        return f"{100 * copy.get('rows', row, 'acc', f'{copy_far}_rep', 'mean'):.0f}%"
+
     att = Source(f"{RESULTS}/attention.json")
     att_512 = [r for r in att.rows("lm") if r.get("seq") == 512]
     if not att_512:
@@ -654,6 +660,10 @@ def headline() -> str:
         [f"RoPE LM trained at {L}, accuracy kept at 8L: plain / inference window / ReRoPE + log n",
          f"{kept('rope')} / {kept('rope_window')} / {kept('rerope_w_logn')}",
          "[attention](docs/attention.md#length-extrapolation-measured)"],
+        [f"LM trained at {copy_far // 8} that copies, repeated text at 8L: plain / inference window / "
+         "ReRoPE + log n / HWFA",
+         " / ".join(repeated_far(r) for r in ("rope", "rope_window", "rerope_w_logn", "hwfa")),
+         "[attention](docs/attention.md#a-second-scale-where-copying-shows)"],
         [f"decoder forward + backward vs x-transformers, {att_512[0].get('batch', '?')} × 512 tokens ("
          + " / ".join(str(r.get("position", "?")) for r in att_512) + ")",
          " / ".join(ratio(att.number(r, "speed_ratio", "lm[seq=512]")) for r in att_512) + " the speed",
