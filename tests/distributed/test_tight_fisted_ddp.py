@@ -277,10 +277,14 @@ def test_bf16_momentum_official_pattern_and_buckets(tmp_path: Path) -> None:
     _assert_ranks_identical(bf16)  # one float32 average, one shared stochastic-rounding key
     assert all(m.dtype == torch.bfloat16 for m in bf16[0]["moms"].values())
     single = _single_process(torch.bfloat16)
-    for k, m in single["moms"].items():
-        # each side rounded stochastically at every fold (up to 1 bf16 ulp, 2^-8 of the running magnitude,
-        # each time): within 4 ulps of the tensor's scale
-        torch.testing.assert_close(bf16[0]["moms"][k].float(), m.float(), rtol=0, atol=2**-6 * m.abs().max().item())
+    # Each side rounds stochastically at every fold, under keys of its own (the ranks' folds plus the shared
+    # rounding of the average, against the single process's folds): the two momenta differ by sums of independent
+    # roundings of up to 1 bf16 ulp (2^-8 of the running magnitude) each, K·WINDOWS of them per side, damped by β
+    # at every window. In units of each tensor's scale: every element within 8 ulps, and 1 ulp on average over all
+    # elements (a systematic error, e.g. a missed fold or a double average, is far larger).
+    ulps = torch.cat([((bf16[0]["moms"][k].float() - m.float()).abs() / (2**-8 * m.abs().max())).flatten()
+                      for k, m in single["moms"].items()])
+    assert ulps.max().item() <= 8 and ulps.mean().item() <= 1, (ulps.max().item(), ulps.mean().item())
     diffs = torch.cat([(bf16[0]["params"][k] - v).abs().flatten() for k, v in single["params"].items()])
     assert (diffs <= 1e-6).float().mean().item() >= 0.95
     small = [r["small"] for r in results]
