@@ -264,13 +264,12 @@ class RandomWindowLoader(EpochCursor):
             low, high_period = max(1, self.seq_len // 8), max(1, self.seq_len // 2)
             period = torch.randint(low, high_period + 1, (self.batch_size,), generator=generator)
             offsets = offsets % torch.where(tiled, period, self.seq_len + 1)[:, None]
-            if self.repeat_noise > 0:
-                noise = tiled & (torch.rand(self.batch_size, generator=generator) < self.repeat_noise)
-                scattered = torch.randint(0, self.data.numel(), (self.batch_size, self.seq_len + 1),
-                                          generator=generator)
-                index = torch.where(noise[:, None], scattered.gather(1, offsets), starts[:, None] + offsets)
-                return self.data[index].long()
-        return self.data[starts[:, None] + offsets].long()
+        index = starts[:, None] + offsets
+        if self.repeat_fraction > 0 and self.repeat_noise > 0:
+            noise = tiled & (torch.rand(self.batch_size, generator=generator) < self.repeat_noise)
+            scattered = torch.randint(0, self.data.numel(), (self.batch_size, self.seq_len + 1), generator=generator)
+            index = torch.where(noise[:, None], scattered.gather(1, offsets), index)
+        return self.data[index].long()
 
     def __iter__(self) -> Iterator[Tensor]:
         def generate() -> Iterator[Tensor]:
